@@ -1,0 +1,60 @@
+"""The one place that touches transformers' attention internals.
+
+`prepare_model` registers our attention function under the name ``adaptive_kv`` through
+transformers' AttentionInterface (with SDPA's mask builder) and selects it on the model. The
+function is plain SDPA for every cache but ours, so a prepared model behaves exactly as before
+with DynamicCache; with a CompressedCache it reads prefill statistics and decodes over the
+packed store.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+ATTENTION_NAME = "adaptive_kv"
+
+
+def adaptive_kv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key,
+    value,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA, except for a CompressedCache step, which the cache computes itself."""
+    from adaptive_kv.cache import LayerStep
+
+    if not isinstance(key, LayerStep):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    cache, layer = key.cache, key.cache.layers[key.layer_idx]
+    if layer.is_compressed:
+        return cache.attend(key, query, scaling), None
+    # prefill: exact SDPA over the full-precision states, then read the statistics
+    keys, values = key.key_states, key.value_states
+    out, _ = sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    cache.observe(key.layer_idx, query, scaling)
+    return out, None
+
+
+def register() -> None:
+    """Register the attention function and its mask builder under ATTENTION_NAME (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, adaptive_kv_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def prepare_model(model: torch.nn.Module) -> PreTrainedConfig:
+    """Select the adaptive_kv attention on `model` (idempotent) and return its text config."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        raise ValueError("model must be a transformers causal LM with a config (num_hidden_layers, num_attention_heads)")
+    register()
+    if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return config

@@ -1,0 +1,388 @@
+"""CompressedCache: a `transformers.Cache` that executes a Plan with real memory savings.
+
+Life of one request (ARCHITECTURE.md): prefill stores full precision and reads AttentionStats;
+at the end of the prefill forward the plan provider is asked once and the Plan is applied: each
+head keeps its sinks, recent window and top-scored tokens, quantised and packed (see `store`).
+Decode appends to a full-precision residual, flushes full windows into packed groups and evicts
+the lowest accumulated-attention tokens (H2O) of heads that outgrow their budget.
+
+Batch size is 1: one cache holds one request, since every head of every request keeps its own
+tokens. Attention runs in `adaptive_kv.attention`, which hands each layer's step back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from adaptive_kv.kernels import get_backend
+from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.stats import AttentionStats, LayerObservation, StatsConfig, observe_layer
+from adaptive_kv.store import Bucket, Residual, concat_buckets, quantize_groups
+
+PlanProvider = Callable[[AttentionStats], Plan]
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """What a layer's `update` hands to the attention function: the cache and the new states."""
+
+    cache: "CompressedCache"
+    layer_idx: int
+    key_states: torch.Tensor  # (1, H_kv, q, D)
+    value_states: torch.Tensor
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's compressed KV; the `Cache` API over `store` objects."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.seen_tokens = 0
+        self.prefill: tuple[torch.Tensor, torch.Tensor] | None = None  # (H, T, D) each, until the plan lands
+        self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None  # (H, S, D) each
+        self.buckets: dict[tuple[int, int], Bucket] = {}
+        self.residual: Residual | None = None
+        self.budgets: tuple[HeadBudget, ...] | None = None
+        self.observation: LayerObservation | None = None
+
+    # --------------------------------------------------------------- Cache API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Record device and dtype of the first states."""
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Not used directly: `CompressedCache.update` drives the layer."""
+        raise NotImplementedError("use CompressedCache.update")
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (positions stay those of the original sequence after eviction)."""
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for mask creation, in original positions."""
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        """No maximum length."""
+        return -1
+
+    # --------------------------------------------------------------- accounting
+    @property
+    def is_compressed(self) -> bool:
+        """True once a plan has been applied."""
+        return self.budgets is not None
+
+    def nbytes(self) -> int:
+        """Bytes this layer's tensors really hold."""
+        total = sum(t.numel() * t.element_size() for t in (self.prefill or ()))
+        total += sum(t.numel() * t.element_size() for t in (self.sinks or ()))
+        total += sum(b.nbytes() for b in self.buckets.values())
+        return total + (self.residual.nbytes() if self.residual is not None else 0)
+
+    def head_tokens(self) -> torch.Tensor:
+        """Tokens held per head: (H,) int64."""
+        if self.prefill is not None:
+            return torch.full((self.prefill[0].shape[0],), self.prefill[0].shape[1])
+        counts = torch.full_like(self.residual.lengths, self.sinks[0].shape[1]) + self.residual.lengths
+        for bucket in self.buckets.values():
+            counts += torch.bincount(bucket.token_heads(), minlength=counts.numel())
+        return counts
+
+
+class CompressedCache(Cache):
+    """A `transformers.Cache` that compresses every (layer, KV head) as a Plan says.
+
+    Give either a fixed `plan` or a `plan_provider` (AttentionStats -> Plan, asked once after
+    prefill). `eviction_slack` tokens (default: one group) may accumulate above a head's budget
+    before decode-time eviction runs, so eviction is amortised.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        plan: Plan | None = None,
+        plan_provider: PlanProvider | None = None,
+        stats_config: StatsConfig | None = None,
+        eviction_slack: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        from adaptive_kv.attention import prepare_model
+
+        if (plan is None) == (plan_provider is None):
+            raise ValueError("give exactly one of plan= or plan_provider=")
+        config = prepare_model(model)
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if plan is not None:
+            self._check_plan(plan)
+        self.plan = plan
+        self.plan_provider = plan_provider
+        layout = plan or Plan.full(1, 1)
+        self.stats_config = stats_config or StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size)
+        if eviction_slack is not None and eviction_slack < 0:
+            raise ValueError(f"eviction_slack must be >= 0, got {eviction_slack}")
+        self.eviction_slack = eviction_slack
+        self.backend = backend
+        self.stats: AttentionStats | None = None
+        super().__init__(layers=[CompressedLayer(i) for i in range(self.num_layers)])
+
+    # --------------------------------------------------------------- checks
+    def _check_plan(self, plan: Plan) -> None:
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be an adaptive_kv.Plan, got {type(plan).__name__}")
+        if (plan.num_layers, plan.num_kv_heads) != (self.num_layers, self.num_kv_heads):
+            raise ValueError(
+                f"plan has {plan.num_layers} layers x {plan.num_kv_heads} KV heads, "
+                f"the model has {self.num_layers} x {self.num_kv_heads}"
+            )
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx must be in [0, {self.num_layers - 1}], got {layer_idx}")
+        expected = (1, self.num_kv_heads, key_states.shape[2] if key_states.dim() == 4 else -1, self.head_dim)
+        for name, states in (("key_states", key_states), ("value_states", value_states)):
+            if states.dim() != 4 or tuple(states.shape) != expected or states.shape[2] < 1:
+                raise ValueError(
+                    f"{name} must have shape (batch=1, num_kv_heads={self.num_kv_heads}, seq_len>=1, "
+                    f"head_dim={self.head_dim}), got {tuple(states.shape)}; CompressedCache holds one request"
+                )
+        if not key_states.is_floating_point():
+            raise ValueError(f"key_states must be floating point, got {key_states.dtype}")
+
+    def _kernels(self, device: torch.device):
+        return get_backend(device, self.backend)
+
+    # --------------------------------------------------------------- Cache API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        """Store the new states of `layer_idx` and return a LayerStep for the attention function."""
+        self._check_states(key_states, value_states, layer_idx)
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if layer.is_compressed:
+            self._maintain(layer)
+            layer.residual = layer.residual.append(key_states[0], value_states[0])
+        elif layer.prefill is None:
+            layer.prefill = (key_states[0], value_states[0])
+        else:
+            raise ValueError("CompressedCache compresses after the first forward: chunked prefill is not supported")
+        layer.seen_tokens += key_states.shape[2]
+        step = LayerStep(self, layer_idx, key_states, value_states)
+        return step, step
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search is not supported: one cache is one request."""
+        raise NotImplementedError("CompressedCache holds one request; beam search is not supported")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Cropping is not supported (evicted tokens cannot come back)."""
+        raise NotImplementedError("CompressedCache cannot be cropped")
+
+    # --------------------------------------------------------------- prefill
+    @property
+    def collects_stats(self) -> bool:
+        """Whether prefill reads attention statistics (needed by providers and evicting plans)."""
+        return self.plan_provider is not None or self.plan.tracks_scores
+
+    def observe(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """Read one layer's statistics from its prefill queries (1, H_q, T, D); finish after the last."""
+        layer = self.layers[layer_idx]
+        if self.collects_stats:
+            keys, values = layer.prefill
+            layer.observation = observe_layer(
+                query[0], keys, values, scaling, layer_idx, self.num_layers, self.stats_config
+            )
+        if layer_idx == self.num_layers - 1:
+            self._finish_prefill()
+
+    def _finish_prefill(self) -> None:
+        seq_len = self.layers[0].prefill[0].shape[1]
+        stats = None
+        if self.collects_stats:
+            stats = AttentionStats.stack([layer.observation for layer in self.layers], seq_len)
+        plan = self.plan if self.plan_provider is None else self.plan_provider(stats)
+        self._check_plan(plan)  # before anything changes: a bad plan leaves the prefill intact
+        self.plan = plan
+        for layer_idx, layer in enumerate(self.layers):
+            select = acc = None
+            if stats is not None:
+                select = stats.token_scores[plan.scorer][layer_idx]
+                acc = stats.token_scores["window"][layer_idx] if plan.tracks_scores else None
+            self._apply(layer, plan, select, acc)
+            layer.observation = None
+        self.stats = None if stats is None else dataclasses.replace(stats, token_scores={})
+
+    def _apply(self, layer: CompressedLayer, plan: Plan, select: torch.Tensor | None, acc: torch.Tensor | None) -> None:
+        """Keep sinks + recent + top-scored tokens per head; pack the middle; free the prefill."""
+        keys, values = layer.prefill  # (H, T, D)
+        num_heads, seq_len, _ = keys.shape
+        group = plan.group_size
+        sinks = min(plan.sink_tokens, seq_len)
+        recent_start = max(sinks, seq_len - plan.recent_window)
+        budgets = plan.heads[layer.layer_idx]
+        grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        residual_idx: list[torch.Tensor] = []
+        for head, budget in enumerate(budgets):
+            middle = torch.arange(sinks, recent_start, device=keys.device)
+            wanted = plan.kept_tokens(layer.layer_idx, head, seq_len) - sinks - (seq_len - recent_start)
+            if wanted < middle.numel():
+                top = select[head, middle].topk(max(wanted, 0)).indices
+                middle = middle[top.sort().values]
+            full_groups = middle.numel() // group
+            if full_groups:
+                grouped.setdefault((budget.key_bits, budget.value_bits), []).append(
+                    (head, middle[: full_groups * group].view(full_groups, group))
+                )
+            residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len)]))
+        kernels = self._kernels(keys.device)
+        layer.buckets = {}
+        for bits, parts in grouped.items():
+            heads = torch.cat([torch.full((idx.shape[0],), h) for h, idx in parts])
+            index = torch.cat([idx for _, idx in parts])  # (G_n, G)
+            layer.buckets[bits] = quantize_groups(
+                kernels, keys[heads[:, None], index], values[heads[:, None], index], heads, *bits,
+                None if acc is None else acc[heads[:, None], index],
+            )
+        lengths = torch.tensor([idx.numel() for idx in residual_idx], dtype=torch.long)
+        head_of = torch.arange(num_heads).repeat_interleave(lengths)
+        flat_idx = torch.cat(residual_idx)
+        layer.residual = Residual(
+            keys[head_of, flat_idx].clone(), values[head_of, flat_idx].clone(), lengths,
+            None if acc is None else acc[head_of, flat_idx].float().clone(),
+        )
+        layer.sinks = (keys[:, :sinks].clone(), values[:, :sinks].clone())
+        layer.budgets = budgets
+        layer.prefill = None
+
+    # --------------------------------------------------------------- decode
+    def _maintain(self, layer: CompressedLayer) -> None:
+        """Flush full residual windows into packed groups, then evict over-budget heads (H2O)."""
+        plan, group = self.plan, self.plan.group_size
+        kernels = self._kernels(layer.device)
+        while True:
+            ready = torch.nonzero(layer.residual.lengths >= plan.recent_window + group).flatten()
+            if ready.numel() == 0:
+                break
+            taken, rest = layer.residual.split_oldest(ready, group)  # (n, G)
+            for bits in {(layer.budgets[h].key_bits, layer.budgets[h].value_bits) for h in ready.tolist()}:
+                rows = torch.tensor([i for i, h in enumerate(ready.tolist()) if
+                                     (layer.budgets[h].key_bits, layer.budgets[h].value_bits) == bits])
+                idx = taken[rows]
+                scores = None if layer.residual.scores is None else layer.residual.scores[idx]
+                new = quantize_groups(
+                    kernels, layer.residual.keys[idx], layer.residual.values[idx], ready[rows], *bits, scores
+                )
+                layer.buckets[bits] = concat_buckets(layer.buckets.get(bits), new)
+            layer.residual = rest
+        self._evict(layer)
+
+    def _evict(self, layer: CompressedLayer) -> None:
+        if not self.plan.tracks_scores:
+            return
+        slack = self.plan.group_size if self.eviction_slack is None else self.eviction_slack
+        held = layer.head_tokens()
+        for bits, bucket in list(layer.buckets.items()):
+            heads = bucket.token_heads()
+            keep = torch.ones(bucket.num_tokens, dtype=torch.bool)
+            for head, budget in enumerate(layer.budgets):
+                if budget.keep is None or held[head] <= budget.keep + slack:
+                    continue
+                mine = torch.nonzero(heads == head).flatten()
+                excess = min(int(held[head]) - budget.keep, mine.numel())
+                if excess > 0:
+                    keep[mine[bucket.scores[mine].topk(excess, largest=False).indices]] = False
+            if not keep.all():
+                layer.buckets[bits] = bucket.select(keep)
+
+    # --------------------------------------------------------------- attention
+    def attend(self, step: LayerStep, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of query (1, H_q, q, D) over this layer's compressed store: (1, q, H_q, D)."""
+        layer = self.layers[step.layer_idx]
+        kernels = self._kernels(query.device)
+        parts_k, parts_v, parts_h = [], [], []
+        sink_k, sink_v = layer.sinks
+        num_heads, sinks, head_dim = sink_k.shape
+        parts_k.append(sink_k.reshape(-1, head_dim))
+        parts_v.append(sink_v.reshape(-1, head_dim))
+        parts_h.append(torch.arange(num_heads).repeat_interleave(sinks))
+        buckets = list(layer.buckets.values())
+        for bucket in buckets:
+            k, v = bucket.dequantize(kernels, query.dtype)
+            parts_k.append(k), parts_v.append(v), parts_h.append(bucket.token_heads())
+        residual = layer.residual
+        parts_k.append(residual.keys), parts_v.append(residual.values), parts_h.append(residual.token_heads())
+        q_len = step.key_states.shape[2]
+        out, token_mass = kernels.varlen_attention(
+            query[0], torch.cat(parts_k), torch.cat(parts_v), torch.cat(parts_h), num_heads,
+            scaling, new_tokens=q_len, need_mass=self.plan.tracks_scores,
+        )
+        if token_mass is not None:
+            self._accumulate(layer, buckets, token_mass, num_heads * sinks)
+        return out.transpose(0, 1).unsqueeze(0)  # (1, q, H_q, D)
+
+    @staticmethod
+    def _accumulate(layer: CompressedLayer, buckets: list[Bucket], mass: torch.Tensor, offset: int) -> None:
+        """Add this step's attention mass (N_total,) to the H2O scores of buckets and residual."""
+        for bucket in buckets:
+            bucket.scores += mass[offset : offset + bucket.num_tokens]
+            offset += bucket.num_tokens
+        layer.residual.scores += mass[offset:]
+
+    # --------------------------------------------------------------- reports
+    def nbytes(self) -> int:
+        """Bytes the cache really holds (every stored tensor)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        """Bytes a DynamicCache would hold for the same tokens."""
+        layer = self.layers[0]
+        if not layer.is_initialized:
+            return 0
+        itemsize = torch.empty((), dtype=layer.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * layer.seen_tokens * self.head_dim * itemsize
+
+    def predicted_nbytes(self) -> int | None:
+        """The plan's byte prediction for the prefill length (valid right after the plan is applied)."""
+        if self.plan is None or not self.layers[0].is_initialized:
+            return None
+        itemsize = torch.empty((), dtype=self.layers[0].dtype).element_size()
+        return self.plan.nbytes(self.layers[0].seen_tokens, self.head_dim, itemsize)
+
+    def report(self) -> dict[str, Any]:
+        """KV report: full bytes, real bytes, ratio, plan summary and per-layer/head token counts."""
+        full, real = self.full_nbytes(), self.nbytes()
+        layers = []
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            tokens = layer.head_tokens().tolist()
+            budgets = layer.budgets or (HeadBudget(),) * self.num_kv_heads
+            layers.append({
+                "layer": layer.layer_idx,
+                "bytes": layer.nbytes(),
+                "heads": [
+                    {"tokens": t, "key_bits": b.key_bits, "value_bits": b.value_bits, "keep": b.keep}
+                    for t, b in zip(tokens, budgets)
+                ],
+            })
+        return {
+            "full_bytes": full,
+            "bytes": real,
+            "ratio": (full / real) if real else None,
+            "seq_len": self.get_seq_length(),
+            "plan": None if self.plan is None else self.plan.summary(),
+            "layers": layers,
+        }

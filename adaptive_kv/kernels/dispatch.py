@@ -1,0 +1,72 @@
+"""One dispatch point for the packed-KV kernels.
+
+The torch reference always runs and is the specification. Faster backends register here with a
+function listing why they cannot run on a device; when one is asked for but cannot run, the
+reasons are logged once and the reference is used (vLLM's attention-backend registry idea).
+Override the choice with ``ADAPTIVE_KV_BACKEND=torch|triton``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+ENV_VAR = "ADAPTIVE_KV_BACKEND"
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    """A named set of kernels: the module that implements them and why it may not run."""
+
+    name: str
+    load: Callable[[], ModuleType]
+    unavailable_reasons: Callable[[torch.device], list[str]]
+
+
+def _torch_reasons(device: torch.device) -> list[str]:
+    return []
+
+
+def _load_torch() -> ModuleType:
+    from adaptive_kv.kernels import reference
+
+    return reference
+
+
+_BACKENDS: dict[str, KernelBackend] = {"torch": KernelBackend("torch", _load_torch, _torch_reasons)}
+
+
+def register_backend(backend: KernelBackend) -> None:
+    """Make a backend selectable by name."""
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the registered backends."""
+    return tuple(_BACKENDS)
+
+
+@lru_cache(maxsize=None)
+def _warn_once(name: str, device: str, reasons: tuple[str, ...]) -> None:
+    logger.warning("kernel backend %r cannot run on %s (%s); using the torch reference", name, device, "; ".join(reasons))
+
+
+def get_backend(device: torch.device | str = "cpu", name: str | None = None) -> ModuleType:
+    """The kernel module to use on `device`: `name`, else $ADAPTIVE_KV_BACKEND, else the best available."""
+    device = torch.device(device)
+    default = "triton" if device.type == "cuda" and "triton" in _BACKENDS else "torch"
+    requested = name or os.environ.get(ENV_VAR) or default
+    if requested not in _BACKENDS:
+        raise ValueError(f"kernel backend must be one of {available_backends()}, got {requested!r}")
+    reasons = _BACKENDS[requested].unavailable_reasons(device)
+    if reasons:
+        _warn_once(requested, str(device), tuple(reasons))
+        requested = "torch"
+    return _BACKENDS[requested].load()

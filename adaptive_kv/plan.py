@@ -1,0 +1,282 @@
+"""The Plan: the one contract between deciding (policies) and executing (the cache).
+
+A Plan says, for every (layer, KV head), how many tokens stay in the cache and at what key/value
+bit-width, plus the global layout knobs (sink tokens, full-precision recent window, quantisation
+group size, token scorer). It is frozen, validated at construction and JSON-serialisable, and it
+predicts its own storage bytes so the cache's real bytes can be checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+ALLOWED_BITS: tuple[int, ...] = (16, 8, 4, 2)
+TOKEN_SCORERS: tuple[str, ...] = ("snapkv", "window", "last_query", "key_norm")
+
+# Per-token bookkeeping of a cache that may evict at decode time: one fp32 accumulated-attention
+# score per kept token (H2O). Kept in the prediction so predicted and real bytes agree.
+SCORE_BYTES = 4
+# Per packed key group: its length and its head (int16 each).
+GROUP_INDEX_BYTES = 4
+SCALE_BYTES = 2  # fp16 scales and zero points
+
+
+def _check_bits(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+        raise ValueError(f"{name} must be one of {ALLOWED_BITS}, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class HeadBudget:
+    """What one (layer, KV head) keeps: `keep` tokens (None = all) at key/value bit-widths."""
+
+    keep: int | None = None
+    key_bits: int = 16
+    value_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.keep is not None:
+            if isinstance(self.keep, float) and math.isnan(self.keep):
+                raise ValueError("keep must be a non-negative integer or None (keep all), got nan")
+            _check_int("keep", self.keep, 0)
+        _check_bits("key_bits", self.key_bits)
+        _check_bits("value_bits", self.value_bits)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when this head keeps every token in full precision."""
+        return self.keep is None and self.key_bits == 16 and self.value_bits == 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-(layer, KV head) budgets plus the global cache layout; see module docstring."""
+
+    heads: tuple[tuple[HeadBudget, ...], ...]
+    sink_tokens: int = 4
+    recent_window: int = 32
+    group_size: int = 32
+    scorer: str = "snapkv"
+    num_layers: int = field(init=False)
+    num_kv_heads: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        heads = tuple(tuple(layer) for layer in self.heads)
+        if not heads or not heads[0]:
+            raise ValueError("heads must be a non-empty (num_layers x num_kv_heads) table of HeadBudget")
+        width = len(heads[0])
+        for layer_idx, layer in enumerate(heads):
+            if len(layer) != width:
+                raise ValueError(
+                    f"heads[{layer_idx}] has {len(layer)} KV heads, expected {width} like layer 0"
+                )
+            for head_idx, budget in enumerate(layer):
+                if not isinstance(budget, HeadBudget):
+                    raise ValueError(f"heads[{layer_idx}][{head_idx}] must be a HeadBudget, got {budget!r}")
+        object.__setattr__(self, "heads", heads)
+        object.__setattr__(self, "num_layers", len(heads))
+        object.__setattr__(self, "num_kv_heads", width)
+        _check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        _check_int("recent_window", self.recent_window, 0, 65536)
+        _check_int("group_size", self.group_size, 1, 4096)
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+        if self.scorer not in TOKEN_SCORERS:
+            raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
+        floor = self.sink_tokens + self.recent_window
+        for layer_idx, layer in enumerate(heads):
+            for head_idx, budget in enumerate(layer):
+                if budget.keep is not None and budget.keep < floor:
+                    raise ValueError(
+                        f"heads[{layer_idx}][{head_idx}].keep must be >= sink_tokens + recent_window "
+                        f"= {floor} (or None to keep all), got {budget.keep}"
+                    )
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def full(cls, num_layers: int, num_kv_heads: int, **layout: Any) -> "Plan":
+        """The identity plan: every token of every head in full precision (== DynamicCache)."""
+        return cls.uniform(num_layers, num_kv_heads, keep=None, key_bits=16, value_bits=16, **layout)
+
+    @classmethod
+    def uniform(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        *,
+        keep: int | None = None,
+        key_bits: int = 16,
+        value_bits: int | None = None,
+        **layout: Any,
+    ) -> "Plan":
+        """The same budget for every (layer, KV head); value_bits defaults to key_bits."""
+        _check_int("num_layers", num_layers, 1)
+        _check_int("num_kv_heads", num_kv_heads, 1)
+        budget = HeadBudget(keep, key_bits, key_bits if value_bits is None else value_bits)
+        return cls(tuple((budget,) * num_kv_heads for _ in range(num_layers)), **layout)
+
+    @classmethod
+    def uniform_fraction(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        seq_len: int,
+        *,
+        keep_fraction: float = 1.0,
+        key_bits: int = 16,
+        value_bits: int | None = None,
+        **layout: Any,
+    ) -> "Plan":
+        """A uniform plan keeping `keep_fraction` of `seq_len` tokens per head (1.0 = keep all)."""
+        if not isinstance(keep_fraction, (int, float)) or math.isnan(keep_fraction) or not 0 < keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+        _check_int("seq_len", seq_len, 1)
+        keep = None
+        if keep_fraction < 1:
+            floor = layout.get("sink_tokens", 4) + layout.get("recent_window", 32)
+            keep = max(floor, int(round(keep_fraction * seq_len)))
+        return cls.uniform(num_layers, num_kv_heads, keep=keep, key_bits=key_bits, value_bits=value_bits, **layout)
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def is_identity(self) -> bool:
+        """True when the plan compresses nothing."""
+        return all(b.is_identity for layer in self.heads for b in layer)
+
+    @property
+    def tracks_scores(self) -> bool:
+        """True when some head has a finite budget, so tokens carry H2O scores for decode eviction."""
+        return any(b.keep is not None for layer in self.heads for b in layer)
+
+    def kept_tokens(self, layer_idx: int, head_idx: int, seq_len: int) -> int:
+        """Tokens this head holds right after the plan is applied to `seq_len` tokens."""
+        keep = self.heads[layer_idx][head_idx].keep
+        return seq_len if keep is None else min(keep, seq_len)
+
+    def head_nbytes(self, layer_idx: int, head_idx: int, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
+        """Predicted bytes of one head's keys, values and metadata after applying to `seq_len` tokens."""
+        budget = self.heads[layer_idx][head_idx]
+        kept = self.kept_tokens(layer_idx, head_idx, seq_len)
+        fp_tokens, groups = self._split(kept)
+        packed_tokens = groups * self.group_size
+        total = 2 * fp_tokens * head_dim * dtype_bytes
+        total += _key_bytes(budget.key_bits, packed_tokens, groups, head_dim, dtype_bytes)
+        total += _value_bytes(budget.value_bits, packed_tokens, head_dim, self.group_size, dtype_bytes)
+        if budget.key_bits != 16 or budget.value_bits != 16:
+            total += groups * GROUP_INDEX_BYTES
+        if self.tracks_scores:
+            total += kept * SCORE_BYTES
+        return total
+
+    def nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
+        """Predicted bytes of the whole cache after applying this plan to `seq_len` tokens."""
+        _check_int("seq_len", seq_len, 0)
+        return sum(
+            self.head_nbytes(layer, head, seq_len, head_dim, dtype_bytes)
+            for layer in range(self.num_layers)
+            for head in range(self.num_kv_heads)
+        )
+
+    def full_nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
+        """Bytes a DynamicCache holds for `seq_len` tokens of this model shape."""
+        return 2 * self.num_layers * self.num_kv_heads * seq_len * head_dim * dtype_bytes
+
+    def _split(self, kept: int) -> tuple[int, int]:
+        """(full-precision tokens, packed groups) for a head holding `kept` tokens after apply.
+
+        Sinks and the recent window stay full precision; the middle is cut into whole groups of
+        `group_size`, and its remainder joins the full-precision residual (KIVI).
+        """
+        fixed = min(kept, self.sink_tokens + self.recent_window)
+        middle = kept - fixed
+        groups = middle // self.group_size
+        return kept - groups * self.group_size, groups
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data = asdict(self)
+        data.pop("num_layers"), data.pop("num_kv_heads")
+        data["heads"] = [[asdict(b) for b in layer] for layer in self.heads]
+        return data
+
+    def to_json(self) -> str:
+        """JSON text of `to_dict`."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """Inverse of `to_dict`; validates everything."""
+        if not isinstance(data, dict) or "heads" not in data:
+            raise ValueError("plan must be an object with a 'heads' field")
+        unknown = set(data) - {"heads", "sink_tokens", "recent_window", "group_size", "scorer"}
+        if unknown:
+            raise ValueError(f"unknown plan fields {sorted(unknown)}")
+        heads = tuple(tuple(_budget_from(b) for b in layer) for layer in data["heads"])
+        return cls(heads, **{k: v for k, v in data.items() if k != "heads"})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        """Inverse of `to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def summary(self) -> dict[str, Any]:
+        """Compact description: mean keep / bits over heads (for reports)."""
+        flat = [b for layer in self.heads for b in layer]
+        finite = [b.keep for b in flat if b.keep is not None]
+        return {
+            "heads": len(flat),
+            "keep_all_heads": len(flat) - len(finite),
+            "mean_keep": sum(finite) / len(finite) if finite else None,
+            "mean_key_bits": sum(b.key_bits for b in flat) / len(flat),
+            "mean_value_bits": sum(b.value_bits for b in flat) / len(flat),
+            "sink_tokens": self.sink_tokens,
+            "recent_window": self.recent_window,
+            "group_size": self.group_size,
+            "scorer": self.scorer,
+        }
+
+
+def _budget_from(data: Any) -> HeadBudget:
+    if not isinstance(data, dict):
+        raise ValueError(f"each head budget must be an object with keep/key_bits/value_bits, got {data!r}")
+    return HeadBudget(**data)
+
+
+def value_group_size(group_size: int, head_dim: int) -> int:
+    """Channels sharing one per-token value scale: the group size, capped at head_dim."""
+    return min(group_size, head_dim)
+
+
+def _key_bytes(bits: int, tokens: int, groups: int, head_dim: int, dtype_bytes: int) -> int:
+    if bits == 16:
+        return tokens * head_dim * dtype_bytes
+    # codes + one (scale, zero) pair per channel per group
+    return tokens * head_dim * bits // 8 + groups * head_dim * 2 * SCALE_BYTES
+
+
+def _value_bytes(bits: int, tokens: int, head_dim: int, group_size: int, dtype_bytes: int) -> int:
+    if bits == 16:
+        return tokens * head_dim * dtype_bytes
+    channel_groups = math.ceil(head_dim / value_group_size(group_size, head_dim))
+    return tokens * head_dim * bits // 8 + tokens * channel_groups * 2 * SCALE_BYTES
+
+
+def iter_heads(plan: Plan) -> Iterable[tuple[int, int, HeadBudget]]:
+    """(layer_idx, head_idx, budget) for every head."""
+    for layer_idx, layer in enumerate(plan.heads):
+        for head_idx, budget in enumerate(layer):
+            yield layer_idx, head_idx, budget

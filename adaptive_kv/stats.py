@@ -1,0 +1,195 @@
+"""Cheap attention statistics of one request, read during prefill.
+
+Only the last W queries (the observation window, SnapKV arXiv:2404.14469) are scored against all
+keys, so the cost is W x T per head instead of T x T. Query heads of a GQA group are averaged
+into their KV head. The result feeds the policies (features) and the eviction (token scores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from adaptive_kv.kernels import reference as ref
+from adaptive_kv.plan import value_group_size
+
+TOP_MASS_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.10, 0.25, 0.50)
+QUANT_BITS: tuple[int, ...] = (2, 4, 8)
+FEATURE_NAMES: tuple[str, ...] = (
+    "entropy",
+    *(f"top{int(f * 100)}_mass" for f in TOP_MASS_FRACTIONS),
+    "sink_mass",
+    "recent_mass",
+    "key_outlier_ratio",
+    *(f"key_qerr_{b}" for b in QUANT_BITS),
+    *(f"value_qerr_{b}" for b in QUANT_BITS),
+    "log_seq_len",
+    "depth",
+)
+SNAPKV_POOL = 7  # SnapKV's pooling kernel: keeps the neighbours of a strong token together
+QERR_SAMPLE_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """How the statistics are read: observation window, sink count, quantisation group."""
+
+    window: int = 32
+    sink_tokens: int = 4
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("window", "group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+
+
+@dataclass(frozen=True)
+class LayerObservation:
+    """One layer's features (H_kv, F) and per-token scores {scorer: (H_kv, T)}."""
+
+    features: torch.Tensor
+    token_scores: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Statistics of one request: features (L, H_kv, F) and token scores {scorer: (L, H_kv, T)}."""
+
+    features: torch.Tensor
+    token_scores: dict[str, torch.Tensor]
+    seq_len: int
+    feature_names: tuple[str, ...] = field(default=FEATURE_NAMES)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers observed."""
+        return self.features.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Number of KV heads per layer."""
+        return self.features.shape[1]
+
+    def feature(self, name: str) -> torch.Tensor:
+        """One named feature, shape (L, H_kv)."""
+        if name not in self.feature_names:
+            raise ValueError(f"feature must be one of {self.feature_names}, got {name!r}")
+        return self.features[..., self.feature_names.index(name)]
+
+    @classmethod
+    def stack(cls, layers: list[LayerObservation], seq_len: int) -> "AttentionStats":
+        """Assemble per-layer observations (in layer order)."""
+        features = torch.stack([obs.features for obs in layers])
+        scores = {name: torch.stack([obs.token_scores[name] for obs in layers]) for name in layers[0].token_scores}
+        return cls(features=features, token_scores=scores, seq_len=seq_len)
+
+
+def window_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, window: int) -> torch.Tensor:
+    """Causal attention of the last `window` queries over all keys, GQA-averaged: (H_kv, W, T).
+
+    query (H_q, T, D), keys (H_kv, T, D).
+    """
+    num_q, seq_len, _ = query.shape
+    num_kv = keys.shape[0]
+    w = min(window, seq_len)
+    q_win = query[:, seq_len - w :].float().view(num_kv, num_q // num_kv, w, -1)  # (H_kv, R, W, D)
+    logits = torch.einsum("hrwd,htd->hrwt", q_win, keys.float()) * scaling
+    key_pos = torch.arange(seq_len, device=query.device)
+    query_pos = torch.arange(seq_len - w, seq_len, device=query.device)
+    logits.masked_fill_(key_pos[None, :] > query_pos[:, None], -torch.inf)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def _entropy(attn: torch.Tensor) -> torch.Tensor:
+    """Mean normalised entropy of the window rows: (H_kv,). 1 = uniform, 0 = one token."""
+    _, w, seq_len = attn.shape
+    visible = torch.arange(seq_len - w + 1, seq_len + 1, device=attn.device).float()
+    plogp = torch.where(attn > 0, attn * attn.clamp_min(1e-30).log(), torch.zeros_like(attn))
+    norm = visible.log().clamp_min(1e-6)  # a single visible token has zero entropy by definition
+    return ((-plogp.sum(-1)) / norm).mean(-1)
+
+
+def _top_mass(mass: torch.Tensor) -> torch.Tensor:
+    """Attention mass held by the top 1/5/10/25/50 % of tokens: (H_kv, 5)."""
+    seq_len = mass.shape[-1]
+    cumulative = mass.sort(dim=-1, descending=True).values.cumsum(-1)
+    idx = [max(1, math.ceil(f * seq_len)) - 1 for f in TOP_MASS_FRACTIONS]
+    return cumulative[:, idx]
+
+
+def _quant_errors(keys: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Relative round-trip error of K and V at 2/4/8 bits on a strided token subsample: (H_kv, 6)."""
+    num_kv, seq_len, head_dim = keys.shape
+    groups = max(1, min(seq_len, QERR_SAMPLE_TOKENS) // group_size)
+    if seq_len < group_size:
+        return torch.zeros(num_kv, 2 * len(QUANT_BITS))
+    starts = torch.linspace(0, seq_len - group_size, groups).long()
+    idx = (starts[:, None] + torch.arange(group_size)).flatten()
+    k = keys[:, idx].float().reshape(num_kv * groups, group_size, head_dim)
+    v = values[:, idx].float().reshape(-1, head_dim)
+    cg = value_group_size(group_size, head_dim)
+    lengths = torch.full((num_kv * groups,), group_size)
+    out = []
+    for bits in QUANT_BITS:
+        k_hat = ref.dequantize_keys(*ref.quantize_keys(k, bits), lengths, bits, torch.float32)
+        out.append(_rel_err(k.reshape(-1, head_dim), k_hat, num_kv))
+    for bits in QUANT_BITS:
+        v_hat = ref.dequantize_values(*ref.quantize_values(v, bits, cg), bits, torch.float32)
+        out.append(_rel_err(v, v_hat, num_kv))
+    return torch.stack(out, dim=-1)
+
+
+def _rel_err(x: torch.Tensor, x_hat: torch.Tensor, num_kv: int) -> torch.Tensor:
+    x, x_hat = x.view(num_kv, -1), x_hat.view(num_kv, -1)
+    return (x - x_hat).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+
+
+def token_scores(attn: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token importance (higher = keep) for every scorer: {name: (H_kv, T)}."""
+    window_sum = attn.sum(dim=1)
+    pooled = F.avg_pool1d(window_sum.unsqueeze(1), SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2).squeeze(1)
+    return {
+        "snapkv": pooled,  # SnapKV: pooled observation-window attention
+        "window": window_sum,  # H2O-style accumulated attention, restricted to the window
+        "last_query": attn[:, -1],  # TOVA arXiv:2401.06104: the newest query's attention
+        "key_norm": -keys.float().norm(dim=-1),  # KNorm arXiv:2406.11430: low key norm, high attention
+    }
+
+
+def observe_layer(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    layer_idx: int,
+    num_layers: int,
+    config: StatsConfig,
+) -> LayerObservation:
+    """Features and token scores of one layer; query (H_q, T, D), keys/values (H_kv, T, D)."""
+    seq_len = keys.shape[1]
+    attn = window_attention(query, keys, scaling, config.window)  # (H_kv, W, T)
+    mass = attn.mean(dim=1)  # (H_kv, T), sums to 1
+    channel_max = keys.float().abs().amax(dim=1)  # (H_kv, D)
+    outlier = channel_max.amax(-1) / channel_max.median(-1).values.clamp_min(1e-6)
+    num_kv = keys.shape[0]
+    scalar = lambda v: torch.full((num_kv, 1), float(v))  # noqa: E731
+    features = torch.cat(
+        [
+            _entropy(attn).unsqueeze(-1),
+            _top_mass(mass),
+            mass[:, : config.sink_tokens].sum(-1, keepdim=True),
+            mass[:, -config.window :].sum(-1, keepdim=True),
+            outlier.unsqueeze(-1),
+            _quant_errors(keys, values, config.group_size),
+            scalar(math.log(seq_len)),
+            scalar(layer_idx / max(1, num_layers - 1)),
+        ],
+        dim=-1,
+    ).cpu()
+    return LayerObservation(features=features, token_scores=token_scores(attn, keys))
