@@ -16,8 +16,8 @@ _EXPORTS = {
     "HeadBudget": "adaptive_kv.plan",
     "AttentionStats": "adaptive_kv.stats",
     "CompressedCache": "adaptive_kv.cache",
-    "generate": "adaptive_kv.generate",
-    "GenerationResult": "adaptive_kv.generate",
+    "generate": "adaptive_kv.generation",
+    "GenerationResult": "adaptive_kv.generation",
     "load_model": "adaptive_kv.models",
     "DEFAULT_MODEL": "adaptive_kv.models",
 }

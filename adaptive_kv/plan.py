@@ -22,6 +22,8 @@ SCORE_BYTES = 4
 # Per packed key group: its length and its head (int16 each).
 GROUP_INDEX_BYTES = 4
 SCALE_BYTES = 2  # fp16 scales and zero points
+# Per head: the int64 length of its full-precision residual segment.
+RESIDUAL_INDEX_BYTES = 8
 
 
 def _check_bits(name: str, value: Any) -> int:
@@ -172,13 +174,12 @@ class Plan:
         kept = self.kept_tokens(layer_idx, head_idx, seq_len)
         fp_tokens, groups = self._split(kept)
         packed_tokens = groups * self.group_size
-        total = 2 * fp_tokens * head_dim * dtype_bytes
+        total = 2 * fp_tokens * head_dim * dtype_bytes + RESIDUAL_INDEX_BYTES
         total += _key_bytes(budget.key_bits, packed_tokens, groups, head_dim, dtype_bytes)
         total += _value_bytes(budget.value_bits, packed_tokens, head_dim, self.group_size, dtype_bytes)
-        if budget.key_bits != 16 or budget.value_bits != 16:
-            total += groups * GROUP_INDEX_BYTES
+        total += groups * GROUP_INDEX_BYTES
         if self.tracks_scores:
-            total += kept * SCORE_BYTES
+            total += (kept - min(kept, self.sink_tokens)) * SCORE_BYTES  # sinks are never evicted
         return total
 
     def nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:

@@ -29,7 +29,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_seq_len",
     "depth",
 )
-SNAPKV_POOL = 7  # SnapKV's pooling kernel: keeps the neighbours of a strong token together
+# SnapKV's pooling (its max-pool option, kernel 7): a strong token lends its score to its
+# neighbours, so multi-token facts (a 5-digit key is 5 tokens here) are kept whole. Average
+# pooling lost the last digit of a passkey at keep 0.5 where max pooling kept it.
+SNAPKV_POOL = 7
 QERR_SAMPLE_TOKENS = 256
 
 
@@ -153,7 +156,7 @@ def _rel_err(x: torch.Tensor, x_hat: torch.Tensor, num_kv: int) -> torch.Tensor:
 def token_scores(attn: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token importance (higher = keep) for every scorer: {name: (H_kv, T)}."""
     window_sum = attn.sum(dim=1)
-    pooled = F.avg_pool1d(window_sum.unsqueeze(1), SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2).squeeze(1)
+    pooled = F.max_pool1d(window_sum.unsqueeze(1), SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2).squeeze(1)
     return {
         "snapkv": pooled,  # SnapKV: pooled observation-window attention
         "window": window_sum,  # H2O-style accumulated attention, restricted to the window

@@ -10,6 +10,7 @@ bytes as they are.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 PACKABLE_BITS = (2, 4, 8)
 
@@ -137,6 +138,15 @@ def varlen_attention(
     # query i sees every old token and new tokens up to its own: slots <= count - q + i
     last_visible = counts[:, None] - q_len + torch.arange(q_len, device=heads.device)  # (H, q)
     visible = torch.arange(longest, device=heads.device) <= last_visible[..., None]  # (H, q, L)
+    if not need_mass:
+        # fused SDPA (same kernel and key order as DynamicCache, so the identity plan matches it)
+        ragged = q_len > 1 or bool((counts != longest).any())
+        mask = visible.repeat_interleave(rep, dim=0)[None] if ragged else None
+        out = F.scaled_dot_product_attention(
+            query[None], dense_k.repeat_interleave(rep, dim=0)[None], dense_v.repeat_interleave(rep, dim=0)[None],
+            attn_mask=mask, scale=scaling,
+        )
+        return out[0], None
     q = query.reshape(num_kv_heads, rep * q_len, head_dim)  # query head h*rep + r -> KV head h
     logits = torch.bmm(q, dense_k.transpose(1, 2)).float().view(num_kv_heads, rep, q_len, longest) * scaling
     logits.masked_fill_(~visible[:, None], -torch.inf)

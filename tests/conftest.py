@@ -1,0 +1,94 @@
+"""Shared tier-1 fixtures: tiny tokenizers trained in code, no network."""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+# Small enough to train in well under a second, large enough that English
+# words are a few tokens each (the length-fitting code must not assume 1:1).
+_TINY_VOCAB_SIZE = 4096
+
+
+def _train_tiny_bpe() -> Tokenizer:
+    """Byte-level BPE trained on CPython's bundled pydoc topics (lossless decode)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_VOCAB_SIZE,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)]
+    backend.train_from_iterator(texts, trainer=trainer)
+    return backend
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_backend() -> Tokenizer:
+    return _train_tiny_bpe()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_bpe_backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A GPT-2-like tokenizer: has BOS/EOS tokens but never adds them."""
+    backend = Tokenizer.from_str(tiny_bpe_backend.to_str())
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_bos(tiny_bpe_backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A Llama-like tokenizer: prepends BOS when special tokens are requested."""
+    backend = Tokenizer.from_str(tiny_bpe_backend.to_str())
+    bos_id = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+# ---------------------------------------------------------------- tiny random models (tier 1)
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+TINY_VOCAB = _TINY_VOCAB_SIZE
+
+
+def build_tiny_model(kind: str = "llama_gqa", seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM: llama_gqa (4 q / 2 kv heads), qwen2 (GQA, qkv bias) or llama_mha."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        max_position_embeddings=4096, head_dim=16,
+    )
+    if kind == "llama_gqa":
+        model = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common))
+    elif kind == "llama_mha":
+        model = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=1, **common))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=["llama_gqa", "qwen2", "llama_mha"])
+def tiny_model(request) -> torch.nn.Module:
+    return build_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def llama_gqa() -> torch.nn.Module:
+    return build_tiny_model("llama_gqa")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct (fp32, CPU), loaded once per session."""
+    from adaptive_kv import load_model
+
+    return load_model("smollm2-135m")
