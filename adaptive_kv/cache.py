@@ -96,7 +96,7 @@ class CompressedLayer(CacheLayerMixin):
             return torch.full((self.prefill[0].shape[0],), self.prefill[0].shape[1])
         counts = torch.full_like(self.residual.lengths, self.sinks[0].shape[1]) + self.residual.lengths
         for bucket in self.buckets.values():
-            counts += torch.bincount(bucket.token_heads(), minlength=counts.numel())
+            counts.index_add_(0, bucket.group_head.long(), bucket.group_len.long())
         return counts
 
 
@@ -294,14 +294,19 @@ class CompressedCache(Cache):
             return
         slack = self.plan.group_size if self.eviction_slack is None else self.eviction_slack
         held = layer.head_tokens()
+        over = [
+            (head, int(held[head]) - budget.keep)
+            for head, budget in enumerate(layer.budgets)
+            if budget.keep is not None and held[head] > budget.keep + slack
+        ]
+        if not over:
+            return
         for bits, bucket in list(layer.buckets.items()):
             heads = bucket.token_heads()
             keep = torch.ones(bucket.num_tokens, dtype=torch.bool)
-            for head, budget in enumerate(layer.budgets):
-                if budget.keep is None or held[head] <= budget.keep + slack:
-                    continue
+            for head, excess in over:
                 mine = torch.nonzero(heads == head).flatten()
-                excess = min(int(held[head]) - budget.keep, mine.numel())
+                excess = min(excess, mine.numel())
                 if excess > 0:
                     keep[mine[bucket.scores[mine].topk(excess, largest=False).indices]] = False
             if not keep.all():

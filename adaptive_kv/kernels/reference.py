@@ -141,10 +141,9 @@ def varlen_attention(
     if not need_mass:
         # fused SDPA (same kernel and key order as DynamicCache, so the identity plan matches it)
         ragged = q_len > 1 or bool((counts != longest).any())
-        mask = visible.repeat_interleave(rep, dim=0)[None] if ragged else None
+        mask = visible.repeat_interleave(rep, dim=0)[None] if ragged else None  # (1, H_q, q, L)
         out = F.scaled_dot_product_attention(
-            query[None], dense_k.repeat_interleave(rep, dim=0)[None], dense_v.repeat_interleave(rep, dim=0)[None],
-            attn_mask=mask, scale=scaling,
+            query[None], dense_k[None], dense_v[None], attn_mask=mask, scale=scaling, enable_gqa=rep > 1
         )
         return out[0], None
     q = query.reshape(num_kv_heads, rep * q_len, head_dim)  # query head h*rep + r -> KV head h
