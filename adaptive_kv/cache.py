@@ -117,11 +117,14 @@ class CompressedCache(Cache):
         stats_config: StatsConfig | None = None,
         eviction_slack: int | None = None,
         backend: str | None = None,
+        capture: bool = False,
     ) -> None:
         from adaptive_kv.attention import prepare_model
 
-        if (plan is None) == (plan_provider is None):
-            raise ValueError("give exactly one of plan= or plan_provider=")
+        if capture and (plan is not None or plan_provider is not None):
+            raise ValueError("capture=True keeps the prefill for fork(plan); give no plan or plan_provider")
+        if not capture and (plan is None) == (plan_provider is None):
+            raise ValueError("give exactly one of plan= or plan_provider= (or capture=True)")
         config = prepare_model(model)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -136,6 +139,8 @@ class CompressedCache(Cache):
             raise ValueError(f"eviction_slack must be >= 0, got {eviction_slack}")
         self.eviction_slack = eviction_slack
         self.backend = backend
+        self.capture = capture
+        self._model = model
         self.stats: AttentionStats | None = None
         super().__init__(layers=[CompressedLayer(i) for i in range(self.num_layers)])
 
@@ -195,7 +200,7 @@ class CompressedCache(Cache):
     @property
     def collects_stats(self) -> bool:
         """Whether prefill reads attention statistics (needed by providers and evicting plans)."""
-        return self.plan_provider is not None or self.plan.tracks_scores
+        return self.capture or self.plan_provider is not None or self.plan.tracks_scores
 
     def observe(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Read one layer's statistics from its prefill queries (1, H_q, T, D); finish after the last."""
@@ -213,8 +218,18 @@ class CompressedCache(Cache):
         stats = None
         if self.collects_stats:
             stats = AttentionStats.stack([layer.observation for layer in self.layers], seq_len)
+            for layer in self.layers:
+                layer.observation = None
+        if self.capture:  # keep the full prefill and its statistics for fork()
+            self.stats = stats
+            return
         plan = self.plan if self.plan_provider is None else self.plan_provider(stats)
+        self._apply_plan(plan, stats)
+
+    def _apply_plan(self, plan: Plan, stats: AttentionStats | None) -> None:
         self._check_plan(plan)  # before anything changes: a bad plan leaves the prefill intact
+        if plan.tracks_scores and stats is None:
+            raise ValueError("a plan that evicts needs prefill statistics")
         self.plan = plan
         for layer_idx, layer in enumerate(self.layers):
             select = acc = None
@@ -222,8 +237,28 @@ class CompressedCache(Cache):
                 select = stats.token_scores[plan.scorer][layer_idx]
                 acc = stats.token_scores["window"][layer_idx] if plan.tracks_scores else None
             self._apply(layer, plan, select, acc)
-            layer.observation = None
         self.stats = None if stats is None else dataclasses.replace(stats, token_scores={})
+
+    @property
+    def is_captured(self) -> bool:
+        """True when this cache holds a full prefill kept for `fork`."""
+        return self.capture and self.layers[0].prefill is not None and self.stats is not None
+
+    def fork(self, plan: Plan, **options: Any) -> "CompressedCache":
+        """A new cache holding this captured prefill compressed by `plan`; this one stays unchanged.
+
+        One prefill then serves every policy and budget compared on it (evaluation, search).
+        """
+        if not self.is_captured:
+            raise ValueError("fork needs a cache built with capture=True and a finished prefill")
+        options.setdefault("backend", self.backend)
+        options.setdefault("stats_config", self.stats_config)
+        new = CompressedCache(self._model, plan=plan, **options)
+        for mine, theirs in zip(self.layers, new.layers):
+            theirs.device, theirs.dtype, theirs.is_initialized = mine.device, mine.dtype, True
+            theirs.prefill, theirs.seen_tokens = mine.prefill, mine.seen_tokens  # read-only: _apply copies
+        new._apply_plan(plan, self.stats)
+        return new
 
     def _apply(self, layer: CompressedLayer, plan: Plan, select: torch.Tensor | None, acc: torch.Tensor | None) -> None:
         """Keep sinks + recent + top-scored tokens per head; pack the middle; free the prefill."""

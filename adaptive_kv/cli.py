@@ -104,7 +104,86 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate]
+def _csv(text: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("must be a comma-separated list")
+    return items
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    return tuple(_fraction(x) for x in _csv(text))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate policies x budgets on offline tasks, sharing each prefill; write the reports."""
+    from tqdm import tqdm
+
+    from adaptive_kv.evaluation import EvalConfig, Evaluator
+    from adaptive_kv.models import load_model
+    from adaptive_kv.report import mean_by_policy_budget, write_outputs
+
+    config = EvalConfig(
+        policies=args.policies, budgets=args.budgets, tasks=args.tasks, context_length=args.context_length,
+        samples=args.samples, protocol=args.protocol, seed=args.seed,
+    )
+    from adaptive_kv.policies import available_policies
+
+    # fail on bad names before the model loads (seconds) or anything is prefilled (minutes)
+    config.validate(None, available_policies())
+    model, tokenizer = load_model(args.model)
+    bar = tqdm(total=0, desc="eval", unit="run", disable=args.json)
+    evaluator = Evaluator(model, tokenizer, config, model_name=args.model, progress=lambda: bar.update(1))
+    bar.total = len(evaluator.combos()) * config.samples * len(config.tasks)
+    results = evaluator.run()
+    bar.close()
+    paths = write_outputs(results, Path(args.output))
+    if args.mlflow:
+        from adaptive_kv.training.tracking import log_eval
+
+        log_eval(results, paths)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    _print_table(results, mean_by_policy_budget(results))
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({results['wall_time_s']} s)")
+    return 0
+
+
+def _print_table(results: dict, means: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    tasks = sorted({r["task"] for r in results["records"]})
+    cell = {(r["policy"], r["budget"], r["task"]): r["score"] for r in results["records"]}
+    table = Table(title=f"{results['model']} ctx {results['context_length']} {results['protocol']}")
+    for col in ("policy", "budget", *tasks, "mean", "bytes frac"):
+        table.add_column(col, justify="right")
+    for policy, budget in sorted({(p, b) for p, b, _ in cell}, key=lambda k: (-k[1], k[0])):
+        m = means.get((policy, budget))
+        scores = ["n/a" if cell.get((policy, budget, t)) is None else f"{cell[(policy, budget, t)]:.1f}" for t in tasks]
+        tail = [f"{m['score']:.1f}", f"{m['bytes_fraction']:.4f}"] if m else ["infeasible", "-"]
+        table.add_row(policy, f"{budget:g}", *scores, *tail)
+    Console().print(table)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="compare policies x budgets on offline long-context tasks at equal bytes")
+    p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
+    p.add_argument("--policies", type=_csv, default=("snapkv", "kivi", "hybrid"), help="comma-separated policy names")
+    p.add_argument("--budgets", type=_budgets, default=(0.5, 0.25, 0.125), help="comma-separated fractions in (0, 1]")
+    p.add_argument("--tasks", type=_csv, default=("passkey", "niah_single"), help="comma-separated task names")
+    p.add_argument("--context-length", type=_positive, default=1024, help="prompt tokens, exact")
+    p.add_argument("--samples", type=_positive, default=5, help="samples per task")
+    p.add_argument("--protocol", choices=("query_aware", "query_agnostic"), default="query_agnostic")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="outputs/eval", help="folder for results.json, summary.md, pareto.png")
+    p.add_argument("--mlflow", action="store_true", help="also log the run to MLflow (needs the training extra)")
+    p.add_argument("--json", action="store_true", help="print results.json on stdout")
+    p.set_defaults(func=cmd_eval)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

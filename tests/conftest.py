@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-import pydoc_data.topics
-import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is imported, and importing transformers' models imports
+# triton: without CUDA, interpret the Triton kernels (tests/test_triton_kernels.py). This changes
+# no default: the triton backend is used only when asked for by name or $ADAPTIVE_KV_BACKEND.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pydoc_data.topics  # noqa: E402
+import pytest  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 # Small enough to train in well under a second, large enough that English
 # words are a few tokens each (the length-fitting code must not assume 1:1).

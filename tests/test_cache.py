@@ -185,3 +185,20 @@ def test_query_after_compression_is_causal(llama_gqa):
         llama_gqa(context, cache=stepped)
         logits_step = torch.cat([llama_gqa(question[:, i : i + 1], cache=stepped).logits for i in range(6)], 1)
     torch.testing.assert_close(logits_chunk, logits_step, atol=1e-5, rtol=1e-5)
+
+
+def test_fork_of_captured_prefill_equals_direct_compression(llama_gqa):
+    context, question = torch.randint(0, 1000, (1, 120)), torch.randint(0, 1000, (1, 5))
+    plan = Plan.uniform(2, 2, keep=50, key_bits=4, **LAYOUT)
+    with torch.no_grad():
+        captured = CompressedCache(llama_gqa, capture=True)
+        llama_gqa(context, cache=captured)
+        direct = CompressedCache(llama_gqa, plan=plan)
+        llama_gqa(context, cache=direct)
+        forks = [captured.fork(plan), captured.fork(Plan.full(2, 2, **LAYOUT))]
+        logits = [llama_gqa(question, cache=c).logits for c in (direct, *forks)]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=0)
+    assert forks[0].nbytes() < forks[1].nbytes() and captured.is_captured
+    assert captured.layers[0].prefill[0].shape == (2, 120, 16)  # the capture is untouched
+    with pytest.raises(ValueError, match="capture=True"):
+        direct.fork(plan)

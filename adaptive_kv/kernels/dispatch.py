@@ -8,6 +8,7 @@ Override the choice with ``ADAPTIVE_KV_BACKEND=torch|triton``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -40,7 +41,29 @@ def _load_torch() -> ModuleType:
     return reference
 
 
-_BACKENDS: dict[str, KernelBackend] = {"torch": KernelBackend("torch", _load_torch, _torch_reasons)}
+def _triton_reasons(device: torch.device) -> list[str]:
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        reasons.append("device is not CUDA and TRITON_INTERPRET is not set")
+    if device.type == "cuda" and not interpreted and not torch.cuda.is_available():
+        reasons.append("CUDA is not available")
+    return reasons
+
+
+def _load_triton() -> ModuleType:
+    # imported only here: importing adaptive_kv never imports triton
+    from adaptive_kv.kernels import triton_backend
+
+    return triton_backend
+
+
+_BACKENDS: dict[str, KernelBackend] = {
+    "torch": KernelBackend("torch", _load_torch, _torch_reasons),
+    "triton": KernelBackend("triton", _load_triton, _triton_reasons),
+}
 
 
 def register_backend(backend: KernelBackend) -> None:

@@ -1,0 +1,201 @@
+"""Offline evaluation: every policy x budget on the same prefills, scored at equal bytes.
+
+Each sample's context is prefilled once into a capturing CompressedCache; every (policy, budget)
+then forks it (compress a copy), answers and is scored. On 2 CPU cores this sharing is the
+difference between minutes and hours. Two protocols (kvpress): `query_aware` compresses after the
+question is in the prompt; `query_agnostic` compresses the context alone, then asks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from adaptive_kv.cache import CompressedCache
+from adaptive_kv.plan import Plan
+from adaptive_kv.tasks import TASKS, TaskSample, kl_divergence, make_samples, perplexity, score_sample, top1_agreement
+
+PROTOCOLS = ("query_aware", "query_agnostic")
+REFERENCE_POLICY = "full"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate; validated so bad arguments fail before any prefill."""
+
+    policies: tuple[str, ...]
+    budgets: tuple[float, ...]
+    tasks: tuple[str, ...]
+    context_length: int = 1024
+    samples: int = 5
+    protocol: str = "query_agnostic"
+    seed: int = 0
+    policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self, max_context: int | None, known_policies: tuple[str, ...]) -> None:
+        """Raise ValueError naming the first bad value and the allowed ones."""
+        for name in self.policies:
+            if name not in known_policies:
+                raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(known_policies)}")
+        for name in self.tasks:
+            if name not in TASKS:
+                raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")
+        for budget in self.budgets:
+            if not 0 < budget <= 1:
+                raise ValueError(f"budget {budget} must be in (0, 1]")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} must be one of {', '.join(PROTOCOLS)}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if max_context is not None and not 1 <= self.context_length <= max_context:
+            raise ValueError(f"context_length {self.context_length} must be in [1, {max_context}] for this model")
+
+
+@dataclass
+class _Tally:
+    scores: list[float] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)
+    full_bytes: list[int] = field(default_factory=list)
+    extra: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+@torch.inference_mode()
+def _greedy(model, cache: CompressedCache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy tokens from the last prefill logits (1, V), decoding over `cache`."""
+    token = int(first_logits.argmax(-1))
+    out = [token]
+    while len(out) < max_new_tokens and token not in eos:
+        logits = model(torch.tensor([[token]], device=first_logits.device), cache=cache).logits[:, -1]
+        token = int(logits.argmax(-1))
+        out.append(token)
+    return out
+
+
+@torch.inference_mode()
+def _prefill(model, ids: tuple[int, ...]) -> tuple[CompressedCache, torch.Tensor]:
+    cache = CompressedCache(model, capture=True)
+    logits = model(torch.tensor([list(ids)], device=model.device), cache=cache).logits[:, -1]
+    return cache, logits
+
+
+class Evaluator:
+    """Runs an EvalConfig on one model; `run()` returns the results.json dict."""
+
+    def __init__(self, model, tokenizer, config: EvalConfig, *, model_name: str, progress: Callable | None = None):
+        from adaptive_kv.policies import available_policies, get_policy
+
+        config.validate(getattr(model.config, "max_position_embeddings", None), available_policies())
+        self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
+        self.policies = {name: get_policy(name, **config.policy_options.get(name, {})) for name in config.policies}
+        if REFERENCE_POLICY not in self.policies:
+            self.policies[REFERENCE_POLICY] = get_policy(REFERENCE_POLICY)
+        cfg = model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
+        self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
+        self.progress = progress or (lambda: None)
+
+    def combos(self) -> list[tuple[str, float]]:
+        """(policy, budget) pairs run on every sample; the full cache once, at budget 1."""
+        pairs = [(p, b) for p in self.config.policies if p != REFERENCE_POLICY for b in self.config.budgets]
+        return [(REFERENCE_POLICY, 1.0)] + pairs
+
+    def samples(self) -> dict[str, list[TaskSample]]:
+        """Every task's samples, generated from the seed."""
+        c = self.config
+        return {t: make_samples(t, self.tokenizer, c.context_length, c.samples, c.seed) for t in c.tasks}
+
+    def run(self) -> dict[str, Any]:
+        """Evaluate everything; returns the results.json dict (schema in ARCHITECTURE.md)."""
+        start = time.perf_counter()
+        tallies: dict[tuple[str, float, str], _Tally] = defaultdict(_Tally)
+        for task, samples in self.samples().items():
+            for sample in samples:
+                self._run_sample(sample, tallies)
+        return self._results(tallies, time.perf_counter() - start)
+
+    def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
+        return self.policies[policy].plan(cache.stats, budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+
+    def _run_sample(self, sample: TaskSample, tallies: dict) -> None:
+        if sample.task == "fidelity":
+            return self._run_fidelity(sample, tallies)
+        aware = self.config.protocol == "query_aware"
+        captured, logits = _prefill(self.model, sample.prompt_ids if aware else sample.context_ids)
+        for policy, budget in self.combos():
+            tally = tallies[(policy, budget, sample.task)]
+            try:
+                cache = captured.fork(self._plan(policy, budget, captured))
+            except ValueError as exc:  # budget below what this policy can reach: recorded, not fatal
+                tally.extra["infeasible"].append(1.0)
+                tally.extra.setdefault("error", []).append(str(exc))  # type: ignore[arg-type]
+                self.progress()
+                continue
+            tally.kv_bytes.append(cache.nbytes())
+            tally.full_bytes.append(cache.full_nbytes())
+            first = logits
+            if not aware:
+                with torch.inference_mode():
+                    question = torch.tensor([list(sample.question_ids)], device=self.model.device)
+                    first = self.model(question, cache=cache).logits[:, -1]
+            tokens = _greedy(self.model, cache, first, sample.max_new_tokens, self.eos)
+            prediction = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            tally.scores.append(score_sample(sample, prediction))
+            self.progress()
+
+    def _run_fidelity(self, sample: TaskSample, tallies: dict) -> None:
+        """Teacher-forced continuation: KL and top-1 agreement vs the full cache, and perplexity."""
+        captured, _ = _prefill(self.model, sample.context_ids)
+        continuation = torch.tensor([list(sample.continuation_ids)], device=self.model.device)
+        reference = None
+        for policy, budget in self.combos():
+            tally = tallies[(policy, budget, sample.task)]
+            try:
+                cache = captured.fork(self._plan(policy, budget, captured))
+            except ValueError as exc:
+                tally.extra["infeasible"].append(1.0)
+                tally.extra.setdefault("error", []).append(str(exc))  # type: ignore[arg-type]
+                self.progress()
+                continue
+            tally.kv_bytes.append(cache.nbytes())
+            tally.full_bytes.append(cache.full_nbytes())
+            with torch.inference_mode():
+                logits = self.model(continuation, cache=cache).logits[0, :-1].float()
+            reference = logits if reference is None else reference
+            tally.scores.append(top1_agreement(reference, logits))
+            tally.extra["kl"].append(kl_divergence(reference, logits))
+            tally.extra["perplexity"].append(perplexity(logits, continuation[0, 1:]))
+            self.progress()
+
+    def _results(self, tallies: dict, seconds: float) -> dict[str, Any]:
+        records = []
+        for (policy, budget, task), t in tallies.items():
+            record = {
+                "policy": policy,
+                "budget": budget,
+                "task": task,
+                "score": sum(t.scores) / len(t.scores) if t.scores else None,
+                "n_samples": len(t.scores),
+                "kv_bytes": int(sum(t.kv_bytes) / len(t.kv_bytes)) if t.kv_bytes else None,
+                "full_kv_bytes": int(sum(t.full_bytes) / len(t.full_bytes)) if t.full_bytes else None,
+            }
+            for key, values in t.extra.items():
+                if key == "error":
+                    record["error"] = values[0]
+                elif key == "infeasible":
+                    record["infeasible_samples"] = len(values)
+                else:
+                    record[key] = sum(values) / len(values)
+            records.append(record)
+        return {
+            "model": self.model_name,
+            "context_length": self.config.context_length,
+            "protocol": self.config.protocol,
+            "seed": self.config.seed,
+            "wall_time_s": round(seconds, 2),
+            "records": records,
+        }

@@ -1,0 +1,255 @@
+"""Triton kernels of the packed KV store; host code (checks, launches) is in `triton_backend`.
+
+Only `@triton.jit` code lives here. The torch reference (`reference.py`) is the specification:
+quantisation reproduces its fp16 rounding of scale and zero bit for bit, so the integer codes
+match exactly; attention is an online-softmax (FlashAttention-2) loop in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------- shared helpers
+@triton.jit
+def _round_half_even(x):
+    """torch.round for x >= 0: halves go to the even neighbour.
+
+    floor(x + 0.5) is wrong twice: it rounds halves up and, in fp32, x + 0.5 itself can round up
+    (x = 0.5 - 2**-25 gives 1.0). floor and x - floor(x) are exact, so decide on the fraction.
+    """
+    r = tl.floor(x)
+    frac = x - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return r + up.to(tl.float32)
+
+
+@triton.jit
+def _fp16_next(h, UP: tl.constexpr):
+    """torch.nextafter(h, +inf if UP else -inf) for finite fp16 `h`, on its bit pattern."""
+    bits = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    negative = bits >= 0x8000
+    is_zero = (bits & 0x7FFF) == 0
+    if UP:
+        nxt = tl.where(is_zero, 0x0001, tl.where(negative, bits - 1, bits + 1))
+    else:
+        nxt = tl.where(is_zero, 0x8001, tl.where(negative, bits + 1, bits - 1))
+    return nxt.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _scale_and_zero(lo, hi, QMAX: tl.constexpr):
+    """fp16 (scale, zero) whose grid covers [lo, hi]: reference `_scale_and_zero`, same rounding.
+
+    Division is `div_rn` (IEEE, like torch) rather than Triton's fast fp32 division; the launch
+    turns off FMA fusion so `scale * qmax + zero` rounds twice, as torch does.
+    """
+    zero = lo.to(tl.float16)
+    zero = tl.where(zero.to(tl.float32) > lo, _fp16_next(zero, False), zero)
+    span = tl.maximum(hi - zero.to(tl.float32), 1e-6)
+    scale = tl.math.div_rn(span, tl.full(span.shape, QMAX, tl.float32)).to(tl.float16)
+    too_small = scale.to(tl.float32) * QMAX + zero.to(tl.float32) < hi
+    scale = tl.where(too_small, _fp16_next(scale, True), scale)
+    return scale, zero
+
+
+@triton.jit
+def _encode(x, scale, zero, QMAX: tl.constexpr):
+    """Integer codes (int32) of fp32 `x` on the grid (scale, zero): round half even, clamp.
+
+    An 8-bit constant group can get scale 0 (1e-6 / 255 underflows fp16); the reference then
+    divides 0 by 0 and casts NaN to uint8, which gives 0 on CPU. Code 0 is chosen explicitly here.
+    """
+    scale = scale.to(tl.float32)
+    q = tl.math.div_rn(x - zero.to(tl.float32), tl.where(scale > 0, scale, 1.0))
+    q = tl.where(scale > 0, q, 0.0)
+    q = _round_half_even(tl.maximum(q, 0.0))
+    return tl.minimum(q, QMAX).to(tl.int32)
+
+
+@triton.jit
+def _pack(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """Codes (ROWS, D) -> bytes (ROWS, D*BITS/8), low bits first (codes never overlap: sum == or)."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    grouped = tl.reshape(codes, (ROWS, D // PER_BYTE, PER_BYTE))
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    return tl.sum(grouped << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _unpack(packed_ptr, rows, row_ok, cols, D: tl.constexpr, BITS: tl.constexpr):
+    """fp32 codes (R, D) of token `rows`: byte c // per_byte, shifted by (c % per_byte) * bits."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    byte = tl.load(packed_ptr + rows[:, None] * (D // PER_BYTE) + cols[None, :] // PER_BYTE, mask=row_ok[:, None], other=0)
+    shift = (cols % PER_BYTE) * BITS
+    return ((byte.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+# --------------------------------------------------------------------------- quantisation
+@triton.jit
+def quantize_keys_kernel(
+    keys_ptr, packed_ptr, scale_ptr, zero_ptr, group,
+    D: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """One program per group: keys (G, D) -> per-channel scale/zero (D,) and packed codes (G, D*b/8)."""
+    gid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, D)
+    row_ok = rows < group
+    tokens = gid * group + rows  # flat token index
+    x = tl.load(keys_ptr + tokens[:, None] * D + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    lo = tl.min(tl.where(row_ok[:, None], x, float("inf")), axis=0)  # (D,)
+    hi = tl.max(tl.where(row_ok[:, None], x, float("-inf")), axis=0)
+    scale, zero = _scale_and_zero(lo, hi, (1 << BITS) - 1)
+    tl.store(scale_ptr + gid * D + cols, scale)
+    tl.store(zero_ptr + gid * D + cols, zero)
+    codes = _encode(x, scale[None, :], zero[None, :], (1 << BITS) - 1)
+    packed = _pack(codes, BLOCK_G, D, BITS)
+    out_cols = tl.arange(0, D * BITS // 8)
+    tl.store(packed_ptr + tokens[:, None] * (D * BITS // 8) + out_cols[None, :], packed, mask=row_ok[:, None])
+
+
+@triton.jit
+def quantize_values_kernel(
+    values_ptr, packed_ptr, scale_ptr, zero_ptr, num_tokens,
+    D: tl.constexpr, CG: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """BLOCK_N tokens per program: values (N, D) -> scale/zero per (token, channel group), packed codes."""
+    NG: tl.constexpr = D // CG
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    g = tl.arange(0, NG)
+    c = tl.arange(0, CG)
+    offs = rows[:, None, None] * D + g[None, :, None] * CG + c[None, None, :]  # (BLOCK_N, NG, CG)
+    x = tl.load(values_ptr + offs, mask=row_ok[:, None, None], other=0.0).to(tl.float32)
+    scale, zero = _scale_and_zero(tl.min(x, axis=2), tl.max(x, axis=2), (1 << BITS) - 1)  # (BLOCK_N, NG)
+    sz_offs = rows[:, None] * NG + g[None, :]
+    tl.store(scale_ptr + sz_offs, scale, mask=row_ok[:, None])
+    tl.store(zero_ptr + sz_offs, zero, mask=row_ok[:, None])
+    codes = _encode(x, scale[:, :, None], zero[:, :, None], (1 << BITS) - 1)
+    packed = _pack(tl.reshape(codes, (BLOCK_N, D)), BLOCK_N, D, BITS)
+    out_cols = tl.arange(0, D * BITS // 8)
+    tl.store(packed_ptr + rows[:, None] * (D * BITS // 8) + out_cols[None, :], packed, mask=row_ok[:, None])
+
+
+@triton.jit
+def dequantize_keys_kernel(
+    packed_ptr, scale_ptr, zero_ptr, token_group_ptr, out_ptr, num_tokens,
+    D: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Keys (N, D) = code * scale[group] + zero[group], each token's group from `token_group` (N,)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    cols = tl.arange(0, D)
+    codes = _unpack(packed_ptr, rows, row_ok, cols, D, BITS)
+    grp = tl.load(token_group_ptr + rows, mask=row_ok, other=0)
+    sz = grp[:, None] * D + cols[None, :]
+    scale = tl.load(scale_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    out = codes * scale + zero
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def dequantize_values_kernel(
+    packed_ptr, scale_ptr, zero_ptr, out_ptr, num_tokens,
+    D: tl.constexpr, CG: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Values (N, D) = code * scale[token, c // CG] + zero[token, c // CG]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_tokens
+    cols = tl.arange(0, D)
+    codes = _unpack(packed_ptr, rows, row_ok, cols, D, BITS)
+    sz = rows[:, None] * (D // CG) + cols[None, :] // CG
+    scale = tl.load(scale_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    out = codes * scale + zero
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------- attention
+@triton.jit
+def varlen_attention_kernel(
+    q_ptr, k_ptr, v_ptr, order_ptr, starts_ptr, counts_ptr,
+    acc_ptr, max_ptr, sum_ptr,
+    scaling, q_len, rows_per_head, split_len,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Partial attention of one (KV head, row block, sequence split); grid (H_kv, M blocks, splits).
+
+    Rows are the rep * q query rows of one KV head (GQA: the head's query heads share each K/V
+    load). Row r is query position r % q and sees slot j of its head iff j <= count - q + r % q.
+    Tokens of the head are `order[start : start + count]` (flat indices, oldest first). Writes the
+    unnormalised output, running max and running sum; the host merges the splits.
+    DOT_PRECISION is "ieee" for fp32 inputs (tl.dot would otherwise use TF32 on GPUs).
+    """
+    head = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    start = tl.load(starts_ptr + head)
+    count = tl.load(counts_ptr + head)
+    row_ok = rows < rows_per_head
+    dims = tl.arange(0, D)
+    q_rows = head * rows_per_head + rows
+    q = tl.load(q_ptr + q_rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    last_visible = count - q_len + rows % q_len  # (BLOCK_M,)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, count)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        idx = tl.load(order_ptr + start + cols, mask=col_ok, other=0).to(tl.int64)
+        k = tl.load(k_ptr + idx[:, None] * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling  # (BLOCK_M, BLOCK_N)
+        visible = col_ok[None, :] & (cols[None, :] <= last_visible[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + idx[:, None] * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
+        m_i = m_new
+    out_rows = split * tl.num_programs(0) * rows_per_head + q_rows
+    tl.store(acc_ptr + out_rows[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(max_ptr + out_rows, m_i, mask=row_ok)
+    tl.store(sum_ptr + out_rows, l_i, mask=row_ok)
+
+
+@triton.jit
+def token_mass_kernel(
+    q_ptr, k_ptr, order_ptr, starts_ptr, counts_ptr, lse_ptr, mass_ptr,
+    scaling, q_len, rows_per_head, inv_rep,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Second pass for H2O: mass of each token = sum over the head's rows of exp(s - lse) / rep.
+
+    Grid (H_kv, token blocks); recomputes the logits against the final log-sum-exp of each row,
+    so no (rows, tokens) probability matrix is ever stored.
+    """
+    head = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.load(starts_ptr + head)
+    count = tl.load(counts_ptr + head)
+    col_ok = cols < count
+    dims = tl.arange(0, D)
+    idx = tl.load(order_ptr + start + cols, mask=col_ok, other=0).to(tl.int64)
+    k = tl.load(k_ptr + idx[:, None] * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for m0 in range(0, rows_per_head, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < rows_per_head
+        q_rows = head * rows_per_head + rows
+        q = tl.load(q_ptr + q_rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + q_rows, mask=row_ok, other=float("inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling
+        visible = row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= (count - q_len + rows % q_len)[:, None])
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        total += tl.sum(p, axis=0)
+    tl.store(mass_ptr + idx, total * inv_rep, mask=col_ok)

@@ -1,0 +1,150 @@
+"""The Policy contract and the byte arithmetic every policy shares.
+
+A policy turns one request's AttentionStats and a budget into a Plan. The budget is a fraction in
+(0, 1] of the full-precision cache's bytes for `stats.seq_len` tokens (`Plan.full_nbytes`), and
+every policy meets it exactly by the Plan's own prediction (`Plan.nbytes`), which the cache's real
+bytes match. Helpers here size plans in bytes, so eviction and quantisation share one axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from adaptive_kv.plan import TOKEN_SCORERS, HeadBudget, Plan
+from adaptive_kv.stats import AttentionStats
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> None:
+    """Raise ValueError naming `name` unless `value` is a real number in (low, high] (or [low, high])."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if not ok or value > high or value < low or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base of every policy: the shared cache layout; subclasses implement `plan`."""
+
+    sink_tokens: int = 4
+    recent_window: int = 32
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        _check_int("recent_window", self.recent_window, 0, 65536)
+        _check_int("group_size", self.group_size, 1, 4096)
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two in [1, 4096], got {self.group_size}")
+
+    def layout(self, **overrides: Any) -> dict[str, Any]:
+        """The Plan layout keywords of this policy (sinks, window, group, scorer)."""
+        scorer = getattr(self, "scorer", TOKEN_SCORERS[0])
+        base = dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size)
+        return {**base, "scorer": scorer, **overrides}
+
+    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+        """The Plan for this request within `budget` x the full-precision cache bytes."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EvictionPolicy(Policy):
+    """Uniform eviction in full precision: every head keeps its top-`scorer` tokens up to the budget."""
+
+    scorer: str = "snapkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scorer not in TOKEN_SCORERS:
+            raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
+
+    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+        """The largest uniform keep meeting the budget (16-bit keys and values)."""
+        keep = tokens_for_budget(stats, budget, self.layout(), head_dim=head_dim, dtype_bytes=dtype_bytes)
+        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, **self.layout())
+
+
+# --------------------------------------------------------------------------- byte arithmetic
+def head_full_bytes(seq_len: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes one (layer, KV head) of a DynamicCache holds for `seq_len` tokens."""
+    return 2 * seq_len * head_dim * dtype_bytes
+
+
+def head_bytes(keep: int | None, layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int,
+               key_bits: int = 16, value_bits: int = 16) -> int:
+    """Predicted bytes of one head (a finite `keep` also pays its H2O scores)."""
+    plan = Plan(((HeadBudget(keep, key_bits, value_bits),),), **layout)
+    return plan.head_nbytes(0, 0, seq_len, head_dim, dtype_bytes)
+
+
+def last_fitting(fits: Callable[[int], bool], low: int, high: int) -> int:
+    """Largest x in [low, high] with fits(x), for fits true then false; low - 1 if none."""
+    while low <= high:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid + 1
+        else:
+            high = mid - 1
+    return high
+
+
+def max_keep(limit: float, layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int,
+             key_bits: int = 16, value_bits: int = 16) -> int | None:
+    """Largest finite keep in [floor, seq_len] whose head bytes fit `limit`; None if none fits.
+
+    Bytes are not monotone in keep when quantised (a full group packs and shrinks), but they rise
+    within each group-sized block and block minima rise, so search blocks first, then the block.
+    """
+    floor, group = layout["sink_tokens"] + layout["recent_window"], layout["group_size"]
+    top = max(floor, seq_len)
+
+    def fits(keep: int) -> bool:
+        return head_bytes(keep, layout, seq_len, head_dim, dtype_bytes, key_bits, value_bits) <= limit
+
+    if not fits(floor):
+        return None
+    block = last_fitting(lambda b: fits(floor + b * group), 0, (top - floor) // group)
+    start = floor + block * group
+    return last_fitting(fits, start, min(start + group - 1, top))
+
+
+def infeasible(budget: float, minimum: float, seq_len: int, why: str) -> ValueError:
+    """The error for a budget below what a policy can reach."""
+    return ValueError(f"budget {budget} is below the minimum feasible {minimum:.4f} for seq_len={seq_len} ({why})")
+
+
+def floor_fraction(layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int) -> float:
+    """Budget fraction of a head that keeps only its sinks and recent window."""
+    floor = layout["sink_tokens"] + layout["recent_window"]
+    return head_bytes(floor, layout, seq_len, head_dim, dtype_bytes) / head_full_bytes(seq_len, head_dim, dtype_bytes)
+
+
+def tokens_for_budget(stats: AttentionStats, budget: float, layout: dict[str, Any], *, head_dim: int,
+                      dtype_bytes: int, key_bits: int = 16, value_bits: int = 16) -> int | None:
+    """Largest uniform keep (None = keep all) meeting `budget` at the given bit-widths."""
+    check_fraction("budget", budget)
+    seq_len = stats.seq_len
+    limit = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)  # each head's equal share
+    if head_bytes(None, layout, seq_len, head_dim, dtype_bytes, key_bits, value_bits) <= limit:
+        return None
+    keep = max_keep(limit, layout, seq_len, head_dim, dtype_bytes, key_bits, value_bits)
+    if keep is None:
+        minimum = floor_fraction(layout, seq_len, head_dim, dtype_bytes)
+        raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+    return keep
+
+
+def plan_from_keeps(keeps: list[list[int]], seq_len: int, layout: dict[str, Any],
+                    key_bits: int = 16, value_bits: int = 16) -> Plan:
+    """A Plan from a finite keep table (L, H_kv); all None when every head keeps everything."""
+    if all(k >= seq_len for row in keeps for k in row):  # keep-all needs no H2O scores: fewer bytes
+        keeps = [[None] * len(row) for row in keeps]
+    return Plan(tuple(tuple(HeadBudget(k, key_bits, value_bits) for k in row) for row in keeps), **layout)

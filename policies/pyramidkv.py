@@ -1,0 +1,55 @@
+"""PyramidKV: per-layer budgets that shrink linearly with depth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adaptive_kv.plan import Plan
+from adaptive_kv.policies.base import EvictionPolicy, check_fraction, floor_fraction, head_bytes
+from adaptive_kv.policies.base import head_full_bytes, infeasible, max_keep, plan_from_keeps
+from adaptive_kv.policies.registry import register
+from adaptive_kv.stats import AttentionStats
+
+
+def linear_weights(num_layers: int, beta: float) -> list[float]:
+    """Per-layer shares of mean 1 falling linearly from 2 - 1/beta (layer 0) to 1/beta (last)."""
+    if num_layers == 1:
+        return [1.0]
+    top, bottom = 2 - 1 / beta, 1 / beta
+    return [top - layer * (top - bottom) / (num_layers - 1) for layer in range(num_layers)]
+
+
+@register("pyramidkv")
+@dataclass(frozen=True)
+class PyramidKV(EvictionPolicy):
+    """PyramidKV (arXiv:2406.02069, "Dynamic KV Cache Compression based on Pyramidal Information Funneling").
+
+    Lower layers attend broadly, upper layers to a few tokens, so layer budgets decrease linearly
+    with depth: the last layer gets 1/`beta` of the mean and layer 0 2 - 1/`beta` (the paper's
+    arithmetic sequence), same total as the uniform plan. Shares are of the bytes above each head's
+    sinks + window floor; bytes a layer cannot use (it keeps everything) pass to the next layer.
+    Tokens within a layer are chosen by SnapKV scores.
+    """
+
+    beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction("beta", self.beta, low=1.0, high=1e6, open_low=False)
+
+    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+        """Per-layer keeps from linearly decreasing byte shares; heads of a layer keep alike."""
+        check_fraction("budget", budget)
+        layout, seq_len = self.layout(), stats.seq_len
+        floor_bytes = head_bytes(self.sink_tokens + self.recent_window, layout, seq_len, head_dim, dtype_bytes)
+        mean = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)
+        if mean < floor_bytes:
+            minimum = floor_fraction(layout, seq_len, head_dim, dtype_bytes)
+            raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+        keeps, spare = [], 0.0
+        for weight in linear_weights(stats.num_layers, self.beta):
+            limit = floor_bytes + weight * (mean - floor_bytes) + spare
+            keep = max_keep(limit, layout, seq_len, head_dim, dtype_bytes)
+            spare = limit - head_bytes(keep, layout, seq_len, head_dim, dtype_bytes)  # a capped layer's rest
+            keeps.append([keep] * stats.num_kv_heads)
+        return plan_from_keeps(keeps, seq_len, layout)

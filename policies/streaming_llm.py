@@ -1,0 +1,40 @@
+"""StreamingLLM: attention sinks plus a recent window, nothing in between."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adaptive_kv.plan import Plan
+from adaptive_kv.policies.base import Policy, check_fraction, floor_fraction, head_bytes, head_full_bytes
+from adaptive_kv.policies.base import infeasible, last_fitting
+from adaptive_kv.policies.registry import register
+from adaptive_kv.stats import AttentionStats
+
+
+@register("streaming_llm")
+@dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """StreamingLLM (arXiv:2309.17453, "Efficient Streaming Language Models with Attention Sinks").
+
+    Keeps the first `sink_tokens` and the most recent tokens in full precision. `recent_window` is
+    the smallest window; the plan widens it to the most the budget allows and sets keep = sinks +
+    window, so no middle token remains and the scorer never chooses anything. During decode the
+    window slides by whole groups; over-budget heads then evict by the cache's H2O scores.
+    """
+
+    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+        """Sinks + the widest recent window meeting the budget, for every head."""
+        check_fraction("budget", budget)
+        seq_len, sinks = stats.seq_len, self.sink_tokens
+        limit = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)
+
+        def fits(window: int) -> bool:
+            layout = self.layout(recent_window=window)
+            return head_bytes(sinks + window, layout, seq_len, head_dim, dtype_bytes) <= limit
+
+        window = last_fitting(fits, self.recent_window, max(self.recent_window, seq_len - sinks))
+        if window < self.recent_window:
+            minimum = floor_fraction(self.layout(), seq_len, head_dim, dtype_bytes)
+            raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+        layout = self.layout(recent_window=window)
+        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=sinks + window, **layout)
