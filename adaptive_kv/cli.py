@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = EvalConfig(
         policies=args.policies, budgets=args.budgets, tasks=args.tasks, context_length=args.context_length,
-        samples=args.samples, protocol=args.protocol, seed=args.seed,
+        samples=args.samples, protocol=args.protocol, seed=args.seed, max_new_tokens=args.max_new_tokens,
     )
     from adaptive_kv.policies import available_policies
 
@@ -177,6 +177,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=_positive, default=5, help="samples per task")
     p.add_argument("--protocol", choices=("query_aware", "query_agnostic"), default="query_agnostic")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_positive, default=None, help="cap on each task's answer length")
     p.add_argument("--output", default="outputs/eval", help="folder for results.json, summary.md, pareto.png")
     p.add_argument("--mlflow", action="store_true", help="also log the run to MLflow (needs the training extra)")
     p.add_argument("--json", action="store_true", help="print results.json on stdout")
