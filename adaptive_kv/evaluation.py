@@ -61,6 +61,7 @@ class _Tally:
     scores: list[float] = field(default_factory=list)
     kv_bytes: list[int] = field(default_factory=list)
     full_bytes: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
@@ -129,57 +130,49 @@ class Evaluator:
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
         return self.policies[policy].plan(cache.stats, budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
 
+    def _compressed(self, captured: CompressedCache, task: str, tallies: dict):
+        """(tally, cache) for every feasible (policy, budget) fork of one prefill; infeasible ones are recorded."""
+        for policy, budget in self.combos():
+            tally = tallies[(policy, budget, task)]
+            try:
+                cache = captured.fork(self._plan(policy, budget, captured))
+            except ValueError as exc:  # budget below what this policy can reach: recorded, not fatal
+                tally.errors.append(str(exc))
+                self.progress()
+                continue
+            tally.kv_bytes.append(cache.nbytes())
+            tally.full_bytes.append(cache.full_nbytes())
+            yield tally, cache
+            self.progress()
+
     def _run_sample(self, sample: TaskSample, tallies: dict) -> None:
         if sample.task == "fidelity":
             return self._run_fidelity(sample, tallies)
         aware = self.config.protocol == "query_aware"
         captured, logits = _prefill(self.model, sample.prompt_ids if aware else sample.context_ids)
-        for policy, budget in self.combos():
-            tally = tallies[(policy, budget, sample.task)]
-            try:
-                cache = captured.fork(self._plan(policy, budget, captured))
-            except ValueError as exc:  # budget below what this policy can reach: recorded, not fatal
-                tally.extra["infeasible"].append(1.0)
-                tally.extra.setdefault("error", []).append(str(exc))  # type: ignore[arg-type]
-                self.progress()
-                continue
-            tally.kv_bytes.append(cache.nbytes())
-            tally.full_bytes.append(cache.full_nbytes())
+        limit = min(sample.max_new_tokens, self.config.max_new_tokens or sample.max_new_tokens)
+        solved = lambda toks: score_sample(sample, self.tokenizer.decode(toks, skip_special_tokens=True)) >= 100  # noqa: E731
+        for tally, cache in self._compressed(captured, sample.task, tallies):
             first = logits
             if not aware:
                 with torch.inference_mode():
                     question = torch.tensor([list(sample.question_ids)], device=self.model.device)
                     first = self.model(question, cache=cache).logits[:, -1]
-            solved = lambda toks: score_sample(sample, self.tokenizer.decode(toks, skip_special_tokens=True)) >= 100  # noqa: E731
-            limit = min(sample.max_new_tokens, self.config.max_new_tokens or sample.max_new_tokens)
             tokens = _greedy(self.model, cache, first, limit, self.eos, solved)
-            prediction = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            tally.scores.append(score_sample(sample, prediction))
-            self.progress()
+            tally.scores.append(score_sample(sample, self.tokenizer.decode(tokens, skip_special_tokens=True)))
 
     def _run_fidelity(self, sample: TaskSample, tallies: dict) -> None:
         """Teacher-forced continuation: KL and top-1 agreement vs the full cache, and perplexity."""
         captured, _ = _prefill(self.model, sample.context_ids)
         continuation = torch.tensor([list(sample.continuation_ids)], device=self.model.device)
         reference = None
-        for policy, budget in self.combos():
-            tally = tallies[(policy, budget, sample.task)]
-            try:
-                cache = captured.fork(self._plan(policy, budget, captured))
-            except ValueError as exc:
-                tally.extra["infeasible"].append(1.0)
-                tally.extra.setdefault("error", []).append(str(exc))  # type: ignore[arg-type]
-                self.progress()
-                continue
-            tally.kv_bytes.append(cache.nbytes())
-            tally.full_bytes.append(cache.full_nbytes())
+        for tally, cache in self._compressed(captured, sample.task, tallies):
             with torch.inference_mode():
                 logits = self.model(continuation, cache=cache).logits[0, :-1].float()
-            reference = logits if reference is None else reference
+            reference = logits if reference is None else reference  # the full cache runs first
             tally.scores.append(top1_agreement(reference, logits))
             tally.extra["kl"].append(kl_divergence(reference, logits))
             tally.extra["perplexity"].append(perplexity(logits, continuation[0, 1:]))
-            self.progress()
 
     def _results(self, tallies: dict, seconds: float) -> dict[str, Any]:
         records = []
@@ -193,13 +186,10 @@ class Evaluator:
                 "kv_bytes": int(sum(t.kv_bytes) / len(t.kv_bytes)) if t.kv_bytes else None,
                 "full_kv_bytes": int(sum(t.full_bytes) / len(t.full_bytes)) if t.full_bytes else None,
             }
+            if t.errors:
+                record["infeasible_samples"], record["error"] = len(t.errors), t.errors[0]
             for key, values in t.extra.items():
-                if key == "error":
-                    record["error"] = values[0]
-                elif key == "infeasible":
-                    record["infeasible_samples"] = len(values)
-                else:
-                    record[key] = sum(values) / len(values)
+                record[key] = sum(values) / len(values)
             records.append(record)
         return {
             "model": self.model_name,
