@@ -208,7 +208,8 @@ class CompressedCache(Cache):
         if self.collects_stats:
             keys, values = layer.prefill
             layer.observation = observe_layer(
-                query[0], keys, values, scaling, layer_idx, self.num_layers, self.stats_config
+                query[0], keys, values, scaling, layer_idx, self.num_layers, self.stats_config,
+                kernels=self._kernels(query.device),
             )
         if layer_idx == self.num_layers - 1:
             self._finish_prefill()
@@ -352,22 +353,11 @@ class CompressedCache(Cache):
         """Attention of query (1, H_q, q, D) over this layer's compressed store: (1, q, H_q, D)."""
         layer = self.layers[step.layer_idx]
         kernels = self._kernels(query.device)
-        parts_k, parts_v, parts_h = [], [], []
-        sink_k, sink_v = layer.sinks
-        num_heads, sinks, head_dim = sink_k.shape
-        parts_k.append(sink_k.reshape(-1, head_dim))
-        parts_v.append(sink_v.reshape(-1, head_dim))
-        parts_h.append(torch.arange(num_heads).repeat_interleave(sinks))
+        num_heads, sinks, _ = layer.sinks[0].shape
         buckets = list(layer.buckets.values())
-        for bucket in buckets:
-            k, v = bucket.dequantize(kernels, query.dtype)
-            parts_k.append(k), parts_v.append(v), parts_h.append(bucket.token_heads())
-        residual = layer.residual
-        parts_k.append(residual.keys), parts_v.append(residual.values), parts_h.append(residual.token_heads())
-        q_len = step.key_states.shape[2]
-        out, token_mass = kernels.varlen_attention(
-            query[0], torch.cat(parts_k), torch.cat(parts_v), torch.cat(parts_h), num_heads,
-            scaling, new_tokens=q_len, need_mass=self.plan.tracks_scores,
+        # one decode query without H2O runs fused on the triton backend (packed codes read directly)
+        out, token_mass = kernels.decode_attention(
+            query[0], layer.sinks, buckets, layer.residual, num_heads, scaling, need_mass=self.plan.tracks_scores
         )
         if token_mass is not None:
             self._accumulate(layer, buckets, token_mass, num_heads * sinks)

@@ -1,7 +1,8 @@
 """Cheap attention statistics of one request, read during prefill.
 
 Only the last W queries (the observation window, SnapKV arXiv:2404.14469) are scored against all
-keys, so the cost is W x T per head instead of T x T. Query heads of a GQA group are averaged
+keys, so the cost is W x T per head instead of T x T (`kernels.*.window_attention_scores`; the
+Triton backend never holds the W x T probabilities). Query heads of a GQA group are averaged
 into their KV head. The result feeds the policies (features) and the eviction (token scores).
 """
 
@@ -93,29 +94,12 @@ class AttentionStats:
         return cls(features=features, token_scores=scores, seq_len=seq_len)
 
 
-def window_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, window: int) -> torch.Tensor:
-    """Causal attention of the last `window` queries over all keys, GQA-averaged: (H_kv, W, T).
-
-    query (H_q, T, D), keys (H_kv, T, D).
-    """
-    num_q, seq_len, _ = query.shape
-    num_kv = keys.shape[0]
-    w = min(window, seq_len)
-    q_win = query[:, seq_len - w :].float().view(num_kv, num_q // num_kv, w, -1)  # (H_kv, R, W, D)
-    logits = torch.einsum("hrwd,htd->hrwt", q_win, keys.float()) * scaling
-    key_pos = torch.arange(seq_len, device=query.device)
-    query_pos = torch.arange(seq_len - w, seq_len, device=query.device)
-    logits.masked_fill_(key_pos[None, :] > query_pos[:, None], -torch.inf)
-    return logits.softmax(dim=-1).mean(dim=1)
-
-
-def _entropy(attn: torch.Tensor) -> torch.Tensor:
-    """Mean normalised entropy of the window rows: (H_kv,). 1 = uniform, 0 = one token."""
-    _, w, seq_len = attn.shape
-    visible = torch.arange(seq_len - w + 1, seq_len + 1, device=attn.device).float()
-    plogp = torch.where(attn > 0, attn * attn.clamp_min(1e-30).log(), torch.zeros_like(attn))
+def _entropy(row_entropy: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Mean normalised entropy of the window rows (H_kv, W) -> (H_kv,). 1 = uniform, 0 = one token."""
+    w = row_entropy.shape[-1]
+    visible = torch.arange(seq_len - w + 1, seq_len + 1, device=row_entropy.device).float()
     norm = visible.log().clamp_min(1e-6)  # a single visible token has zero entropy by definition
-    return ((-plogp.sum(-1)) / norm).mean(-1)
+    return (row_entropy / norm).mean(-1)
 
 
 def _top_mass(mass: torch.Tensor) -> torch.Tensor:
@@ -153,14 +137,16 @@ def _rel_err(x: torch.Tensor, x_hat: torch.Tensor, num_kv: int) -> torch.Tensor:
     return (x - x_hat).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
 
 
-def token_scores(attn: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token importance (higher = keep) for every scorer: {name: (H_kv, T)}."""
-    window_sum = attn.sum(dim=1)
+def token_scores(window_sum: torch.Tensor, last_query: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token importance (higher = keep) for every scorer: {name: (H_kv, T)}.
+
+    window_sum and last_query (H_kv, T) come from `window_attention_scores`; keys (H_kv, T, D).
+    """
     pooled = F.max_pool1d(window_sum.unsqueeze(1), SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2).squeeze(1)
     return {
         "snapkv": pooled,  # SnapKV: pooled observation-window attention
         "window": window_sum,  # H2O-style accumulated attention, restricted to the window
-        "last_query": attn[:, -1],  # TOVA arXiv:2401.06104: the newest query's attention
+        "last_query": last_query,  # TOVA arXiv:2401.06104: the newest query's attention
         "key_norm": -keys.float().norm(dim=-1),  # KNorm arXiv:2406.11430: low key norm, high attention
     }
 
@@ -173,18 +159,23 @@ def observe_layer(
     layer_idx: int,
     num_layers: int,
     config: StatsConfig,
+    kernels=None,
 ) -> LayerObservation:
-    """Features and token scores of one layer; query (H_q, T, D), keys/values (H_kv, T, D)."""
+    """Features and token scores of one layer; query (H_q, T, D), keys/values (H_kv, T, D).
+
+    `kernels` (a backend from `adaptive_kv.kernels.get_backend`, default the torch reference)
+    computes the window attention's aggregates without keeping (H_kv, W, T).
+    """
     seq_len = keys.shape[1]
-    attn = window_attention(query, keys, scaling, config.window)  # (H_kv, W, T)
-    mass = attn.mean(dim=1)  # (H_kv, T), sums to 1
+    window = (kernels or ref).window_attention_scores(query, keys, scaling, config.window)
+    mass = window["window_sum"] / min(config.window, seq_len)  # (H_kv, T), sums to 1
     channel_max = keys.float().abs().amax(dim=1)  # (H_kv, D)
     outlier = channel_max.amax(-1) / channel_max.median(-1).values.clamp_min(1e-6)
     num_kv = keys.shape[0]
     scalar = lambda v: torch.full((num_kv, 1), float(v))  # noqa: E731
     features = torch.cat(
         [
-            _entropy(attn).unsqueeze(-1),
+            _entropy(window["row_entropy"], seq_len).unsqueeze(-1),
             _top_mass(mass),
             mass[:, : config.sink_tokens].sum(-1, keepdim=True),
             mass[:, -config.window :].sum(-1, keepdim=True),
@@ -195,4 +186,4 @@ def observe_layer(
         ],
         dim=-1,
     ).cpu()
-    return LayerObservation(features=features, token_scores=token_scores(attn, keys))
+    return LayerObservation(features=features, token_scores=token_scores(window["window_sum"], window["last_query"], keys))

@@ -9,6 +9,8 @@ bytes as they are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -153,3 +155,141 @@ def varlen_attention(
     out = torch.bmm(probs.to(values.dtype).view(num_kv_heads, rep * q_len, longest), dense_v)
     mass = probs.sum(dim=(1, 2))[heads, slot] / rep if need_mass else None
     return out.view(num_q, q_len, head_dim), mass
+
+
+# --------------------------------------------------------------------------- decode over the store
+@dataclass(frozen=True)
+class Segment:
+    """One part of a layer's store as decode attention reads it; a `store.Bucket` has the same fields.
+
+    Tokens sit in runs ("groups") of one head: `group_len` (G_n,) tokens of head `group_head`
+    (G_n,). A side of 16 bits is stored as it is (N, D); a packed side holds codes (N, D*bits/8)
+    with keys' scale/zero per group and channel (G_n, D) and values' per token and channel group
+    (N, D/cg). Sinks and the residual are segments of 16 bits, one group per head.
+    """
+
+    key_bits: int
+    value_bits: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_scale: torch.Tensor | None
+    key_zero: torch.Tensor | None
+    value_scale: torch.Tensor | None
+    value_zero: torch.Tensor | None
+    group_len: torch.Tensor
+    group_head: torch.Tensor
+
+    @classmethod
+    def full_precision(cls, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> "Segment":
+        """Tokens (N, D) sorted by head, `lengths` (H,) of them per head."""
+        lengths = lengths.to(keys.device)
+        heads = torch.arange(lengths.numel(), device=keys.device)
+        return cls(16, 16, keys, values, None, None, None, None, lengths, heads)
+
+
+def decode_segments(sinks: tuple[torch.Tensor, torch.Tensor], buckets, residual) -> list[Segment]:
+    """Sinks (H, S, D) x2, buckets (`store.Bucket`) and residual (`store.Residual`) as segments, in that order."""
+    sink_k, sink_v = sinks
+    num_heads, num_sinks, head_dim = sink_k.shape
+    lengths = torch.full((num_heads,), num_sinks, dtype=torch.long)
+    first = Segment.full_precision(sink_k.reshape(-1, head_dim), sink_v.reshape(-1, head_dim), lengths)
+    last = Segment.full_precision(residual.keys, residual.values, residual.lengths)
+    return [first, *buckets, last]
+
+
+def segment_tokens(segment, dtype: torch.dtype, kernels=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values (N, D) in `dtype` and the head of every token (N,) int64.
+
+    `kernels` (default: this module) provides dequantize_keys/dequantize_values.
+    """
+    dequantize_k = dequantize_keys if kernels is None else kernels.dequantize_keys
+    dequantize_v = dequantize_values if kernels is None else kernels.dequantize_values
+    num_tokens, group_len = segment.keys.shape[0], segment.group_len.long()
+    keys, values = segment.keys.to(dtype), segment.values.to(dtype)
+    if segment.key_bits != 16:
+        keys = dequantize_k(segment.keys, segment.key_scale, segment.key_zero, group_len, segment.key_bits, dtype)
+    if segment.value_bits != 16:
+        values = dequantize_v(segment.values, segment.value_scale, segment.value_zero, segment.value_bits, dtype)
+    heads = segment.group_head.long().repeat_interleave(group_len, output_size=num_tokens)
+    return keys, values, heads
+
+
+def partial_attention(
+    query: torch.Tensor, segment, num_kv_heads: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unnormalised softmax state of one decode query (H_q, D) over one segment's tokens.
+
+    Returns per query head the max logit (H_q,), the sum of exp(logit - max) (H_q,) and the
+    exp-weighted sum of values (H_q, D), all fp32; a head without tokens here has (-inf, 0, 0).
+    Keys and values are dequantised to the query's dtype first, as `decode_attention` does.
+    """
+    num_q, head_dim = query.shape
+    rep = num_q // num_kv_heads
+    keys, values, heads = segment_tokens(segment, query.dtype)
+    q = query.float().view(num_kv_heads, rep, head_dim)  # query head h*rep + r -> KV head h
+    logits = torch.einsum("nrd,nd->nr", q[heads], keys.float()) * scaling  # (N, rep)
+    top = torch.full((num_kv_heads, rep), -torch.inf, device=query.device)
+    top = top.scatter_reduce(0, heads[:, None].expand(-1, rep), logits, "amax")
+    probs = torch.exp(logits - top[heads])  # a head with tokens has a finite max
+    total = torch.zeros(num_kv_heads, rep, device=query.device).index_add_(0, heads, probs)
+    acc = torch.zeros(num_kv_heads, rep, head_dim, device=query.device)
+    acc.index_add_(0, heads, probs[..., None] * values.float()[:, None])
+    return top.view(num_q), total.view(num_q), acc.view(num_q, head_dim)
+
+
+def merge_partials(
+    top: torch.Tensor, total: torch.Tensor, acc: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge P partial states (P, R), (P, R), (P, R, D) into one (R,), (R,), (R, D) (log-sum-exp)."""
+    merged = top.amax(0)
+    safe = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)  # no token anywhere
+    weight = torch.exp(top - safe)  # (P, R); a part that saw no token has weight 0
+    return merged, (weight * total).sum(0), (weight[..., None] * acc).sum(0)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    sinks: tuple[torch.Tensor, torch.Tensor],
+    buckets,
+    residual,
+    num_kv_heads: int,
+    scaling: float,
+    need_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of query (H_q, q, D) over one layer's store: sinks, buckets, then residual.
+
+    The residual holds the q new tokens last, seen causally. Returns the output (H_q, q, D) and,
+    if `need_mass`, the mass every token received (N_total,) in the order sinks, buckets, residual.
+    Reference: dequantise everything, then `varlen_attention`.
+    """
+    parts = [segment_tokens(s, query.dtype) for s in decode_segments(sinks, buckets, residual)]
+    keys, values, heads = (torch.cat(t) for t in zip(*parts))
+    return varlen_attention(query, keys, values, heads, num_kv_heads, scaling, query.shape[1], need_mass)
+
+
+# --------------------------------------------------------------------------- prefill statistics
+def window_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, window: int) -> torch.Tensor:
+    """Causal attention of the last `window` queries over all keys, GQA-averaged: (H_kv, W, T).
+
+    query (H_q, T, D), keys (H_kv, T, D); fp32.
+    """
+    num_q, seq_len, _ = query.shape
+    num_kv = keys.shape[0]
+    w = min(window, seq_len)
+    q_win = query[:, seq_len - w :].float().view(num_kv, num_q // num_kv, w, -1)  # (H_kv, R, W, D)
+    logits = torch.einsum("hrwd,htd->hrwt", q_win, keys.float()) * scaling
+    key_pos = torch.arange(seq_len, device=query.device)
+    query_pos = torch.arange(seq_len - w, seq_len, device=query.device)
+    logits.masked_fill_(key_pos[None, :] > query_pos[:, None], -torch.inf)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def window_attention_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float, window: int) -> dict[str, torch.Tensor]:
+    """What the statistics need of `window_attention`, without keeping (H_kv, W, T).
+
+    Returns fp32 {"window_sum": (H_kv, T) attention summed over the window rows,
+    "last_query": (H_kv, T) the newest query's row, "row_entropy": (H_kv, W) -sum p log p per row}.
+    """
+    attn = window_attention(query, keys, scaling, window)
+    plogp = torch.where(attn > 0, attn * attn.clamp_min(1e-30).log(), torch.zeros_like(attn))
+    return {"window_sum": attn.sum(dim=1), "last_query": attn[:, -1], "row_entropy": -plogp.sum(-1)}

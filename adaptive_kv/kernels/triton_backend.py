@@ -5,9 +5,12 @@ Same functions and signatures as `reference`, so the cache runs unchanged on eit
 Real kernels: quantize_keys, quantize_values (quantise + pack, codes bit-identical to the
 reference), dequantize_keys, dequantize_values (unpack + dequantise), varlen_attention (one
 launch over every KV head of a layer, optionally split over the sequence, flash-decoding style;
-`need_mass` runs a second kernel pass). pack and unpack delegate to the reference (the kernels
-fuse them). Shapes the kernels do not cover (head_dim or channel group not a power of two, empty
-inputs) also delegate to the reference.
+`need_mass` runs a second kernel pass), decode_attention / partial_attention (fused decode: reads
+packed codes and dequantises in registers, one launch per store segment, splits merged by
+log-sum-exp; the mass pass and q > 1 dequantise and run varlen_attention), window_attention_scores
+(prefill statistics in two passes, never holding W x T). pack and unpack delegate to the
+reference (the kernels fuse them). Shapes the kernels do not cover (head_dim or channel group not
+a power of two, empty inputs) also delegate to the reference.
 
 Importing this module imports triton; `dispatch` imports it only when the backend is chosen.
 """
@@ -15,6 +18,7 @@ Importing this module imports triton; `dispatch` imports it only when the backen
 from __future__ import annotations
 
 import logging
+import sys
 from functools import lru_cache
 
 import torch
@@ -242,6 +246,153 @@ def _varlen_attention(query, keys, values, heads, num_kv_heads, scaling, need_ma
     return out, mass
 
 
+# --------------------------------------------------------------------------- fused decode
+Segment = reference.Segment
+merge_partials = reference.merge_partials
+
+
+def _fused_unsupported(query: torch.Tensor, segments, need_mass: bool) -> str | None:
+    """Why the fused decode kernel cannot run these inputs (None if it can)."""
+    num_q, q_len, head_dim = query.shape
+    if q_len != 1 or need_mass:
+        return "only a single decode query without the mass pass is fused"
+    if not _pow2(head_dim) or head_dim < 16:
+        return f"head_dim={head_dim} is not a power of two >= 16"
+    for seg in segments:
+        if seg.value_bits != 16 and not _pow2(head_dim // seg.value_scale.shape[1]):
+            return f"value channel group {head_dim // seg.value_scale.shape[1]} is not a power of two"
+    return None
+
+
+def _segment_partials(query: torch.Tensor, segment, num_kv_heads: int, scaling: float, num_splits: int | None):
+    """Per-split softmax state of decode query (H_q, D) over one segment: (S, H_q), (S, H_q), (S, H_q, D)."""
+    num_q, head_dim = query.shape
+    rep = num_q // num_kv_heads
+    device = query.device
+    n = segment.keys.shape[0]
+    group_len = segment.group_len.to(device=device, dtype=torch.long)
+    heads = segment.group_head.to(device=device, dtype=torch.long).repeat_interleave(group_len, output_size=n)
+    order = torch.argsort(heads, stable=True).to(torch.int32)  # tokens grouped by head
+    counts = torch.bincount(heads, minlength=num_kv_heads)
+    starts = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    longest = int(counts.max())  # sync: the grid needs it
+    splits = num_splits or _default_splits(longest, num_kv_heads, device)
+    split_len = _BLOCK_N * triton.cdiv(triton.cdiv(longest, splits), _BLOCK_N)
+    splits = triton.cdiv(longest, split_len)
+    keys, values = segment.keys.contiguous(), segment.values.contiguous()
+    token_group = order
+    if segment.key_bits != 16:  # token -> its key group (scale/zero row)
+        token_group = torch.arange(group_len.numel(), device=device, dtype=torch.int32).repeat_interleave(
+            group_len, output_size=n
+        )
+    k_scale, k_zero = (keys, keys) if segment.key_bits == 16 else (segment.key_scale, segment.key_zero)
+    v_scale, v_zero = (values, values) if segment.value_bits == 16 else (segment.value_scale, segment.value_zero)
+    value_cg = 1 if segment.value_bits == 16 else head_dim // v_scale.shape[1]
+    acc = torch.empty(splits, num_q, head_dim, dtype=torch.float32, device=device)
+    top = torch.empty(splits, num_q, dtype=torch.float32, device=device)
+    total = torch.empty_like(top)
+    K.packed_decode_kernel[(num_kv_heads, splits)](
+        query.contiguous(), keys, values, k_scale.contiguous(), k_zero.contiguous(), v_scale.contiguous(),
+        v_zero.contiguous(), token_group, order, starts, counts.to(torch.int32), acc, top, total,
+        float(scaling), rep, split_len,
+        D=head_dim, KEY_BITS=segment.key_bits, VALUE_BITS=segment.value_bits, VALUE_CG=value_cg,
+        BLOCK_M=max(16, triton.next_power_of_2(rep)), BLOCK_N=_BLOCK_N,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+    return top, total, acc
+
+
+def partial_attention(
+    query: torch.Tensor, segment, num_kv_heads: int, scaling: float, num_splits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `reference.partial_attention`: (max (H_q,), sum (H_q,), acc (H_q, D)) of query (H_q, D) over `segment`.
+
+    Keys and values are read packed and dequantised in registers; `num_splits` (default: fill the
+    GPU) splits the segment's sequence, and the splits are merged before returning.
+    """
+    if query.dim() != 2 or query.shape[0] % num_kv_heads:
+        raise ValueError(f"query must be (H_q, D) with H_q a multiple of {num_kv_heads}, got {tuple(query.shape)}")
+    why = _fused_unsupported(query[:, None], [segment], need_mass=False)
+    if why or segment.keys.shape[0] == 0:
+        if why:
+            _fallback("partial_attention", why)
+        return reference.partial_attention(query, segment, num_kv_heads, scaling)
+    return merge_partials(*_segment_partials(query, segment, num_kv_heads, scaling, num_splits))
+
+
+def decode_attention(
+    query: torch.Tensor,
+    sinks: tuple[torch.Tensor, torch.Tensor],
+    buckets,
+    residual,
+    num_kv_heads: int,
+    scaling: float,
+    need_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As `reference.decode_attention`: output (H_q, q, D) and, if `need_mass`, mass (N_total,).
+
+    One decode query without the mass pass runs fused: one kernel launch per segment (sinks, each
+    packed bucket, residual) reads codes and dequantises in registers, then one merge. Otherwise
+    the store is dequantised and `varlen_attention` runs (its mass pass needs flat tokens).
+    """
+    if query.dim() != 3 or num_kv_heads < 1 or query.shape[0] % num_kv_heads:
+        raise ValueError(f"query must be (H_q, q, D) with H_q a multiple of {num_kv_heads}, got {tuple(query.shape)}")
+    segments = reference.decode_segments(sinks, buckets, residual)
+    num_q, q_len, head_dim = query.shape
+    why = _fused_unsupported(query, segments, need_mass)
+    if why:
+        if q_len == 1 and not need_mass:
+            _fallback("decode_attention", why)
+        this = sys.modules[__name__]  # dequantise with this backend's kernels
+        parts = [reference.segment_tokens(seg, query.dtype, kernels=this) for seg in segments]
+        keys, values, heads = (torch.cat(t) for t in zip(*parts))
+        return varlen_attention(query, keys, values, heads, num_kv_heads, scaling, q_len, need_mass)
+    parts = [
+        _segment_partials(query[:, 0], seg, num_kv_heads, scaling, None) for seg in segments if seg.keys.shape[0]
+    ]
+    top, total, acc = merge_partials(*(torch.cat(t) for t in zip(*parts)))
+    out = acc / total.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    return out.to(query.dtype).view(num_q, 1, head_dim), None
+
+
+# --------------------------------------------------------------------------- prefill statistics
+def window_attention_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float, window: int) -> dict[str, torch.Tensor]:
+    """As `reference.window_attention_scores`, in two passes that never hold (H_kv, W, T).
+
+    query (H_q, T, D), keys (H_kv, T, D). Pass 1 finds each window row's log-sum-exp, pass 2
+    recomputes the probabilities block by block of keys and reduces them (fp32 throughout).
+    """
+    if query.dim() != 3 or keys.dim() != 3 or query.shape[1:] != keys.shape[1:] or query.shape[0] % keys.shape[0]:
+        raise ValueError(f"query must be (H_q, T, D) and keys (H_kv, T, D), got {tuple(query.shape)} and {tuple(keys.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    num_q, seq_len, head_dim = query.shape
+    num_kv = keys.shape[0]
+    if not _pow2(head_dim) or head_dim < 16:
+        _fallback("window_attention_scores", f"head_dim={head_dim} is not a power of two >= 16")
+        return reference.window_attention_scores(query, keys, scaling, window)
+    w = min(window, seq_len)
+    rep = num_q // num_kv
+    keys = keys.contiguous()
+    q_win = query[:, seq_len - w :].to(keys.dtype).contiguous()  # (H_q, W, D)
+    precision = "ieee" if keys.dtype == torch.float32 else "tf32"  # half inputs: products exact in fp32
+    lse = torch.empty(num_q * w, dtype=torch.float32, device=keys.device)
+    K.window_lse_kernel[(num_kv, triton.cdiv(rep * w, _BLOCK_M))](
+        q_win, keys, lse, float(scaling), seq_len, w, rep * w,
+        D=head_dim, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, DOT_PRECISION=precision,
+    )
+    blocks, block_w = triton.cdiv(seq_len, _BLOCK_N), max(16, triton.next_power_of_2(w))
+    window_sum = torch.empty(num_kv, seq_len, dtype=torch.float32, device=keys.device)
+    last_query = torch.empty_like(window_sum)
+    entropy = torch.empty(num_kv, blocks, block_w, dtype=torch.float32, device=keys.device)
+    K.window_scores_kernel[(num_kv, blocks)](
+        q_win, keys, lse, window_sum, last_query, entropy, float(scaling), seq_len, w, rep, 1.0 / rep,
+        D=head_dim, BLOCK_W=block_w, BLOCK_T=_BLOCK_N, DOT_PRECISION=precision,
+    )
+    return {"window_sum": window_sum, "last_query": last_query, "row_entropy": entropy.sum(1)[:, :w]}
+
+
 __all__ = [
     "pack", "unpack", "quantize_keys", "dequantize_keys", "quantize_values", "dequantize_values", "varlen_attention",
+    "Segment", "partial_attention", "merge_partials", "decode_attention", "window_attention_scores",
 ]

@@ -253,3 +253,145 @@ def token_mass_kernel(
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         total += tl.sum(p, axis=0)
     tl.store(mass_ptr + idx, total * inv_rep, mask=col_ok)
+
+
+# --------------------------------------------------------------------------- fused decode over packed tokens
+@triton.jit
+def _dequant_rows(
+    data_ptr, scale_ptr, zero_ptr, rows, sz_rows, row_ok, dims,
+    D: tl.constexpr, BITS: tl.constexpr, CG: tl.constexpr,
+):
+    """Rows (R, D) of a stored side: as stored (BITS 16) or code * scale + zero in fp32.
+
+    Scale/zero row `sz_rows` holds D // CG entries: keys use their group (CG 1), values their own
+    token (CG = channel group). The caller rounds to the model dtype, as the reference does.
+    """
+    if BITS == 16:
+        return tl.load(data_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    codes = _unpack(data_ptr, rows, row_ok, dims, D, BITS)
+    sz = sz_rows[:, None] * (D // CG) + dims[None, :] // CG
+    scale = tl.load(scale_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return codes * scale + zero
+
+
+@triton.jit
+def packed_decode_kernel(
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, token_group_ptr,
+    order_ptr, starts_ptr, counts_ptr, acc_ptr, max_ptr, sum_ptr,
+    scaling, rep, split_len,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_CG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Partial decode attention of one (KV head, sequence split) over one segment's tokens.
+
+    Grid (H_kv, splits). The rep query heads of the KV head share each load; keys and values are
+    read as packed codes and dequantised in registers (flash-decoding: each split writes its
+    unnormalised output, max and sum; the host merges splits and segments). A decode query sees
+    every stored token, so there is no causal mask. Outputs are (splits, H_kv * rep[, D]).
+    """
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    start = tl.load(starts_ptr + head)
+    count = tl.load(counts_ptr + head)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < rep
+    dims = tl.arange(0, D)
+    q_rows = head * rep + rows
+    q = tl.load(q_ptr + q_rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, count)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        idx = tl.load(order_ptr + start + cols, mask=col_ok, other=0).to(tl.int64)
+        if KEY_BITS == 16:
+            grp = idx
+        else:
+            grp = tl.load(token_group_ptr + idx, mask=col_ok, other=0).to(tl.int64)
+        k = _dequant_rows(k_ptr, k_scale_ptr, k_zero_ptr, idx, grp, col_ok, dims, D, KEY_BITS, 1).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling  # (BLOCK_M, BLOCK_N)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step has >= 1 token
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _dequant_rows(v_ptr, v_scale_ptr, v_zero_ptr, idx, idx, col_ok, dims, D, VALUE_BITS, VALUE_CG).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
+        m_i = m_new
+    out_rows = (split * tl.num_programs(0) + head) * rep + rows
+    tl.store(acc_ptr + out_rows[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(max_ptr + out_rows, m_i, mask=row_ok)
+    tl.store(sum_ptr + out_rows, l_i, mask=row_ok)
+
+
+# --------------------------------------------------------------------------- prefill statistics
+@triton.jit
+def window_lse_kernel(
+    q_ptr, k_ptr, lse_ptr, scaling, seq_len, window, rows_per_head,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Pass 1: log-sum-exp of every observation-window row; grid (H_kv, row blocks).
+
+    Rows of KV head h are its rep query heads' W window queries, (r, w) -> q row (h*rep + r)*W + w,
+    and window row w sees keys 0 .. T - W + w (causal). Online softmax in fp32, nothing stored
+    per key.
+    """
+    head = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_per_head
+    dims = tl.arange(0, D)
+    q_rows = head * rows_per_head + rows
+    q = tl.load(q_ptr + q_rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    last_visible = seq_len - window + rows % window
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, seq_len, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + (head * seq_len + cols[:, None]) * D + dims[None, :], mask=(cols < seq_len)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling
+        s = tl.where(cols[None, :] <= last_visible[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is visible to every row
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(lse_ptr + q_rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def window_scores_kernel(
+    q_ptr, k_ptr, lse_ptr, window_sum_ptr, last_query_ptr, entropy_ptr,
+    scaling, seq_len, window, rep, inv_rep,
+    D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Pass 2: per-key aggregates of the GQA-averaged window probabilities; grid (H_kv, key blocks).
+
+    Recomputes p = exp(s - lse) for the W rows of each of the head's rep query heads against one
+    block of keys, averages over rep, and writes the window sum and the last row per key (H_kv, T)
+    and this block's share of each row's entropy -sum p log p (H_kv, key blocks, BLOCK_W). Only a
+    (W, BLOCK_T) tile ever exists.
+    """
+    head = tl.program_id(0)
+    block = tl.program_id(1)
+    cols = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    col_ok = cols < seq_len
+    dims = tl.arange(0, D)
+    k = tl.load(k_ptr + (head * seq_len + cols[:, None]) * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+    w = tl.arange(0, BLOCK_W)
+    w_ok = w < window
+    visible = w_ok[:, None] & col_ok[None, :] & (cols[None, :] <= (seq_len - window + w)[:, None])
+    probs = tl.zeros((BLOCK_W, BLOCK_T), tl.float32)
+    for r in range(0, rep):
+        q_rows = (head * rep + r) * window + w
+        q = tl.load(q_ptr + q_rows[:, None] * D + dims[None, :], mask=w_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + q_rows, mask=w_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling
+        probs += tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+    probs = probs * inv_rep
+    tl.store(window_sum_ptr + head * seq_len + cols, tl.sum(probs, axis=0), mask=col_ok)
+    last = tl.sum(tl.where((w == window - 1)[:, None], probs, 0.0), axis=0)
+    tl.store(last_query_ptr + head * seq_len + cols, last, mask=col_ok)
+    plogp = tl.where(probs > 0, probs * tl.log(tl.maximum(probs, 1e-30)), 0.0)
+    tl.store(entropy_ptr + (head * tl.num_programs(1) + block) * BLOCK_W + w, -tl.sum(plogp, axis=1))
