@@ -139,6 +139,7 @@ class CompressedCache(Cache):
             raise ValueError(f"eviction_slack must be >= 0, got {eviction_slack}")
         self.eviction_slack = eviction_slack
         self.backend = backend
+        self._backends: dict[str, Any] = {}
         self.capture = capture
         self._model = model
         self.stats: AttentionStats | None = None
@@ -168,7 +169,11 @@ class CompressedCache(Cache):
             raise ValueError(f"key_states must be floating point, got {key_states.dtype}")
 
     def _kernels(self, device: torch.device):
-        return get_backend(device, self.backend)
+        # resolved once per device: this runs for every layer of every decode step
+        key = str(device)
+        if key not in self._backends:
+            self._backends[key] = get_backend(device, self.backend)
+        return self._backends[key]
 
     # --------------------------------------------------------------- Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
