@@ -62,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt = _read_prompt(args)
     model, tokenizer = load_model(args.model)
-    ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, chat=False if args.raw else None)
     config = model.config
 
     def uniform(stats) -> Plan:
@@ -99,6 +99,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=32, help="recent tokens kept in full precision")
     p.add_argument("--group-size", type=int, default=32, help="quantisation group size (power of two)")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as it is (no chat template)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet-report", action="store_true", help="print the KV report on stderr")
     p.set_defaults(func=cmd_generate)
@@ -184,7 +185,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_eval]
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    # the service's own module declares its flags; it imports FastAPI only when the command runs
+    from adaptive_kv.services.cli import add_serve
+
+    add_serve(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from adaptive_kv.plan import TOKEN_SCORERS, HeadBudget, Plan
-from adaptive_kv.stats import AttentionStats
+from adaptive_kv.stats import AttentionStats, StatsConfig
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
@@ -49,6 +49,10 @@ class Policy:
         scorer = getattr(self, "scorer", TOKEN_SCORERS[0])
         base = dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size)
         return {**base, "scorer": scorer, **overrides}
+
+    def stats_config(self) -> StatsConfig:
+        """What the cache must read during prefill for this policy (give it to `CompressedCache`)."""
+        return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size)
 
     def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
         """The Plan for this request within `budget` x the full-precision cache bytes."""
