@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.selection import kept_middle, layer_ranking
 from adaptive_kv.stats import AttentionStats, LayerObservation, StatsConfig, observe_layer
 from adaptive_kv.store import Bucket, Residual, concat_buckets, quantize_groups
 
@@ -184,7 +185,7 @@ class CompressedCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         if layer.is_compressed:
             self._maintain(layer)
-            layer.residual = layer.residual.append(key_states[0], value_states[0])
+            layer.residual = layer.residual.append(key_states[0], value_states[0], layer.seen_tokens)
         elif layer.prefill is None:
             layer.prefill = (key_states[0], value_states[0])
         else:
@@ -267,27 +268,29 @@ class CompressedCache(Cache):
         return new
 
     def _apply(self, layer: CompressedLayer, plan: Plan, select: torch.Tensor | None, acc: torch.Tensor | None) -> None:
-        """Keep sinks + recent + top-scored tokens per head; pack the middle; free the prefill."""
+        """Keep sinks + recent + top-ranked tokens per head; pack the middle; free the prefill."""
         keys, values = layer.prefill  # (H, T, D)
         num_heads, seq_len, _ = keys.shape
         group = plan.group_size
         sinks = min(plan.sink_tokens, seq_len)
         recent_start = max(sinks, seq_len - plan.recent_window)
         budgets = plan.heads[layer.layer_idx]
+        ranking = None if select is None else layer_ranking(select, plan.selection, sinks, recent_start)
         grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         residual_idx: list[torch.Tensor] = []
         for head, budget in enumerate(budgets):
-            middle = torch.arange(sinks, recent_start, device=keys.device)
             wanted = plan.kept_tokens(layer.layer_idx, head, seq_len) - sinks - (seq_len - recent_start)
-            if wanted < middle.numel():
-                top = select[head, middle].topk(max(wanted, 0)).indices
-                middle = middle[top.sort().values]
+            if ranking is None:  # keep-all plans need no ranking
+                middle = torch.arange(sinks, recent_start, device=keys.device)
+            else:
+                middle = kept_middle(ranking[head], sinks, recent_start, wanted)
             full_groups = middle.numel() // group
             if full_groups:
                 grouped.setdefault((budget.key_bits, budget.value_bits), []).append(
                     (head, middle[: full_groups * group].view(full_groups, group))
                 )
             residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len)]))
+        track_positions = plan.tracks_scores and plan.selection == "shared"
         kernels = self._kernels(keys.device)
         layer.buckets = {}
         for bits, parts in grouped.items():
@@ -295,7 +298,7 @@ class CompressedCache(Cache):
             index = torch.cat([idx for _, idx in parts])  # (G_n, G)
             layer.buckets[bits] = quantize_groups(
                 kernels, keys[heads[:, None], index], values[heads[:, None], index], heads, *bits,
-                None if acc is None else acc[heads[:, None], index],
+                None if acc is None else acc[heads[:, None], index], index if track_positions else None,
             )
         lengths = torch.tensor([idx.numel() for idx in residual_idx], dtype=torch.long)
         head_of = torch.arange(num_heads).repeat_interleave(lengths)
@@ -303,6 +306,7 @@ class CompressedCache(Cache):
         layer.residual = Residual(
             keys[head_of, flat_idx].clone(), values[head_of, flat_idx].clone(), lengths,
             None if acc is None else acc[head_of, flat_idx].float().clone(),
+            flat_idx.to(torch.int32) if track_positions else None,
         )
         layer.sinks = (keys[:, :sinks].clone(), values[:, :sinks].clone())
         layer.budgets = budgets
@@ -323,8 +327,9 @@ class CompressedCache(Cache):
                                      (layer.budgets[h].key_bits, layer.budgets[h].value_bits) == bits])
                 idx = taken[rows]
                 scores = None if layer.residual.scores is None else layer.residual.scores[idx]
+                positions = None if layer.residual.positions is None else layer.residual.positions[idx]
                 new = quantize_groups(
-                    kernels, layer.residual.keys[idx], layer.residual.values[idx], ready[rows], *bits, scores
+                    kernels, layer.residual.keys[idx], layer.residual.values[idx], ready[rows], *bits, scores, positions
                 )
                 layer.buckets[bits] = concat_buckets(layer.buckets.get(bits), new)
             layer.residual = rest
@@ -342,16 +347,36 @@ class CompressedCache(Cache):
         ]
         if not over:
             return
+        shared = self._shared_scores(layer) if self.plan.selection == "shared" else None
         for bits, bucket in list(layer.buckets.items()):
             heads = bucket.token_heads()
+            scores = bucket.scores if shared is None else shared[bucket.positions.long()]
             keep = torch.ones(bucket.num_tokens, dtype=torch.bool)
             for head, excess in over:
                 mine = torch.nonzero(heads == head).flatten()
                 excess = min(excess, mine.numel())
                 if excess > 0:
-                    keep[mine[bucket.scores[mine].topk(excess, largest=False).indices]] = False
+                    keep[mine[scores[mine].topk(excess, largest=False).indices]] = False
             if not keep.all():
                 layer.buckets[bits] = bucket.select(keep)
+
+    @staticmethod
+    def _shared_scores(layer: CompressedLayer) -> torch.Tensor:
+        """One H2O score per position for the whole layer: (seen_tokens,) fp32.
+
+        Each head's accumulated scores are normalised to a distribution over its evictable tokens,
+        then a position scores the mean over the heads that hold it, so every head of the layer
+        ranks a position the same way and equal budgets keep equal positions.
+        """
+        parts = [(b.token_heads(), b.scores, b.positions) for b in layer.buckets.values()]
+        parts.append((layer.residual.token_heads(), layer.residual.scores, layer.residual.positions))
+        heads, scores, positions = (torch.cat(x) for x in zip(*parts))
+        num_heads = layer.residual.lengths.numel()
+        per_head = torch.zeros(num_heads).index_add_(0, heads, scores)
+        share = scores / per_head.clamp_min(1e-30)[heads]
+        total = torch.zeros(layer.seen_tokens).index_add_(0, positions.long(), share)
+        count = torch.zeros(layer.seen_tokens).index_add_(0, positions.long(), torch.ones_like(share))
+        return total / count.clamp_min(1)
 
     # --------------------------------------------------------------- attention
     def attend(self, step: LayerStep, query: torch.Tensor, scaling: float) -> torch.Tensor:

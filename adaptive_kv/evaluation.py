@@ -39,7 +39,8 @@ class EvalConfig:
 
     def validate(self, max_context: int | None, known_policies: tuple[str, ...]) -> None:
         """Raise ValueError naming the first bad value and the allowed ones."""
-        for name in self.policies:
+        for spec in self.policies:
+            name, _ = parse_policy_spec(spec)
             if name not in known_policies:
                 raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(known_policies)}")
         for name in self.tasks:
@@ -54,6 +55,29 @@ class EvalConfig:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if max_context is not None and not 1 <= self.context_length <= max_context:
             raise ValueError(f"context_length {self.context_length} must be in [1, {max_context}] for this model")
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'name' or 'name:opt=value:opt=value' (e.g. 'tova:selection=shared') -> (name, options).
+
+    Values are parsed as int, then float, else kept as text; the whole spec labels the records,
+    so one policy can be compared with itself under other options.
+    """
+    name, *pairs = spec.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy option {pair!r} in {spec!r} must look like name=value")
+        for cast in (int, float):
+            try:
+                options[key] = cast(text)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = text
+    return name, options
 
 
 @dataclass
@@ -99,7 +123,10 @@ class Evaluator:
 
         config.validate(getattr(model.config, "max_position_embeddings", None), available_policies())
         self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
-        self.policies = {name: get_policy(name, **config.policy_options.get(name, {})) for name in config.policies}
+        self.policies = {}
+        for spec in config.policies:
+            name, options = parse_policy_spec(spec)
+            self.policies[spec] = get_policy(name, **{**config.policy_options.get(spec, {}), **options})
         if REFERENCE_POLICY not in self.policies:
             self.policies[REFERENCE_POLICY] = get_policy(REFERENCE_POLICY)
         cfg = model.config

@@ -14,7 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 ALLOWED_BITS: tuple[int, ...] = (16, 8, 4, 2)
-TOKEN_SCORERS: tuple[str, ...] = ("snapkv", "window", "last_query", "key_norm")
+TOKEN_SCORERS: tuple[str, ...] = ("snapkv", "window", "last_query", "key_norm", "reconstruction")
+# How a layer's KV heads rank their tokens before each takes its top `keep`:
+# "per_head": each head by its own scores; "shared": all heads by one ranking (the mean of their
+# scores, each normalised to a distribution), so kept sets nest and equal keeps hold equal tokens.
+SELECTIONS: tuple[str, ...] = ("per_head", "shared")
 
 # Per-token bookkeeping of a cache that may evict at decode time: one fp32 accumulated-attention
 # score per kept token (H2O). Kept in the prediction so predicted and real bytes agree.
@@ -24,6 +28,9 @@ GROUP_INDEX_BYTES = 4
 SCALE_BYTES = 2  # fp16 scales and zero points
 # Per head: the int64 length of its full-precision residual segment.
 RESIDUAL_INDEX_BYTES = 8
+# Per evictable token of a shared-selection plan: its int32 original position, so decode-time
+# eviction can rank one position the same way in every head of the layer.
+POSITION_BYTES = 4
 
 
 def _check_bits(name: str, value: Any) -> int:
@@ -72,6 +79,7 @@ class Plan:
     recent_window: int = 32
     group_size: int = 32
     scorer: str = "snapkv"
+    selection: str = "per_head"
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
 
@@ -98,6 +106,8 @@ class Plan:
             raise ValueError(f"group_size must be a power of two, got {self.group_size}")
         if self.scorer not in TOKEN_SCORERS:
             raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         floor = self.sink_tokens + self.recent_window
         for layer_idx, layer in enumerate(heads):
             for head_idx, budget in enumerate(layer):
@@ -179,7 +189,8 @@ class Plan:
         total += _value_bytes(budget.value_bits, packed_tokens, head_dim, self.group_size, dtype_bytes)
         total += groups * GROUP_INDEX_BYTES
         if self.tracks_scores:
-            total += (kept - min(kept, self.sink_tokens)) * SCORE_BYTES  # sinks are never evicted
+            per_token = SCORE_BYTES + (POSITION_BYTES if self.selection == "shared" else 0)
+            total += (kept - min(kept, self.sink_tokens)) * per_token  # sinks are never evicted
         return total
 
     def nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
@@ -223,7 +234,7 @@ class Plan:
         """Inverse of `to_dict`; validates everything."""
         if not isinstance(data, dict) or "heads" not in data:
             raise ValueError("plan must be an object with a 'heads' field")
-        unknown = set(data) - {"heads", "sink_tokens", "recent_window", "group_size", "scorer"}
+        unknown = set(data) - {"heads", "sink_tokens", "recent_window", "group_size", "scorer", "selection"}
         if unknown:
             raise ValueError(f"unknown plan fields {sorted(unknown)}")
         heads = tuple(tuple(_budget_from(b) for b in layer) for layer in data["heads"])
@@ -248,6 +259,7 @@ class Plan:
             "recent_window": self.recent_window,
             "group_size": self.group_size,
             "scorer": self.scorer,
+            "selection": self.selection,
         }
 
 

@@ -38,6 +38,7 @@ class Bucket:
     group_len: torch.Tensor  # (G_n,) int16, tokens per group (<= G after eviction)
     group_head: torch.Tensor  # (G_n,) int16
     scores: torch.Tensor | None  # (N,) fp32 accumulated attention (H2O), None if never evicted
+    positions: torch.Tensor | None = None  # (N,) int32 original positions, kept when heads share a ranking
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +53,7 @@ class Bucket:
         """Bytes held by every tensor of the bucket."""
         return _nbytes(
             self.keys, self.values, self.key_scale, self.key_zero, self.value_scale, self.value_zero,
-            self.group_len, self.group_head, self.scores,
+            self.group_len, self.group_head, self.scores, self.positions,
         )
 
     def dequantize(self, kernels, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +84,7 @@ class Bucket:
             group_len=new_len[alive].to(torch.int16),
             group_head=self.group_head[alive].clone(),
             scores=pick(self.scores),
+            positions=pick(self.positions),
         )
 
 
@@ -94,8 +96,9 @@ def quantize_groups(
     key_bits: int,
     value_bits: int,
     scores: torch.Tensor | None,
+    positions: torch.Tensor | None = None,
 ) -> Bucket:
-    """A bucket from whole groups: keys/values (G_n, G, D), heads (G_n,), scores (G_n, G) or None."""
+    """A bucket from whole groups: keys/values (G_n, G, D), heads (G_n,), scores/positions (G_n, G) or None."""
     num_groups, group, head_dim = keys.shape
     flat_keys = keys.reshape(-1, head_dim)
     flat_values = values.reshape(-1, head_dim)
@@ -121,6 +124,7 @@ def quantize_groups(
         group_len=torch.full((num_groups,), group, dtype=torch.int16),
         group_head=heads.to(torch.int16),
         scores=None if scores is None else scores.reshape(-1).float().clone(),
+        positions=None if positions is None else positions.reshape(-1).to(torch.int32).clone(),
     )
 
 
@@ -141,6 +145,7 @@ def concat_buckets(a: Bucket | None, b: Bucket) -> Bucket:
         group_len=torch.cat([a.group_len, b.group_len]),
         group_head=torch.cat([a.group_head, b.group_head]),
         scores=cat(a.scores, b.scores),
+        positions=cat(a.positions, b.positions),
     )
 
 
@@ -152,17 +157,18 @@ class Residual:
     values: torch.Tensor
     lengths: torch.Tensor  # (H,) int64
     scores: torch.Tensor | None  # (N_r,) fp32
+    positions: torch.Tensor | None = None  # (N_r,) int32, kept when heads share a ranking
 
     def nbytes(self) -> int:
         """Bytes held."""
-        return _nbytes(self.keys, self.values, self.lengths, self.scores)
+        return _nbytes(self.keys, self.values, self.lengths, self.scores, self.positions)
 
     def token_heads(self) -> torch.Tensor:
         """Head of every token: (N_r,) int64."""
         return torch.arange(self.lengths.numel()).repeat_interleave(self.lengths, output_size=self.keys.shape[0])
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> "Residual":
-        """Append q new tokens to every head: keys/values (H, q, D). New scores start at 0."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> "Residual":
+        """Append q new tokens at positions start.. to every head: keys/values (H, q, D). New scores start at 0."""
         num_heads, q, head_dim = keys.shape
         total = self.keys.shape[0] + num_heads * q
         head_offset = q * torch.arange(num_heads)
@@ -177,7 +183,12 @@ class Residual:
         if self.scores is not None:
             scores = self.scores.new_zeros(total)
             scores[dest_old] = self.scores
-        return Residual(out_k, out_v, self.lengths + q, scores)
+        positions = None
+        if self.positions is not None:
+            positions = self.positions.new_empty(total)
+            positions[dest_old] = self.positions
+            positions[dest_new] = (start + torch.arange(q, dtype=torch.int32)).repeat(num_heads)
+        return Residual(out_k, out_v, self.lengths + q, scores, positions)
 
     def split_oldest(self, heads: torch.Tensor, count: int) -> tuple[torch.Tensor, "Residual"]:
         """Take the `count` oldest tokens of each head in `heads`: (index (len(heads), count), rest)."""
@@ -192,5 +203,6 @@ class Residual:
             self.values[keep].clone(),
             lengths,
             None if self.scores is None else self.scores[keep].clone(),
+            None if self.positions is None else self.positions[keep].clone(),
         )
         return taken.view(len(heads), count), rest

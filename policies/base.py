@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from adaptive_kv.plan import TOKEN_SCORERS, HeadBudget, Plan
+from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan
 from adaptive_kv.stats import AttentionStats, StatsConfig
 
 
@@ -31,11 +31,15 @@ def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0
 
 @dataclass(frozen=True)
 class Policy:
-    """Base of every policy: the shared cache layout; subclasses implement `plan`."""
+    """Base of every policy: the shared cache layout; subclasses implement `plan`.
+
+    `selection` says how a layer's heads rank tokens (`Plan.selection`): "per_head" or "shared".
+    """
 
     sink_tokens: int = 4
     recent_window: int = 32
     group_size: int = 32
+    selection: str = "per_head"
 
     def __post_init__(self) -> None:
         _check_int("sink_tokens", self.sink_tokens, 0, 1024)
@@ -43,11 +47,14 @@ class Policy:
         _check_int("group_size", self.group_size, 1, 4096)
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two in [1, 4096], got {self.group_size}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
 
     def layout(self, **overrides: Any) -> dict[str, Any]:
         """The Plan layout keywords of this policy (sinks, window, group, scorer)."""
         scorer = getattr(self, "scorer", TOKEN_SCORERS[0])
-        base = dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size)
+        base = dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
+                    selection=self.selection)
         return {**base, "scorer": scorer, **overrides}
 
     def stats_config(self) -> StatsConfig:

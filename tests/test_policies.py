@@ -38,12 +38,13 @@ def _fraction(plan: Plan, seq_len: int, head_dim: int = HEAD_DIM, dtype_bytes: i
 
 
 # ------------------------------------------------------------------------------ the matrix
+@pytest.mark.parametrize("selection", ["per_head", "shared"])
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("name", available_policies())
-def test_policy_matrix(llama_gqa, name, budget):
+def test_policy_matrix(llama_gqa, name, budget, selection):
     if name == "full" and budget < 1:
         pytest.skip("'full' is the uncompressed reference: it accepts budget 1.0 only")
-    policy, plans = get_policy(name), []
+    policy, plans = get_policy(name, selection=selection), []
 
     def provider(stats: AttentionStats) -> Plan:
         plans.append(policy.plan(stats, budget, head_dim=TINY_HEAD_DIM, dtype_bytes=TINY_DTYPE_BYTES))
