@@ -68,8 +68,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 TINY_VOCAB = _TINY_VOCAB_SIZE
 
 
+# Random init (std 0.02) gives attention logits of ~0.1: every head attends almost uniformly
+# (normalised entropy 0.9999), so a wrong key or position barely moves the output and tests
+# comparing logits cannot fail. Scaling W_q and W_k by 8 each (logits x64) gives entropies of
+# 0.76-0.89 on 97 tokens: zeroed keys then move the logits by ~0.4 instead of ~5e-3.
+QK_SHARPNESS = 8.0
+
+
 def build_tiny_model(kind: str = "llama_gqa", seed: int = 0) -> torch.nn.Module:
-    """A tiny random causal LM: llama_gqa (4 q / 2 kv heads), qwen2 (GQA, qkv bias) or llama_mha."""
+    """A tiny random causal LM with sharp attention: llama_gqa (4 q / 2 kv heads), qwen2 (GQA, qkv
+    bias, 1 kv head), llama_mha, or llama_hd64 (head_dim 64 > the tests' group size 16)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -81,8 +89,17 @@ def build_tiny_model(kind: str = "llama_gqa", seed: int = 0) -> torch.nn.Module:
         model = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common))
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=1, **common))
+    elif kind == "llama_hd64":
+        common.update(hidden_size=128, head_dim=64)
+        model = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common))
     else:
         raise ValueError(kind)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(QK_SHARPNESS)
+                if proj.bias is not None:
+                    proj.bias.mul_(QK_SHARPNESS)
     return model.eval()
 
 
