@@ -1,11 +1,81 @@
-"""The `adaptive-kv serve` subcommand (placeholder flags until the service lands)."""
+"""The `adaptive-kv serve` subcommand. FastAPI, uvicorn and Ray are imported only when it runs."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _positive(int)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model and its KV policy over HTTP (uvicorn, or Ray Serve replicas)."""
+    from adaptive_kv.services.engine import EngineConfig
+    from adaptive_kv.services.policy_source import PolicySpec, resolve_policy
+    from adaptive_kv.services.serve import ServeOptions, read_api_key, run_ray_serve, run_uvicorn
+
+    if args.policy and args.policy_uri:
+        raise ValueError("give at most one of --policy and --policy-uri")
+    spec = PolicySpec(uri=args.policy_uri) if args.policy_uri else PolicySpec(name=args.policy or "hybrid")
+    if spec.uri is None:
+        resolve_policy(spec)  # an unknown name fails here, before any model loads
+    read_api_key(args.api_key_env)  # likewise an unset key variable
+    engine = EngineConfig(model=args.model, policy=spec, budget=args.budget, max_queue=args.max_queue,
+                          request_timeout=args.request_timeout, max_tokens_cap=args.max_tokens_cap)
+    options = ServeOptions(engine=engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
+                           replicas=args.replicas, ray_address=args.ray_address, num_cpus=args.replica_cpus)
+    if args.ray_serve:
+        run_ray_serve(options)
+    else:
+        if args.replicas != 1 or args.ray_address:
+            raise ValueError("--replicas and --ray-address need --ray-serve")
+        run_uvicorn(options)
+    return 0
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     """Register `serve` on the CLI's subparsers."""
     p = sub.add_parser("serve", help="serve a model with its KV policy behind an OpenAI-compatible HTTP API")
-    p.set_defaults(func=lambda args: (_ for _ in ()).throw(ValueError("serve is not implemented yet")))
+    p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
+    p.add_argument("--policy", help="registered policy name (default: hybrid)")
+    p.add_argument("--policy-uri", help="learned controller: a local folder or models:/adaptive-kv-controller@champion")
+    p.add_argument("--budget", type=_fraction, default=0.25, help="default KV bytes as a fraction of the full cache")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--max-queue", type=_positive(int), default=16, help="requests waiting per replica before 429")
+    p.add_argument("--request-timeout", type=_positive(float), default=120.0, help="seconds, queue wait included")
+    p.add_argument("--max-tokens-cap", type=_positive(int), default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--api-key-env", help="environment variable holding the bearer API key (unset: no key)")
+    p.add_argument("--ray-serve", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")
+    p.add_argument("--replicas", type=_positive(int), default=1, help="Ray Serve replicas (each loads the model)")
+    p.add_argument("--ray-address", help="existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--replica-cpus", type=_positive(float), default=1.0, help="CPUs reserved per Ray Serve replica")
+    p.set_defaults(func=cmd_serve)

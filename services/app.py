@@ -1,0 +1,297 @@
+"""FastAPI routes: parse the request, call the engine, serialise the answer. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adaptive_kv.services import protocol as p
+from adaptive_kv.services.engine import Engine, EngineError, GenerationOutput, GenerationRequest, Sampling, TextDelta
+from adaptive_kv.services.policy_source import PolicySpec
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {"invalid_request": 400, "not_found": 404, "queue_full": 429, "timeout": 504, "unavailable": 503,
+           "internal": 500, "unauthorized": 401, "forbidden": 403}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "server_error", 504: "timeout_error"}
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/plan", "/v1/admin/reload", "/healthz",
+          "/readyz", "/metrics")
+REPLICA_HEADER = "x-adaptive-kv-replica"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """HTTP-side settings: the served model id and the optional API key."""
+
+    served_model: str
+    api_key: str | None = None
+    replica: str = f"{os.uname().nodename}:{os.getpid()}"
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error body with its status."""
+    body = p.ErrorResponse(error=p.ErrorBody(message=message, type=_TYPES.get(status, "error"), param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _engine_error(exc: EngineError, retry_after: int) -> JSONResponse:
+    status = _STATUS.get(exc.kind, 500)
+    headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return error_response(status, exc.message, exc.param, exc.code, headers)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    """422 naming the first bad field; 400 when the body is not JSON (or not UTF-8) at all."""
+    first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": (), "type": "value_error"}
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    field = ".".join(loc) or None
+    if first.get("type") == "missing" and field is None:
+        return error_response(400, "request body is missing (send a JSON object)", code="invalid_json")
+    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    return error_response(422, message, param=field, code=first.get("type"))
+
+
+class _Counting:
+    """ASGI middleware counting every HTTP response by route and status (streaming included)."""
+
+    def __init__(self, app: Any, engine: Engine) -> None:
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = {"code": 500}
+
+        async def counted_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            self.engine.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+
+
+def create_app(engine: Engine, config: AppConfig) -> FastAPI:
+    """The FastAPI app over `engine` (started in the lifespan, closed after in-flight requests finish)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.ready:
+            await asyncio.to_thread(engine.start)  # model load: seconds, off the loop
+        yield
+        await asyncio.to_thread(engine.close)  # uvicorn has already drained the in-flight requests
+
+    app = FastAPI(title="adaptive-kv", lifespan=lifespan, docs_url=None, redoc_url=None)
+    retry_after = max(1, int(engine.config.request_timeout // 10))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(EngineError)
+    async def on_engine(request: Request, exc: EngineError) -> JSONResponse:
+        return _engine_error(exc, retry_after)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's body parser: bytes that are not UTF-8 never reach the JSON decoder
+            return error_response(400, f"{exc.detail}: send a UTF-8 encoded JSON object", code="invalid_json")
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.middleware("http")
+    async def replica_header(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers[REPLICA_HEADER] = config.replica  # which replica answered (Ray Serve tests, debugging)
+        return response
+
+    async def authorised(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise EngineError("invalid or missing API key (send Authorization: Bearer <key>)", kind="unauthorized",
+                              code="invalid_api_key")
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model not in (config.served_model, engine.config.model):
+            raise EngineError(f"model {model!r} is not served here; this server serves {config.served_model!r}",
+                              kind="not_found", param="model", code="model_not_found")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = engine.ready
+        body = {"status": "ready" if ready else "not ready", "model": config.served_model, "policy": engine.policy_name}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = engine.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def models() -> p.ModelList:
+        card = p.ModelCard(id=config.served_model, created=p.now(), max_model_len=engine.context,
+                           kv_policy=engine.policy_name, kv_budget=engine.config.budget)
+        return p.ModelList(data=[card])
+
+    @app.post("/v1/completions", dependencies=[Depends(authorised)])
+    async def completions(body: p.CompletionRequest) -> Response:
+        check_model(body.model)
+        ids = await asyncio.to_thread(engine.encode_text, body.prompt)
+        request = _generation_request(engine, body, ids, body.max_tokens, "prompt")
+        return await _respond(engine, body, request, _CompletionShape(config.served_model, body.stream))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def chat(body: p.ChatCompletionRequest) -> Response:
+        check_model(body.model)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        ids = await asyncio.to_thread(engine.encode_chat, messages)
+        request = _generation_request(engine, body, ids, body.token_limit(), "messages")
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _respond(engine, body, request, _ChatShape(config.served_model, usage))
+
+    @app.post("/v1/plan", dependencies=[Depends(authorised)])
+    async def plan(body: p.PlanRequest) -> p.PlanResponse:
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise EngineError("give exactly one of prompt or messages", param="prompt")
+        if body.prompt is not None:
+            ids = await asyncio.to_thread(engine.encode_text, body.prompt)
+        else:
+            ids = await asyncio.to_thread(engine.encode_chat, [m.model_dump(exclude_none=True) for m in body.messages])
+        engine.check_request(ids, 1, "prompt")
+        out = await engine.plan(ids, body.kv_budget, body.kv_policy)
+        return p.PlanResponse(model=config.served_model, prompt_tokens=out.prompt_tokens,
+                              kv_cache=p.KVCacheInfo(**out.kv), plan=out.plan)
+
+    @app.post("/v1/admin/reload", dependencies=[Depends(authorised)])
+    async def reload(body: p.ReloadRequest | None = None) -> dict[str, Any]:
+        if config.api_key is None:
+            raise EngineError("reload is disabled: start the server with --api-key-env to enable it",
+                              kind="forbidden", code="reload_disabled")
+        spec = None
+        if body is not None and (body.policy or body.policy_uri):
+            spec = PolicySpec(name=body.policy or "learned", uri=body.policy_uri)
+        loaded = await asyncio.to_thread(engine.reload, spec)
+        return {"status": "reloaded", "policy": loaded.spec.describe(), "source": loaded.source}
+
+    app.add_middleware(_Counting, engine=engine)  # outermost: sees every response, errors included
+    return app
+
+
+def _generation_request(engine: Engine, body: p.CompletionRequest | p.ChatCompletionRequest, ids: tuple[int, ...],
+                        max_tokens: int | None, prompt_param: str) -> GenerationRequest:
+    """The engine's request from a parsed body (checks the context and the max_tokens cap)."""
+    wanted = engine.check_request(ids, max_tokens, prompt_param)
+    sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    return GenerationRequest(ids, wanted, body.kv_budget, body.kv_policy, sampling, body.stop_strings())
+
+
+class _CompletionShape:
+    """Serialises engine events as text_completion objects."""
+
+    def __init__(self, model: str, stream: bool) -> None:
+        self.model, self.id, self.created = model, p.new_id("cmpl"), p.now()
+
+    def final(self, out: GenerationOutput) -> BaseModel:
+        choice = p.CompletionChoice(text=out.text, finish_reason=out.finish_reason)
+        return p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                    usage=_usage(out), kv_cache=p.KVCacheInfo(**out.kv))
+
+    def chunks(self, event: TextDelta | GenerationOutput) -> list[BaseModel]:
+        if isinstance(event, TextDelta):
+            choice = p.CompletionChoice(text=event.text, finish_reason=None)
+            return [p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])]
+        choice = p.CompletionChoice(text="", finish_reason=event.finish_reason)
+        return [p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                     usage=_usage(event), kv_cache=p.KVCacheInfo(**event.kv))]
+
+
+class _ChatShape:
+    """Serialises engine events as chat.completion objects and chunks."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model, self.id, self.created, self.include_usage = model, p.new_id("chatcmpl"), p.now(), include_usage
+        self.started = False
+
+    def final(self, out: GenerationOutput) -> BaseModel:
+        choice = p.ChatChoice(message=p.ChatResponseMessage(content=out.text), finish_reason=out.finish_reason)
+        return p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                        usage=_usage(out), kv_cache=p.KVCacheInfo(**out.kv))
+
+    def _chunk(self, choices: list[p.ChatChunkChoice], **extra: Any) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, **extra)
+
+    def chunks(self, event: TextDelta | GenerationOutput) -> list[BaseModel]:
+        out: list[BaseModel] = []
+        if not self.started:  # OpenAI sends the role first, on its own
+            self.started = True
+            out.append(self._chunk([p.ChatChunkChoice(delta=p.ChatDelta(role="assistant", content=""))]))
+        if isinstance(event, TextDelta):
+            out.append(self._chunk([p.ChatChunkChoice(delta=p.ChatDelta(content=event.text))]))
+            return out
+        last = p.ChatChunkChoice(delta=p.ChatDelta(), finish_reason=event.finish_reason)
+        out.append(self._chunk([last], kv_cache=p.KVCacheInfo(**event.kv)))
+        if self.include_usage:
+            out.append(self._chunk([], usage=_usage(event)))
+        return out
+
+
+def _usage(out: GenerationOutput) -> p.Usage:
+    return p.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                   total_tokens=out.prompt_tokens + out.completion_tokens)
+
+
+async def _respond(engine: Engine, body: Any, request: GenerationRequest, shape: Any) -> Response:
+    """JSON for a plain request; server-sent events for `stream`, begun only once the first event exists,
+    so a full queue, an infeasible budget or a prefill error still gets its proper status code."""
+    if not body.stream:
+        return JSONResponse(shape.final(await engine.complete(request)).model_dump())
+    events = engine.generate(request)
+    first = await anext(events)
+
+    async def sse() -> AsyncIterator[bytes]:
+        try:
+            event = first
+            while True:
+                for chunk in shape.chunks(event):
+                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n".encode()
+                if isinstance(event, GenerationOutput):
+                    break
+                event = await anext(events)
+        except EngineError as exc:  # headers are sent: the error travels as an event (OpenAI does the same)
+            error = p.ErrorBody(message=exc.message, type=_TYPES.get(_STATUS.get(exc.kind, 500), "error"),
+                                code=exc.code)
+            yield f"data: {json.dumps({'error': error.model_dump()})}\n\n".encode()
+        finally:
+            await events.aclose()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

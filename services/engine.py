@@ -1,0 +1,469 @@
+"""The serving engine: one model, its policy, a bounded queue, one worker thread, metrics. No HTTP here.
+
+A CompressedCache holds exactly one request (batch size 1), so a replica runs one request at a
+time on its worker thread; the event loop only enqueues and awaits events. Requests beyond
+`max_queue` waiting are refused at once (QueueFull) instead of piling up latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from adaptive_kv.services.metrics import Metrics
+from adaptive_kv.services.policy_source import LoadedPolicy, PolicySpec, resolve_policy
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `kind` is one of invalid_request, not_found, queue_full, timeout, unavailable."""
+
+    def __init__(self, message: str, kind: str = "invalid_request", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.kind, self.param, self.code = message, kind, param, code
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, validated once."""
+
+    model: str = "smollm2-135m"
+    policy: PolicySpec = PolicySpec()
+    budget: float = 0.25
+    max_queue: int = 16
+    request_timeout: float = 120.0
+    max_tokens_cap: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when temperature is None or 0; else multinomial over the top-p nucleus."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request, already tokenised and checked against the context."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    budget: float | None = None
+    policy: str | None = None
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Streamed text (may be empty-held while a multi-byte character or a stop string is incomplete)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """A finished request: text, token counts, why it stopped, its KV report and timings."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    kv: dict[str, Any]
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class PlanOutput:
+    """The plan for a prompt and its predicted bytes."""
+
+    prompt_tokens: int
+    plan: dict[str, Any]
+    kv: dict[str, Any]
+
+
+@dataclass
+class _Job:
+    """A queued unit of work; `emit` pushes events to the awaiting coroutine from the worker thread."""
+
+    task: Callable[["_Job"], Any]
+    emit: Callable[[Any], None]
+    deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def live(self) -> bool:
+        """False once the client left or the deadline passed: the worker stops at the next token."""
+        return not self.cancelled.is_set() and time.monotonic() < self.deadline
+
+
+_STOP = object()
+
+
+class Engine:
+    """Owns the model, the policy, the queue, the worker thread and the metrics."""
+
+    def __init__(self, config: EngineConfig, loader: Callable[[str], tuple[Any, Any]] | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._loader = loader
+        self._queue: queue.Queue = queue.Queue(maxsize=config.max_queue)
+        self._worker: threading.Thread | None = None
+        self._closing = False
+        self._policy: LoadedPolicy | None = None
+        self._static: dict[str, Any] = {}  # per-request policies by name, built once
+        self._reload_lock = threading.Lock()
+        self.model = self.tokenizer = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Load the model and the policy (blocking: seconds), then start the worker."""
+        from adaptive_kv.models import load_model
+
+        self._policy = resolve_policy(self.config.policy)  # cheap, and fails before the slow model load
+        self.model, self.tokenizer = (self._loader or load_model)(self.config.model)
+        cfg = self.model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype_bytes = torch.empty((), dtype=self.model.dtype).element_size()
+        self.context = getattr(cfg, "max_position_embeddings", None)
+        self.eos = _eos_ids(self.model, self.tokenizer)
+        self._worker = threading.Thread(target=self._serve_forever, name="adaptive-kv-engine", daemon=True)
+        self._worker.start()
+        logger.info("engine ready: model %s, policy %s, budget %g", self.config.model, self.policy_name, self.config.budget)
+
+    @property
+    def ready(self) -> bool:
+        """Model and policy loaded, worker alive, not shutting down."""
+        return self._policy is not None and self._worker is not None and self._worker.is_alive() and not self._closing
+
+    @property
+    def policy_name(self) -> str:
+        """The default policy as reported in responses."""
+        return self._policy.spec.describe() if self._policy else self.config.policy.describe()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new work, let the worker finish what it holds, then stop it."""
+        self._closing = True
+        if self._worker is None:
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            logger.warning("engine queue still full after %.0fs; worker left as a daemon", timeout)
+        self._worker.join(timeout)
+
+    def reload(self, spec: PolicySpec | None = None) -> LoadedPolicy:
+        """Re-resolve the policy (a new champion) or switch to `spec`; on failure keep the old one."""
+        with self._reload_lock:
+            spec = spec or (self._policy.spec if self._policy else self.config.policy)
+            try:
+                loaded = resolve_policy(spec)
+            except (ValueError, OSError) as exc:
+                raise EngineError(f"reload failed, keeping policy {self.policy_name!r}: {exc}", param="policy") from exc
+            self._policy = loaded  # one reference swap: requests already running keep the policy they took
+            return loaded
+
+    # ------------------------------------------------------------------ tokenising and checks
+    def encode_text(self, prompt: str | list[int]) -> tuple[int, ...]:
+        """Token ids of a raw prompt (no chat template), or the ids given, checked against the vocabulary."""
+        if isinstance(prompt, list):
+            vocab = self.model.config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise EngineError(f"prompt token ids must be in [0, {vocab}), got {bad[:3]}", param="prompt")
+            return tuple(prompt)
+        from adaptive_kv.generation import encode_prompt
+
+        try:
+            return tuple(encode_prompt(self.tokenizer, prompt, chat=False))
+        except ValueError as exc:
+            raise EngineError(str(exc), param="prompt") from exc
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[int, ...]:
+        """Token ids of `messages` through the tokenizer's chat template, with the generation prompt."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise EngineError("this model has no chat template; use /v1/completions", param="messages")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tuple(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def check_request(self, prompt_ids: tuple[int, ...], max_tokens: int | None, prompt_param: str) -> int:
+        """The request's max_tokens (None: as many as fit under the cap); EngineError when over the context or cap."""
+        cap = self.config.max_tokens_cap
+        if max_tokens is not None and max_tokens > cap:
+            raise EngineError(f"max_tokens must be <= {cap} on this server, got {max_tokens}", param="max_tokens",
+                              code="max_tokens_exceeded")
+        room = cap if self.context is None else self.context - len(prompt_ids)
+        wanted = min(cap, room) if max_tokens is None else max_tokens
+        if self.context is not None and (wanted < 1 or len(prompt_ids) + wanted > self.context):
+            raise EngineError(
+                f"this model's maximum context length is {self.context} tokens, but the request needs "
+                f"{len(prompt_ids) + max(wanted, 1)} ({len(prompt_ids)} in the prompt, {max(wanted, 1)} to generate)",
+                param=prompt_param, code="context_length_exceeded",
+            )
+        return wanted
+
+    def policy_for(self, name: str | None) -> tuple[str, Any]:
+        """(reported name, policy) for a request: the default, or a registered one by name."""
+        if name is None:
+            loaded = self._policy
+            return loaded.spec.describe(), loaded.policy
+        if name not in self._static:
+            from adaptive_kv.policies import get_policy
+
+            try:
+                self._static[name] = get_policy(name)
+            except ValueError as exc:
+                raise EngineError(str(exc), param="kv_policy", code="unknown_policy") from exc
+        return name, self._static[name]
+
+    # ------------------------------------------------------------------ async API (event loop side)
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationOutput]:
+        """Queue a generation and yield its text deltas, then its GenerationOutput."""
+        self.policy_for(request.policy)  # an unknown name fails here, before taking a queue slot
+        async for event in self._submit(lambda job: self._generate(job, request)):
+            yield event
+
+    async def complete(self, request: GenerationRequest) -> GenerationOutput:
+        """Queue a generation and return its output."""
+        async for event in self.generate(request):
+            if isinstance(event, GenerationOutput):
+                return event
+        raise EngineError("generation ended without output", kind="unavailable")
+
+    async def plan(self, prompt_ids: tuple[int, ...], budget: float | None, policy: str | None) -> PlanOutput:
+        """Queue a prefill that only plans, and return the plan."""
+        self.policy_for(policy)
+        async for event in self._submit(lambda job: self._plan(prompt_ids, budget, policy)):
+            return event
+        raise EngineError("planning ended without output", kind="unavailable")
+
+    async def _submit(self, task: Callable[[_Job], Any]) -> AsyncIterator[Any]:
+        if not self.ready:
+            raise EngineError("the server is starting or shutting down", kind="unavailable")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = _Job(task, lambda e: _push(loop, events, e), time.monotonic() + self.config.request_timeout)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise EngineError(f"the queue is full ({self.config.max_queue} waiting); retry later",
+                              kind="queue_full", code="queue_full") from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), max(job.deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    raise EngineError(f"request timed out after {self.config.request_timeout:g}s",
+                                      kind="timeout", code="timeout") from None
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if not isinstance(event, TextDelta):
+                    return
+        finally:
+            job.cancelled.set()  # client gone, timed out or done: the worker stops or skips it
+
+    # ------------------------------------------------------------------ worker thread
+    def _serve_forever(self) -> None:
+        while True:
+            job = self._queue.get()
+            self.metrics.queue_depth.set(self._queue.qsize())
+            if job is _STOP:
+                return
+            if not job.live:
+                continue  # its client already gave up: do not spend a prefill on it
+            self.metrics.queue_wait.observe(time.monotonic() - job.enqueued)
+            self.metrics.running.inc()
+            try:
+                job.emit(job.task(job))
+            except EngineError as exc:
+                job.emit(exc)
+            except Exception as exc:  # one bad request must not stop the worker
+                logger.exception("request failed")
+                job.emit(EngineError(f"internal error: {type(exc).__name__}: {exc}", kind="internal"))
+            finally:
+                self.metrics.running.dec()
+
+    def _planner(self, policy: Any, budget: float | None) -> "_Planner":
+        """The plan provider of one request: `budget` (explicit) must be met; the default may fall back."""
+        return _Planner(policy, budget if budget is not None else self.config.budget, budget is None,
+                        self.head_dim, self.dtype_bytes)
+
+    @torch.inference_mode()
+    def _generate(self, job: _Job, request: GenerationRequest) -> GenerationOutput:
+        from adaptive_kv.cache import CompressedCache
+
+        name, policy = self.policy_for(request.policy)
+        planner = self._planner(policy, request.budget)
+        cache = CompressedCache(self.model, plan_provider=planner, stats_config=policy.stats_config())
+        start = time.perf_counter()
+        logits = self.model(torch.tensor([list(request.prompt_ids)], device=self.model.device), cache=cache).logits[:, -1]
+        prefill_s = time.perf_counter() - start
+        kv = planner.info(cache.report(), name)
+        self.metrics.prefill.observe(prefill_s)
+        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+        self.metrics.observe_kv(kv["full_bytes"], kv["bytes"])
+        decoder = _Decoder(self.tokenizer, request.stop)
+        sampler = _sampler(request.sampling)
+        finish, start = "length", time.perf_counter()
+        while len(decoder.tokens) < request.max_tokens and job.live:
+            token = sampler(logits)
+            if token in self.eos:
+                finish = "stop"
+                break
+            delta, stopped = decoder.add(token)
+            if delta:
+                job.emit(TextDelta(delta))
+            if stopped:
+                finish = "stop"
+                break
+            if len(decoder.tokens) < request.max_tokens:
+                logits = self.model(torch.tensor([[token]], device=self.model.device), cache=cache).logits[:, -1]
+        if not job.live and finish == "length" and len(decoder.tokens) < request.max_tokens:
+            raise EngineError("request cancelled or timed out", kind="timeout", code="timeout")
+        tail = decoder.flush()
+        if tail:
+            job.emit(TextDelta(tail))
+        decode_s = time.perf_counter() - start
+        self.metrics.decode.observe(decode_s)
+        self.metrics.generated_tokens.inc(len(decoder.tokens))
+        final = cache.report()
+        kv.update(final_full_bytes=final["full_bytes"], final_bytes=final["bytes"])
+        return GenerationOutput(decoder.text, len(request.prompt_ids), len(decoder.tokens), finish, kv, prefill_s, decode_s)
+
+    @torch.inference_mode()
+    def _plan(self, prompt_ids: tuple[int, ...], budget: float | None, policy_name: str | None) -> PlanOutput:
+        from adaptive_kv.cache import CompressedCache
+
+        name, policy = self.policy_for(policy_name)
+        planner = self._planner(policy, budget)
+        cache = CompressedCache(self.model, capture=True, stats_config=policy.stats_config())
+        self.model(torch.tensor([list(prompt_ids)], device=self.model.device), cache=cache)
+        plan = planner(cache.stats)
+        seq_len = len(prompt_ids)
+        full = plan.full_nbytes(seq_len, self.head_dim, self.dtype_bytes)
+        predicted = plan.nbytes(seq_len, self.head_dim, self.dtype_bytes)
+        report = {"full_bytes": full, "bytes": predicted, "ratio": full / predicted if predicted else None,
+                  "plan": plan.summary()}
+        return PlanOutput(seq_len, plan.to_dict(), planner.info(report, name))
+
+
+# ---------------------------------------------------------------------- helpers
+def _push(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+    except RuntimeError:  # the loop closed (server stopping): nobody is waiting for this event
+        pass
+
+
+class _Planner:
+    """AttentionStats -> Plan for one request, remembering whether it fell back to the full cache.
+
+    A budget the client asked for must be met (else EngineError, 400 with the minimum). The
+    server's default budget cannot be met by short prompts (sinks + recent window stay in full
+    precision), and refusing every short prompt would make the default unusable: those get the
+    full plan, reported as such.
+    """
+
+    def __init__(self, policy: Any, budget: float, is_default: bool, head_dim: int, dtype_bytes: int) -> None:
+        self.policy, self.budget, self.is_default = policy, budget, is_default
+        self.head_dim, self.dtype_bytes = head_dim, dtype_bytes
+        self.fallback: str | None = None
+
+    def __call__(self, stats: Any) -> Any:
+        """The plan for this request's statistics."""
+        from adaptive_kv.plan import Plan
+
+        try:
+            return self.policy.plan(stats, self.budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+        except ValueError as exc:  # "budget X is below the minimum feasible Y ..."
+            if not self.is_default:
+                raise EngineError(str(exc), param="kv_budget", code="budget_infeasible") from exc
+            self.fallback = f"default {exc}; kept the full cache"
+            return Plan.full(stats.num_layers, stats.num_kv_heads, **self.policy.layout())
+
+    def info(self, report: dict[str, Any], policy: str) -> dict[str, Any]:
+        """The `kv_cache` fields from a cache report (after the plan was applied)."""
+        fell_back = self.fallback is not None
+        return {"full_bytes": report["full_bytes"], "bytes": report["bytes"], "ratio": report["ratio"],
+                "policy": "full" if fell_back else policy, "budget": 1.0 if fell_back else self.budget,
+                "plan": report["plan"], "note": self.fallback}
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the model's generation config."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return frozenset(i for i in ids if i is not None)
+
+
+def _sampler(sampling: Sampling) -> Callable[[torch.Tensor], int]:
+    """Token picker from logits (1, V): argmax, or seeded multinomial over the top-p nucleus."""
+    if not sampling.temperature:
+        return lambda logits: int(logits.argmax(-1))
+    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else time.time_ns() % 2**63)
+    top_p = sampling.top_p or 1.0
+
+    def pick(logits: torch.Tensor) -> int:
+        probs = torch.softmax(logits[0].float() / sampling.temperature, dim=-1)  # (V,)
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= top_p  # tokens after the nucleus is full
+        sorted_probs[outside] = 0.0
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+
+    return pick
+
+
+class _Decoder:
+    """Incremental detokenisation with stop strings: emits only text that is final."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (new final text, whether a stop string ended the text)."""
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text = self.text[:at]
+                return self.flush(), True
+        if self.text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return "", False
+        end = max(self.emitted, len(self.text) - self.hold)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta, False
+
+    def flush(self) -> str:
+        """Whatever final text has not been emitted yet."""
+        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        return delta

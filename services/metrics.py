@@ -1,0 +1,44 @@
+"""Prometheus metrics of one engine, on its own registry (several engines may share a process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Prefill of 1k tokens takes seconds on CPU, milliseconds on a GPU: buckets span both.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_RATIO_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
+
+
+class Metrics:
+    """The service's counters, histograms and gauges (Prometheus naming: _total, _seconds, _bytes)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("adaptive_kv_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.prefill = Histogram("adaptive_kv_prefill_seconds", "Prefill (and planning) time per request",
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode = Histogram("adaptive_kv_decode_seconds", "Decode time per request (all generated tokens)",
+                                buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("adaptive_kv_queue_wait_seconds", "Time a request waited for the worker",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("adaptive_kv_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generated_tokens = Counter("adaptive_kv_generated_tokens", "Tokens generated", registry=r)
+        self.kv_full_bytes = Counter("adaptive_kv_kv_full_bytes",
+                                     "KV bytes a full-precision cache would hold after prefill, summed", registry=r)
+        self.kv_bytes = Counter("adaptive_kv_kv_bytes", "KV bytes really held after prefill, summed", registry=r)
+        self.ratio = Histogram("adaptive_kv_kv_compression_ratio", "Full / real KV bytes per request",
+                               buckets=_RATIO_BUCKETS, registry=r)
+        self.queue_depth = Gauge("adaptive_kv_queue_depth", "Requests waiting for the worker", registry=r)
+        self.running = Gauge("adaptive_kv_requests_running", "Requests the worker is processing", registry=r)
+
+    def observe_kv(self, full_bytes: int, real_bytes: int) -> None:
+        """Record one request's KV bytes after its plan was applied."""
+        self.kv_full_bytes.inc(full_bytes)
+        self.kv_bytes.inc(real_bytes)
+        if real_bytes:
+            self.ratio.observe(full_bytes / real_bytes)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

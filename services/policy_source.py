@@ -1,0 +1,54 @@
+"""Where the service's policy comes from: a registered name, a local controller folder, or the MLflow registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptive_kv.policies import Policy, get_policy
+
+REGISTRY_SCHEME = "models:/"
+LEARNED = "learned"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What to load: a registered policy `name`, or a learned controller at `uri` (folder or models:/...)."""
+
+    name: str = "hybrid"
+    uri: str | None = None
+
+    def describe(self) -> str:
+        """The name reported in responses: the policy, and its source when it is a controller."""
+        return self.name if self.uri is None else f"{LEARNED}:{self.uri}"
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A built policy and the spec it came from."""
+
+    spec: PolicySpec
+    policy: Policy
+    source: str  # the local folder or name actually loaded (an alias resolves to a version's folder)
+
+
+def fetch_registered(uri: str) -> Path:
+    """Download the controller registered at `uri` (models:/NAME@ALIAS or /VERSION) to a local folder."""
+    try:
+        from adaptive_kv.training.tracking import fetch_controller
+    except ImportError as exc:  # the training extra (mlflow) or the controller issue is missing
+        raise ValueError(f"policy_uri {uri!r} needs adaptive_kv.training.tracking.fetch_controller: {exc}") from exc
+    return Path(fetch_controller(uri))
+
+
+def resolve_policy(spec: PolicySpec) -> LoadedPolicy:
+    """Build the policy `spec` names; ValueError with a clear message when it cannot."""
+    if spec.uri is None:
+        return LoadedPolicy(spec, get_policy(spec.name), spec.name)
+    if spec.uri.startswith(REGISTRY_SCHEME):
+        folder = fetch_registered(spec.uri)
+    else:
+        folder = Path(spec.uri).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"policy_uri {spec.uri!r} is neither {REGISTRY_SCHEME}NAME@ALIAS nor an existing folder")
+    return LoadedPolicy(spec, get_policy(LEARNED, path=str(folder)), str(folder))
