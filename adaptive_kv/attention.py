@@ -30,6 +30,10 @@ def adaptive_kv_attention(
     """SDPA, except for a CompressedCache step, which the cache computes itself."""
     from adaptive_kv.cache import LayerStep
 
+    reconstruction = kwargs.pop("kv_reconstruction", None)
+    if reconstruction is not None:  # the context-reconstruction pass (adaptive_kv.reconstruction)
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return reconstruction.attend(module.layer_idx, query, key, value, scaling), None
     if not isinstance(key, LayerStep):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

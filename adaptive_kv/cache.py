@@ -13,6 +13,7 @@ tokens. Attention runs in `adaptive_kv.attention`, which hands each layer's step
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.reconstruction import ReconstructionRequest, reconstruction_scores
 from adaptive_kv.selection import kept_middle, layer_ranking
 from adaptive_kv.stats import AttentionStats, LayerObservation, StatsConfig, observe_layer
 from adaptive_kv.store import Bucket, Residual, concat_buckets, quantize_groups
@@ -119,6 +121,7 @@ class CompressedCache(Cache):
         eviction_slack: int | None = None,
         backend: str | None = None,
         capture: bool = False,
+        reconstruction: ReconstructionRequest | None = None,
     ) -> None:
         from adaptive_kv.attention import prepare_model
 
@@ -136,6 +139,15 @@ class CompressedCache(Cache):
         self.plan_provider = plan_provider
         layout = plan or Plan.full(1, 1)
         self.stats_config = stats_config or StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size)
+        if self.stats_config.reconstruction and reconstruction is None:
+            raise ValueError(
+                "stats_config.reconstruction needs the context's ids: pass "
+                "reconstruction=ReconstructionRequest.for_prompt(tokenizer, input_ids)"
+            )
+        if reconstruction is not None and not isinstance(reconstruction, ReconstructionRequest):
+            raise ValueError(f"reconstruction must be a ReconstructionRequest, got {type(reconstruction).__name__}")
+        self.reconstruction = reconstruction
+        self.reconstruction_seconds = 0.0
         if eviction_slack is not None and eviction_slack < 0:
             raise ValueError(f"eviction_slack must be >= 0, got {eviction_slack}")
         self.eviction_slack = eviction_slack
@@ -227,20 +239,36 @@ class CompressedCache(Cache):
             stats = AttentionStats.stack([layer.observation for layer in self.layers], seq_len)
             for layer in self.layers:
                 layer.observation = None
+            if self.reconstruction is not None:
+                stats = stats.with_reconstruction(self._reconstruct())
         if self.capture:  # keep the full prefill and its statistics for fork()
             self.stats = stats
             return
         plan = self.plan if self.plan_provider is None else self.plan_provider(stats)
         self._apply_plan(plan, stats)
 
+    def _reconstruct(self) -> torch.Tensor:
+        """Reconstruction scores (L, H_kv, T) over this prefill (a nested pass through the decoder, no cache)."""
+        start = time.perf_counter()
+        keys = [layer.prefill[0] for layer in self.layers]
+        values = [layer.prefill[1] for layer in self.layers]
+        scores = reconstruction_scores(self._model, keys, values, self.reconstruction)
+        self.reconstruction_seconds = time.perf_counter() - start
+        return scores
+
     def _apply_plan(self, plan: Plan, stats: AttentionStats | None) -> None:
         self._check_plan(plan)  # before anything changes: a bad plan leaves the prefill intact
         if plan.tracks_scores and stats is None:
             raise ValueError("a plan that evicts needs prefill statistics")
+        if plan.tracks_scores and plan.scorer not in stats.token_scores:
+            raise ValueError(
+                f"plan.scorer {plan.scorer!r} was not read during prefill; reconstruction scores need "
+                "StatsConfig(reconstruction=True) and a ReconstructionRequest"
+            )
         self.plan = plan
         for layer_idx, layer in enumerate(self.layers):
             select = acc = None
-            if stats is not None:
+            if stats is not None and plan.tracks_scores:
                 select = stats.token_scores[plan.scorer][layer_idx]
                 acc = stats.token_scores["window"][layer_idx] if plan.tracks_scores else None
             self._apply(layer, plan, select, acc)
@@ -259,7 +287,7 @@ class CompressedCache(Cache):
         if not self.is_captured:
             raise ValueError("fork needs a cache built with capture=True and a finished prefill")
         options.setdefault("backend", self.backend)
-        options.setdefault("stats_config", self.stats_config)
+        options.setdefault("stats_config", dataclasses.replace(self.stats_config, reconstruction=False))
         new = CompressedCache(self._model, plan=plan, **options)
         for mine, theirs in zip(self.layers, new.layers):
             theirs.device, theirs.dtype, theirs.is_initialized = mine.device, mine.dtype, True

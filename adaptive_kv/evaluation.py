@@ -17,6 +17,7 @@ import torch
 
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.plan import Plan
+from adaptive_kv.reconstruction import ReconstructionRequest
 from adaptive_kv.tasks import TASKS, TaskSample, kl_divergence, make_samples, perplexity, score_sample, top1_agreement
 
 PROTOCOLS = ("query_aware", "query_agnostic")
@@ -109,10 +110,13 @@ def _greedy(
 
 
 @torch.inference_mode()
-def _prefill(model, ids: tuple[int, ...]) -> tuple[CompressedCache, torch.Tensor]:
-    cache = CompressedCache(model, capture=True)
+def _prefill(model, ids: tuple[int, ...], tokenizer=None) -> tuple[CompressedCache, torch.Tensor, float]:
+    """A capturing prefill of `ids` (with reconstruction scores when a tokenizer is given): cache, last logits, seconds."""
+    start = time.perf_counter()
+    request = None if tokenizer is None else ReconstructionRequest.for_prompt(tokenizer, ids)
+    cache = CompressedCache(model, capture=True, reconstruction=request)
     logits = model(torch.tensor([list(ids)], device=model.device), cache=cache).logits[:, -1]
-    return cache, logits
+    return cache, logits, time.perf_counter() - start
 
 
 class Evaluator:
@@ -134,6 +138,8 @@ class Evaluator:
         self.dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
         self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
         self.progress = progress or (lambda: None)
+        # one reconstruction pass per prefill serves every policy that reads its scores
+        self.reconstruct = any(p.stats_config().reconstruction for p in self.policies.values())
 
     def combos(self) -> list[tuple[str, float]]:
         """(policy, budget) pairs run on every sample; the full cache once, at budget 1."""
@@ -157,10 +163,19 @@ class Evaluator:
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
         return self.policies[policy].plan(cache.stats, budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
 
-    def _compressed(self, captured: CompressedCache, task: str, tallies: dict):
-        """(tally, cache) for every feasible (policy, budget) fork of one prefill; infeasible ones are recorded."""
+    def _prefill(self, ids: tuple[int, ...]) -> tuple[CompressedCache, torch.Tensor, float]:
+        return _prefill(self.model, ids, self.tokenizer if self.reconstruct else None)
+
+    def _compressed(self, captured: CompressedCache, task: str, tallies: dict, seconds: float):
+        """(tally, cache) for every feasible (policy, budget) fork of one prefill; infeasible ones are recorded.
+
+        Each tally also records the prefill seconds its policy pays: the reconstruction pass only
+        for the policies that read it.
+        """
+        plain = seconds - captured.reconstruction_seconds
         for policy, budget in self.combos():
             tally = tallies[(policy, budget, task)]
+            tally.extra["prefill_s"].append(seconds if self.policies[policy].stats_config().reconstruction else plain)
             try:
                 cache = captured.fork(self._plan(policy, budget, captured))
             except ValueError as exc:  # budget below what this policy can reach: recorded, not fatal
@@ -176,10 +191,10 @@ class Evaluator:
         if sample.task == "fidelity":
             return self._run_fidelity(sample, tallies)
         aware = self.config.protocol == "query_aware"
-        captured, logits = _prefill(self.model, sample.prompt_ids if aware else sample.context_ids)
+        captured, logits, seconds = self._prefill(sample.prompt_ids if aware else sample.context_ids)
         limit = min(sample.max_new_tokens, self.config.max_new_tokens or sample.max_new_tokens)
         solved = lambda toks: score_sample(sample, self.tokenizer.decode(toks, skip_special_tokens=True)) >= 100  # noqa: E731
-        for tally, cache in self._compressed(captured, sample.task, tallies):
+        for tally, cache in self._compressed(captured, sample.task, tallies, seconds):
             first = logits
             if not aware:
                 with torch.inference_mode():
@@ -190,10 +205,10 @@ class Evaluator:
 
     def _run_fidelity(self, sample: TaskSample, tallies: dict) -> None:
         """Teacher-forced continuation: KL and top-1 agreement vs the full cache, and perplexity."""
-        captured, _ = _prefill(self.model, sample.context_ids)
+        captured, _, seconds = self._prefill(sample.context_ids)
         continuation = torch.tensor([list(sample.continuation_ids)], device=self.model.device)
         reference = None
-        for tally, cache in self._compressed(captured, sample.task, tallies):
+        for tally, cache in self._compressed(captured, sample.task, tallies, seconds):
             with torch.inference_mode():
                 logits = self.model(continuation, cache=cache).logits[0, :-1].float()
             reference = logits if reference is None else reference  # the full cache runs first

@@ -35,6 +35,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 # pooling lost the last digit of a passkey at keep 0.5 where max pooling kept it.
 SNAPKV_POOL = 7
 QERR_SAMPLE_TOKENS = 256
+RECONSTRUCTION_FEATURES: tuple[str, ...] = tuple(f"recon_top{int(f * 100)}_mass" for f in TOP_MASS_FRACTIONS[:4])
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class StatsConfig:
     window: int = 32
     sink_tokens: int = 4
     group_size: int = 32
+    # read context-reconstruction scores too (a second pass over ~the context; adaptive_kv.reconstruction)
+    reconstruction: bool = False
 
     def __post_init__(self) -> None:
         for name in ("window", "group_size"):
@@ -85,6 +88,22 @@ class AttentionStats:
         if name not in self.feature_names:
             raise ValueError(f"feature must be one of {self.feature_names}, got {name!r}")
         return self.features[..., self.feature_names.index(name)]
+
+    @property
+    def has_reconstruction(self) -> bool:
+        """True when the context-reconstruction scores and features were read."""
+        return "reconstruction" in self.token_scores
+
+    def with_reconstruction(self, scores: torch.Tensor) -> "AttentionStats":
+        """These stats plus reconstruction scores (L, H_kv, T) and their per-head top-mass features."""
+        share = scores.float() / scores.float().sum(-1, keepdim=True).clamp_min(1e-12)
+        curve = torch.stack([_top_mass(layer) for layer in share])[..., : len(RECONSTRUCTION_FEATURES)]
+        return AttentionStats(
+            features=torch.cat([self.features, curve.cpu()], dim=-1),
+            token_scores={**self.token_scores, "reconstruction": scores},
+            seq_len=self.seq_len,
+            feature_names=self.feature_names + RECONSTRUCTION_FEATURES,
+        )
 
     @classmethod
     def stack(cls, layers: list[LayerObservation], seq_len: int) -> "AttentionStats":

@@ -11,6 +11,7 @@ from adaptive_kv.policies import (  # noqa: F401  (each module registers its pol
     h2o,
     hybrid,
     kivi,
+    kvzip,
     knorm,
     pyramidkv,
     snapkv,

@@ -59,7 +59,8 @@ class Policy:
 
     def stats_config(self) -> StatsConfig:
         """What the cache must read during prefill for this policy (give it to `CompressedCache`)."""
-        return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size)
+        reconstruction = getattr(self, "scorer", None) == "reconstruction"
+        return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size, reconstruction=reconstruction)
 
     def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
         """The Plan for this request within `budget` x the full-precision cache bytes."""

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from adaptive_kv import CompressedCache, Plan
 from adaptive_kv.plan import TOKEN_SCORERS
+from adaptive_kv.reconstruction import ReconstructionRequest
 from adaptive_kv.policies import available_policies, get_policy, register, tokens_for_budget
 from adaptive_kv.policies.base import head_bytes, head_full_bytes
 from adaptive_kv.policies.hybrid import Hybrid
@@ -50,10 +51,12 @@ def test_policy_matrix(llama_gqa, name, budget, selection):
         plans.append(policy.plan(stats, budget, head_dim=TINY_HEAD_DIM, dtype_bytes=TINY_DTYPE_BYTES))
         return plans[-1]
 
-    cache = CompressedCache(llama_gqa, plan_provider=provider)
+    ids = _prompt()
+    request = ReconstructionRequest(tuple(ids[0].tolist()), (5, 6, 7), (8, 9)) if policy.stats_config().reconstruction else None
+    cache = CompressedCache(llama_gqa, plan_provider=provider, stats_config=policy.stats_config(), reconstruction=request)
     try:
         with torch.no_grad():
-            llama_gqa(_prompt(), cache=cache)
+            llama_gqa(ids, cache=cache)
     except ValueError as exc:
         if "minimum feasible" not in str(exc):
             raise
