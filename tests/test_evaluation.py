@@ -3,12 +3,17 @@
 import json
 
 import pytest
+import torch
 
 from adaptive_kv.cli import main
 from adaptive_kv.evaluation import EvalConfig, Evaluator
 from adaptive_kv.report import best_per_budget, write_outputs
 
 RECORD_KEYS = {"policy", "budget", "task", "score", "n_samples", "kv_bytes", "full_kv_bytes"}
+# Tolerances, one table for the file. KL and perplexity of the evaluator vs computed in the test
+# from a DynamicCache run and a directly compressed cache (fork == direct to 1e-6 in logits).
+METRIC_RTOL = 1e-4
+FIRST_LOGITS_ATOL = 1e-5  # full fork + question vs DynamicCache over the whole prompt (same SDPA)
 
 
 @pytest.mark.parametrize("protocol", ["query_agnostic", "query_aware"])
@@ -68,3 +73,92 @@ def test_context_longer_than_model_rejected(llama_gqa, tiny_tokenizer):
     config = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("passkey",), context_length=10_000)
     with pytest.raises(ValueError, match="context_length 10000 must be in \\[1, 4096\\]"):
         Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny")
+
+
+# ------------------------------------------------------------------------------ independent references
+
+
+def test_fidelity_metrics_match_an_independent_reference(tiny_tokenizer):
+    """KL, top-1 and perplexity equal those computed here against a DynamicCache run."""
+    from transformers import DynamicCache
+
+    from adaptive_kv import CompressedCache
+    from adaptive_kv.policies import get_policy
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("llama_gqa")
+    config = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("fidelity",), context_length=256, samples=1)
+    evaluator = Evaluator(model, tiny_tokenizer, config, model_name="tiny")
+    (sample,) = evaluator.samples()["fidelity"]
+    records = {r["policy"]: r for r in evaluator.run()["records"]}
+    context, continuation = torch.tensor([sample.context_ids]), torch.tensor([sample.continuation_ids])
+    policy = get_policy("snapkv")
+    compressed = CompressedCache(model, plan_provider=lambda s: policy.plan(s, 0.5, head_dim=16, dtype_bytes=4))
+    logits = {}
+    with torch.no_grad():
+        for name, cache in (("full", DynamicCache(config=model.config)), ("snapkv", compressed)):
+            model(context, cache=cache)
+            logits[name] = model(continuation, cache=cache).logits[0, :-1].double()  # position t predicts t+1
+    ref_logp = logits["full"].log_softmax(-1)
+    for name in ("full", "snapkv"):
+        logp = logits[name].log_softmax(-1)
+        kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+        top1 = 100 * float((logp.argmax(-1) == ref_logp.argmax(-1)).double().mean())
+        nll = -logp.gather(-1, continuation[0, 1:, None]).mean()
+        assert records[name]["kl"] == pytest.approx(kl, rel=METRIC_RTOL, abs=1e-9)
+        assert records[name]["score"] == pytest.approx(top1)
+        assert records[name]["perplexity"] == pytest.approx(float(nll.exp()), rel=METRIC_RTOL)
+    assert records["snapkv"]["kl"] > 1e-4  # compression changes the predictions (measured 6e-4)
+
+
+def _record_forwards(model, monkeypatch) -> list[dict]:
+    """Record every forward: the ids fed and the state of the cache they were fed to."""
+    calls, forward = [], model.forward
+
+    def recording(input_ids=None, *args, cache=None, **kwargs):
+        layer = cache.layers[0]
+        call = dict(ids=tuple(input_ids[0].tolist()), cache=cache, capture=cache.capture,
+                    compressed=layer.is_compressed, seen=layer.seen_tokens)
+        out = forward(input_ids, *args, cache=cache, **kwargs)
+        calls.append({**call, "logits": out.logits[0, -1]})
+        return out
+
+    monkeypatch.setattr(model, "forward", recording)
+    return calls
+
+
+@pytest.mark.parametrize("protocol", ["query_agnostic", "query_aware"])
+def test_protocols_compress_what_they_say(tiny_tokenizer, protocol, monkeypatch):
+    """query_agnostic: compress the context, then feed the question to each compressed fork;
+    query_aware: compress the prompt with the question in it."""
+    from transformers import DynamicCache
+
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("llama_gqa")
+    config = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("passkey",), context_length=256,
+                        samples=1, protocol=protocol, max_new_tokens=2)
+    evaluator = Evaluator(model, tiny_tokenizer, config, model_name="tiny")
+    (sample,) = evaluator.samples()["passkey"]
+    calls = _record_forwards(model, monkeypatch)
+    evaluator.run()
+    prefill, rest = calls[0], calls[1:]
+    compressed_first = {id(c["cache"]): c for c in reversed(rest)}  # the first call on each fork
+    assert prefill["capture"] and prefill["seen"] == 0 and not prefill["compressed"]
+    assert len(compressed_first) == 2  # the full reference and snapkv@0.5, each on its own fork
+    assert all(c["compressed"] and not c["capture"] for c in rest)
+    if protocol == "query_agnostic":
+        assert prefill["ids"] == sample.context_ids
+        for first in compressed_first.values():
+            assert first["ids"] == sample.question_ids and first["seen"] == len(sample.context_ids)
+        full_fork = next(c for c in compressed_first.values() if c["cache"].plan.is_identity)
+        monkeypatch.undo()
+        with torch.no_grad():  # the question after the whole context, seen through the full fork
+            ref = model(torch.tensor([sample.prompt_ids]), cache=DynamicCache(config=model.config)).logits[0, -1]
+        torch.testing.assert_close(full_fork["logits"], ref, atol=FIRST_LOGITS_ATOL, rtol=0)
+        snapkv_fork = next(c for c in compressed_first.values() if not c["cache"].plan.is_identity)
+        assert snapkv_fork["cache"].layers[0].head_tokens().max() < len(sample.prompt_ids)
+    else:
+        assert prefill["ids"] == sample.prompt_ids
+        for first in compressed_first.values():  # decode continues after the prompt; no question is fed
+            assert len(first["ids"]) == 1 and first["seen"] == len(sample.prompt_ids)
