@@ -1,0 +1,103 @@
+"""Real bytes (tier 1): the plan's prediction, the memory really allocated, after decode too.
+
+head_dim 64 with group size 16 gives four value scale groups per token (as on the embedded
+model); fp32, bf16 and fp16 models; odd lengths. "Allocated" counts the storage behind every
+tensor the cache holds, so a view that pins the freed prefill is caught. Byte counts are
+integers and compare exactly: no tolerance table here.
+"""
+
+import dataclasses
+import functools
+import math
+
+import pytest
+import torch
+
+from adaptive_kv import CompressedCache, HeadBudget, Plan
+from conftest import build_tiny_model
+
+LAYOUT = dict(recent_window=8, group_size=16, sink_tokens=4)
+HEAD_DIM = 64  # llama_hd64: 2 layers, 2 KV heads
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(dtype: torch.dtype) -> torch.nn.Module:
+    return build_tiny_model("llama_hd64").to(dtype)
+
+
+def _plans(selection: str = "per_head") -> list[Plan]:
+    return [
+        Plan.uniform(2, 2, key_bits=4, value_bits=2, **LAYOUT),
+        Plan(((HeadBudget(40, 2, 8), HeadBudget(None, 16, 4)), (HeadBudget(61, 8, 2), HeadBudget(29, 16, 16))),
+             selection=selection, **LAYOUT),
+    ]
+
+
+def _tensors(cache: CompressedCache) -> list[torch.Tensor]:
+    out = []
+    for layer in cache.layers:
+        out += [t for t in (*(layer.prefill or ()), *(layer.sinks or ())) if t is not None]
+        for part in (*layer.buckets.values(), layer.residual):
+            out += [getattr(part, f.name) for f in dataclasses.fields(part)]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _allocated(cache: CompressedCache) -> int:
+    """Bytes of the distinct storages behind the cache's tensors (what the allocator holds)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(cache)}
+    return sum(storages.values())
+
+
+def _accounted(cache: CompressedCache, itemsize: int) -> int:
+    """Bytes from the layout written out: per token, per group, per head (scores on evictable tokens)."""
+    plan, total = cache.plan, 0
+    per_score = 4 + (4 if plan.selection == "shared" else 0) if plan.tracks_scores else 0
+    for layer in cache.layers:
+        num_heads, sinks, _ = layer.sinks[0].shape
+        residual = int(layer.residual.lengths.sum())
+        total += 2 * (num_heads * sinks + residual) * HEAD_DIM * itemsize + 8 * num_heads + per_score * residual
+        for (key_bits, value_bits), bucket in layer.buckets.items():
+            tokens, groups = bucket.num_tokens, bucket.group_len.numel()
+            value_groups = math.ceil(HEAD_DIM / min(plan.group_size, HEAD_DIM))
+            total += tokens * HEAD_DIM * (itemsize if key_bits == 16 else key_bits / 8)
+            total += 0 if key_bits == 16 else groups * HEAD_DIM * 2 * 2  # fp16 scale + zero per channel
+            total += tokens * HEAD_DIM * (itemsize if value_bits == 16 else value_bits / 8)
+            total += 0 if value_bits == 16 else tokens * value_groups * 2 * 2  # per token and channel group
+            total += 4 * groups + per_score * tokens
+    return int(total)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seq_len", [17, 97])
+def test_prefill_bytes_equal_prediction(dtype, seq_len):
+    model = _model(dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for plan in _plans() + _plans("shared")[1:]:
+        cache = CompressedCache(model, plan=plan)
+        with torch.no_grad():
+            model(torch.randint(0, 1000, (1, seq_len)), cache=cache)
+        predicted = plan.nbytes(seq_len, HEAD_DIM, itemsize)
+        assert cache.nbytes() == predicted == _allocated(cache) == _accounted(cache, itemsize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bytes_after_decode_flushes_and_evictions(dtype):
+    model = _model(dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    seq_len, steps = 97, 29  # the residual (13 + 29 tokens) flushes twice; the 40-token head evicts
+    keep_all, evicting = _plans()
+    for plan in (keep_all, evicting):
+        cache = CompressedCache(model, plan=plan, eviction_slack=4)
+        with torch.no_grad():
+            model(torch.randint(0, 1000, (1, seq_len)), cache=cache)
+            for token in torch.randint(0, 1000, (steps,)).tolist():
+                model(torch.tensor([[token]]), cache=cache)
+        assert cache.nbytes() == _allocated(cache) == _accounted(cache, itemsize)
+        if plan is keep_all:  # flushing leaves the layout of the plan applied to all tokens seen
+            assert cache.nbytes() == plan.nbytes(seq_len + steps, HEAD_DIM, itemsize)
+            assert sum(len(layer.buckets) for layer in cache.layers) == 2
+        else:  # evicted tokens are freed: partial groups, fewer bytes than keeping everything
+            held = torch.stack([layer.head_tokens() for layer in cache.layers])
+            assert held.tolist()[0][0] <= 40 + 4 + 1 and held.tolist()[1][0] <= 61 + 4 + 1
+            assert any((b.group_len < LAYOUT["group_size"]).any() for layer in cache.layers for b in layer.buckets.values())
