@@ -282,7 +282,7 @@ async def _respond(engine: Engine, body: Any, request: GenerationRequest, shape:
             event = first
             while True:
                 for chunk in shape.chunks(event):
-                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n".encode()
+                    yield f"data: {chunk.model_dump_json()}\n\n".encode()
                 if isinstance(event, GenerationOutput):
                     break
                 event = await anext(events)

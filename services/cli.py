@@ -49,7 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         resolve_policy(spec)  # an unknown name fails here, before any model loads
     read_api_key(args.api_key_env)  # likewise an unset key variable
     engine = EngineConfig(model=args.model, policy=spec, budget=args.budget, max_queue=args.max_queue,
-                          request_timeout=args.request_timeout, max_tokens_cap=args.max_tokens_cap)
+                          request_timeout=args.request_timeout, max_tokens_cap=args.max_tokens_cap,
+                          threads=args.threads)
     options = ServeOptions(engine=engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
                            replicas=args.replicas, ray_address=args.ray_address, num_cpus=args.replica_cpus)
     if args.ray_serve:
@@ -73,6 +74,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=_positive(int), default=16, help="requests waiting per replica before 429")
     p.add_argument("--request-timeout", type=_positive(float), default=120.0, help="seconds, queue wait included")
     p.add_argument("--max-tokens-cap", type=_positive(int), default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--threads", type=_positive(int), help="torch CPU threads per replica (default: torch's choice)")
     p.add_argument("--api-key-env", help="environment variable holding the bearer API key (unset: no key)")
     p.add_argument("--ray-serve", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")
     p.add_argument("--replicas", type=_positive(int), default=1, help="Ray Serve replicas (each loads the model)")

@@ -41,6 +41,7 @@ class EngineConfig:
     max_queue: int = 16
     request_timeout: float = 120.0
     max_tokens_cap: int = 1024
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -49,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
 
@@ -143,6 +146,9 @@ class Engine:
         from adaptive_kv.models import load_model
 
         self._policy = resolve_policy(self.config.policy)  # cheap, and fails before the slow model load
+        if self.config.threads is not None:
+            # on a shared CPU, OpenMP threads spinning against other processes cost far more than they add
+            torch.set_num_threads(self.config.threads)
         self.model, self.tokenizer = (self._loader or load_model)(self.config.model)
         cfg = self.model.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
