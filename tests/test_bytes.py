@@ -81,7 +81,7 @@ def test_prefill_bytes_equal_prediction(dtype, seq_len):
         assert cache.nbytes() == predicted == _allocated(cache) == _accounted(cache, itemsize)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # fp16 decodes like bf16, slowly on CPU
 def test_bytes_after_decode_flushes_and_evictions(dtype):
     model = _model(dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
