@@ -30,6 +30,7 @@ def adaptive_kv_attention(
     """SDPA, except for a CompressedCache step, which the cache computes itself."""
     from adaptive_kv.cache import LayerStep
 
+    recorder = kwargs.pop("kv_recorder", None)  # training labels read the queries that follow a context
     reconstruction = kwargs.pop("kv_reconstruction", None)
     if reconstruction is not None:  # the context-reconstruction pass (adaptive_kv.reconstruction)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -39,6 +40,8 @@ def adaptive_kv_attention(
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     cache, layer = key.cache, key.cache.layers[key.layer_idx]
     if layer.is_compressed:
+        if recorder is not None:
+            recorder(key.layer_idx, query, key.key_states, key.value_states, scaling)
         return cache.attend(key, query, scaling), None
     # prefill: exact SDPA over the full-precision states, then read the statistics
     keys, values = key.key_states, key.value_states

@@ -80,6 +80,23 @@ class CompressedLayer(CacheLayerMixin):
         """No maximum length."""
         return -1
 
+    def head_states(self, kernels, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every head's stored keys and values as attention reads them (dequantised): [(N_h, D), (N_h, D)].
+
+        Token order within a head is storage order (sinks, packed groups, residual), not position.
+        """
+        num_heads = self.sinks[0].shape[0]
+        keys = [[self.sinks[0][h].to(dtype)] for h in range(num_heads)]
+        values = [[self.sinks[1][h].to(dtype)] for h in range(num_heads)]
+        parts = [(b.token_heads(), *b.dequantize(kernels, dtype)) for b in self.buckets.values()]
+        parts.append((self.residual.token_heads(), self.residual.keys.to(dtype), self.residual.values.to(dtype)))
+        for heads, k, v in parts:
+            for h in range(num_heads):
+                mine = heads == h
+                keys[h].append(k[mine])
+                values[h].append(v[mine])
+        return [(torch.cat(k), torch.cat(v)) for k, v in zip(keys, values)]
+
     # --------------------------------------------------------------- accounting
     @property
     def is_compressed(self) -> bool:

@@ -61,6 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from adaptive_kv.plan import Plan
 
     prompt = _read_prompt(args)
+    policy = _policy(args) if args.policy else None
     model, tokenizer = load_model(args.model)
     ids = encode_prompt(tokenizer, prompt, chat=False if args.raw else None)
     config = model.config
@@ -72,20 +73,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
             group_size=args.group_size,
         )
 
-    result = generate(model, tokenizer, ids, plan_provider=uniform, max_new_tokens=args.max_new_tokens)
+    options = {}
+    provider = uniform
+    if policy is not None:
+        provider, options = _provider(policy, args.budget, model), {"stats_config": policy.stats_config()}
+    result = generate(model, tokenizer, ids, plan_provider=provider, max_new_tokens=args.max_new_tokens, **options)
     kv = result.kv
     if args.json:
         summary = {"full_bytes": kv["full_bytes"], "bytes": kv["bytes"], "ratio": kv["ratio"]}
         print(json.dumps({"text": result.text, "prompt_tokens": result.prompt_tokens, "kv": summary}))
         return 0
     print(result.text)
+    what = f"policy {args.policy} at budget {args.budget:g}" if policy is not None else f"keep {args.keep:g}, {args.bits}-bit"
     print(
-        f"\n[kv] prompt {result.prompt_tokens} tokens, keep {args.keep:g}, {args.bits}-bit: "
+        f"\n[kv] prompt {result.prompt_tokens} tokens, {what}: "
         f"full {_format_bytes(kv['full_bytes'])}, real {_format_bytes(kv['bytes'])}, "
         f"ratio {kv['ratio']:.2f}x smaller",
         file=sys.stderr if args.quiet_report else sys.stdout,
     )
     return 0
+
+
+def _policy(args: argparse.Namespace):
+    """The policy named by --policy (with --controller for `learned`)."""
+    from adaptive_kv.policies import get_policy
+
+    options = {"path": args.controller} if getattr(args, "controller", None) else {}
+    if options and args.policy != "learned":
+        raise CliError("--controller applies to --policy learned only")
+    return get_policy(args.policy, **options)
+
+
+def _provider(policy, budget: float, model):
+    """AttentionStats -> Plan for `policy` at `budget` on `model`."""
+    import torch
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    return lambda stats: policy.plan(stats, budget, head_dim=head_dim, dtype_bytes=itemsize)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -99,6 +125,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=32, help="recent tokens kept in full precision")
     p.add_argument("--group-size", type=int, default=32, help="quantisation group size (power of two)")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate")
+    p.add_argument("--policy", help="decide per request with this policy (e.g. learned, kvzip, hybrid) instead of --keep/--bits")
+    p.add_argument("--budget", type=_fraction, default=0.125, help="with --policy: KV bytes as a fraction of full precision")
+    p.add_argument("--controller", help="with --policy learned: a controller folder (default: the shipped one)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as it is (no chat template)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet-report", action="store_true", help="print the KV report on stderr")
@@ -192,7 +221,84 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_serve(sub)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate, _add_eval, _add_serve]
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print (and optionally draw) the plan a policy chooses for a prompt."""
+    import torch
+
+    from adaptive_kv.cache import CompressedCache
+    from adaptive_kv.generation import encode_prompt
+    from adaptive_kv.models import load_model
+    from adaptive_kv.reconstruction import ReconstructionRequest
+
+    prompt = _read_prompt(args)
+    policy = _policy(args)
+    model, tokenizer = load_model(args.model)
+    ids = encode_prompt(tokenizer, prompt, chat=False if args.raw else None)
+    stats_config = policy.stats_config()
+    request = ReconstructionRequest.for_prompt(tokenizer, ids) if stats_config.reconstruction else None
+    cache = CompressedCache(model, capture=True, stats_config=stats_config, reconstruction=request)
+    with torch.inference_mode():
+        model(torch.tensor([ids]), cache=cache)
+    plan = _provider(policy, args.budget, model)(cache.stats)
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    seq_len, head_dim = len(ids), cache.head_dim
+    fraction = plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize)
+    if args.png:
+        from adaptive_kv.training.plots import plan_heatmap_png
+
+        plan_heatmap_png({args.policy: plan}, seq_len, Path(args.png), f"{args.policy} at budget {args.budget:g}, {seq_len} tokens")
+    if args.json:
+        print(json.dumps({"policy": args.policy, "budget": args.budget, "seq_len": seq_len,
+                          "bytes_fraction": fraction, "plan": plan.to_dict()}))
+        return 0
+    _print_plan(plan, args.policy, args.budget, seq_len, fraction)
+    return 0
+
+
+def _print_plan(plan, policy: str, budget: float, seq_len: int, fraction: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{policy} at budget {budget:g}: {seq_len} tokens, {fraction:.4f} of full bytes")
+    table.add_column("layer", justify="right")
+    for h in range(plan.num_kv_heads):
+        table.add_column(f"head {h}: keep / K / V", justify="right")
+    for layer_idx, layer in enumerate(plan.heads):
+        cells = [f"{'all' if b.keep is None else b.keep} / {b.key_bits} / {b.value_bits}" for b in layer]
+        table.add_row(str(layer_idx), *cells)
+    Console().print(table)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="show the plan a policy chooses for a prompt (table, JSON, heat-map)")
+    p.add_argument("prompt", nargs="?", help="the prompt text (or use --prompt-file)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
+    p.add_argument("--policy", default="learned", help="policy name (default: learned)")
+    p.add_argument("--controller", help="with --policy learned: a controller folder (default: the shipped one)")
+    p.add_argument("--budget", type=_fraction, default=0.125, help="KV bytes as a fraction of full precision")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as it is (no chat template)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--png", help="also draw the plan as a heat-map into this PNG file")
+    p.set_defaults(func=cmd_plan)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    # flags live with the training package; it imports ray/optuna/mlflow only when the command runs
+    from adaptive_kv.training.cli import add_train
+
+    add_train(sub)
+
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    from adaptive_kv.training.cli import add_quickstart
+
+    add_quickstart(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_generate, _add_plan, _add_eval, _add_train, _add_serve, _add_quickstart,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

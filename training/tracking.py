@@ -1,11 +1,14 @@
 """MLflow tracking adapters (the training package is the only place that imports mlflow).
 
 Default store: a local SQLite backend and artifact folder under ./mlruns (inspect with
-`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`); set MLFLOW_TRACKING_URI for a server.
+`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`); set MLFLOW_TRACKING_URI or pass a
+URI for a server. Training: one parent run per `train`, a nested run per trial, the best
+controller registered as `adaptive-kv-controller` with alias `champion`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -13,14 +16,26 @@ from typing import Any
 
 DEFAULT_DIR = Path("mlruns")
 EXPERIMENT = "adaptive-kv-eval"
+TRAIN_EXPERIMENT = "adaptive-kv-train"
+REGISTERED_MODEL = "adaptive-kv-controller"
+CHAMPION = "champion"
 
 
-def tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns."""
+def tracking_uri(uri: str | None = None) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns."""
+    if uri:
+        return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
+
+
+def ui_command(uri: str) -> str:
+    """The command that shows this store in the MLflow UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _metric_name(*parts: Any) -> str:
@@ -46,3 +61,74 @@ def log_eval(results: dict[str, Any], paths: dict[str, Path], *, experiment: str
         for path in paths.values():
             mlflow.log_artifact(str(path))
         return run.info.run_id
+
+
+def log_trial_metrics(metrics: dict[str, Any], history: list[tuple[int, float, float]]) -> None:
+    """Per-epoch losses and per-budget / per-task validation scores of one trial (inside its run)."""
+    import mlflow
+
+    for epoch, train_loss, valid_loss in history:
+        mlflow.log_metric("train_loss", train_loss, step=epoch)
+        if valid_loss == valid_loss:  # NaN when there is no validation label set
+            mlflow.log_metric("valid_loss", valid_loss, step=epoch)
+    mlflow.log_metric("score", metrics["score"])
+    for budget, score in metrics["by_budget"].items():
+        mlflow.log_metric(_metric_name("score", f"b{float(budget):g}"), score)
+    for budget, fraction in metrics["bytes_fraction"].items():
+        if fraction is not None:
+            mlflow.log_metric(_metric_name("bytes_fraction", f"b{float(budget):g}"), fraction)
+    for key, score in metrics["by_task"].items():
+        mlflow.log_metric(_metric_name("score", key), score)
+
+
+def register_controller(folder: Path, example: dict[str, Any]) -> str:
+    """Log the controller folder as a pyfunc in the active run, register it and alias it champion. Returns the version."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    frame = pd.DataFrame([example])
+    signature = infer_signature(frame, pd.DataFrame({"plan": ["{}"]}))
+    info = mlflow.pyfunc.log_model(
+        name="controller",
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts={"controller": str(folder)},
+        signature=signature,
+        registered_model_name=REGISTERED_MODEL,
+    )
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
+    return version
+
+
+def fetch_controller(uri: str, tracking: str | None = None) -> Path:
+    """A local controller folder for `uri`: a folder path, or an MLflow model URI (models:/name@alias)."""
+    if not uri.startswith(("models:/", "runs:/")):
+        folder = Path(uri)
+        if not (folder / "controller.json").is_file():
+            raise ValueError(f"policy-uri {uri!r} is neither an MLflow model URI nor a controller folder")
+        return folder
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(tracking))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # MLflow raises several types for unknown names, aliases and stores
+        raise ValueError(f"cannot fetch {uri!r} from {tracking_uri(tracking)}: {exc}") from None
+    found = sorted(local.rglob("controller.json"))
+    if not found:
+        raise ValueError(f"{uri!r} holds no controller.json")
+    return found[0].parent
+
+
+def example_input(stats, budget: float, head_dim: int, dtype_bytes: int) -> dict[str, Any]:
+    """One pyfunc input row for these statistics."""
+    return {
+        "features": json.dumps(stats.features.tolist()),
+        "feature_names": json.dumps(list(stats.feature_names)),
+        "seq_len": int(stats.seq_len),
+        "budget": float(budget),
+        "head_dim": int(head_dim),
+        "dtype_bytes": int(dtype_bytes),
+    }

@@ -1,0 +1,107 @@
+"""The learned controller as a policy: statistics -> predicted distortion -> knapsack -> Plan."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_kv.plan import Plan
+from adaptive_kv.policies.allocator import allocate
+from adaptive_kv.policies.base import Policy, check_fraction, infeasible
+from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
+from adaptive_kv.policies.controller_net import ControllerNet
+from adaptive_kv.policies.options import option_bytes
+from adaptive_kv.policies.registry import register
+from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
+
+# The controller trained for the embedded model ships with the package (a few kB).
+SHIPPED = Path(__file__).resolve().parent / "controllers" / "smollm2-135m"
+
+
+@register("learned")
+@dataclass(frozen=True)
+class Learned(Policy):
+    """The adaptive-kv controller: per (layer, KV head) keep and key/value bits for this request.
+
+    A small network (`ControllerNet`) reads each head's AttentionStats features and predicts the
+    distortion of the head's attention output under every option of its grid (keep fraction x
+    bits); the allocator picks one option per head minimising the layer-weighted predicted
+    distortion within the byte budget (multiple-choice knapsack). `path` is a controller folder
+    (default: the one shipped for the embedded model); the cache layout (sinks, window, group,
+    scorer, selection) is the one the controller was trained with, so the layout fields of this
+    policy are ignored.
+    """
+
+    path: str | None = None
+    config: ControllerConfig = field(init=False, repr=False, compare=False)
+    net: ControllerNet = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        folder = Path(self.path) if self.path is not None else SHIPPED
+        config, net = load_controller(folder)
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "net", net)
+
+    @classmethod
+    def from_parts(cls, config: ControllerConfig, net: ControllerNet) -> "Learned":
+        """A policy over an in-memory controller (training and tests), with no files read."""
+        policy = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                object.__setattr__(policy, f.name, f.default)
+        object.__setattr__(policy, "config", config)
+        object.__setattr__(policy, "net", net.eval())
+        return policy
+
+    def layout(self, **overrides: Any) -> dict[str, Any]:
+        """The layout the controller was trained with."""
+        return {**self.config.layout, **overrides}
+
+    def stats_config(self) -> StatsConfig:
+        """Reconstruction is read when the controller's scorer or features use it."""
+        layout = self.config.layout
+        recon = layout["scorer"] == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.config.feature_names)
+        return StatsConfig(sink_tokens=layout["sink_tokens"], group_size=layout["group_size"], reconstruction=recon)
+
+    def predict(self, stats: AttentionStats) -> torch.Tensor:
+        """Predicted log-distortion (L, H, O) of every option for every head."""
+        shape = self.config.model_shape
+        if (stats.num_layers, stats.num_kv_heads) != (shape["num_layers"], shape["num_kv_heads"]):
+            raise ValueError(
+                f"controller was trained for {shape['num_layers']} layers x {shape['num_kv_heads']} KV heads, "
+                f"the statistics have {stats.num_layers} x {stats.num_kv_heads}"
+            )
+        missing = [f for f in self.config.feature_names if f not in stats.feature_names]
+        if missing:
+            raise ValueError(f"statistics lack the controller's features {missing}; build the cache with policy.stats_config()")
+        idx = torch.tensor([stats.feature_names.index(f) for f in self.config.feature_names])
+        features = stats.features[..., idx].float().reshape(-1, len(idx))
+        with torch.inference_mode():
+            pred = self.net(features, torch.arange(features.shape[0]))
+        return pred.view(stats.num_layers, stats.num_kv_heads, -1)
+
+    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+        """One option per head: least weighted predicted distortion within the budget."""
+        check_fraction("budget", budget)
+        if head_dim != self.config.model_shape["head_dim"]:
+            raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
+        layout, seq_len = self.layout(), stats.seq_len
+        weights = torch.tensor(self.config.layer_weights, dtype=torch.float64)
+        cost = self.predict(stats).double().exp() * weights[:, None, None]  # (L, H, O)
+        per_option = torch.tensor(option_bytes(self.config.grid, layout, seq_len, head_dim, dtype_bytes), dtype=torch.float64)
+        num_heads = stats.num_layers * stats.num_kv_heads
+        full = Plan.full(stats.num_layers, stats.num_kv_heads, **layout).full_nbytes(seq_len, head_dim, dtype_bytes)
+        try:
+            choice = allocate(cost.reshape(num_heads, -1), per_option.expand(num_heads, -1), budget * full)
+        except ValueError:
+            minimum = per_option.min().item() * num_heads / full
+            raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None
+        floor = layout["sink_tokens"] + layout["recent_window"]
+        budgets = [self.config.grid[int(c)].budget(seq_len, floor) for c in choice]
+        rows = [tuple(budgets[i * stats.num_kv_heads : (i + 1) * stats.num_kv_heads]) for i in range(stats.num_layers)]
+        return Plan(tuple(rows), **layout)

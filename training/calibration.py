@@ -1,0 +1,65 @@
+"""Calibration and validation requests for the controller, with seeds disjoint from evaluation.
+
+A request is a context (what gets compressed) and what follows it (the queries whose attention
+the compression must preserve): the question and the reference answer of a task sample, or the
+next tokens of natural text. Both protocols are covered: query-agnostic requests compress the
+context alone; query-aware ones compress context + question and follow with the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adaptive_kv.tasks import make_samples
+
+# `adaptive-kv eval` and every committed figure use seeds below this; training never does.
+EVALUATION_SEEDS = range(0, 10_000)
+CALIBRATION_SEED = 10_000
+VALIDATION_SEED = 20_000
+PROTOCOLS = ("query_agnostic", "query_aware")
+DEFAULT_MIX: tuple[str, ...] = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "fidelity")
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """One request: context ids, ids that follow, how many of them are the answer (0 = natural text)."""
+
+    task: str
+    protocol: str
+    context_ids: tuple[int, ...]
+    follow_ids: tuple[int, ...]
+    answer_tokens: int
+    seed: int
+    index: int
+
+    @property
+    def key(self) -> str:
+        """A stable identifier."""
+        return f"{self.task}/{self.protocol}/{self.seed}/{self.index}"
+
+
+def answer_ids(tokenizer, answers: tuple[str, ...]) -> tuple[int, ...]:
+    """Reference answer ids as they follow an answer prefix (a leading space, answers joined)."""
+    return tuple(tokenizer.encode(" " + ", ".join(answers), add_special_tokens=False))
+
+
+def make_requests(tokenizer, *, tasks: tuple[str, ...], context_length: int, per_task: int, seed: int,
+                  protocols: tuple[str, ...] = PROTOCOLS) -> list[CalibrationRequest]:
+    """`per_task` samples of every task under every protocol (fidelity has one protocol: no question)."""
+    if seed in EVALUATION_SEEDS:
+        raise ValueError(f"seed {seed} is reserved for evaluation (seeds in [0, {EVALUATION_SEEDS.stop}))")
+    out = []
+    for task in tasks:
+        for index, sample in enumerate(make_samples(task, tokenizer, context_length, per_task, seed)):
+            if task == "fidelity":
+                out.append(CalibrationRequest(task, "query_agnostic", sample.context_ids,
+                                              sample.continuation_ids, 0, seed, index))
+                continue
+            answer = answer_ids(tokenizer, sample.answers)
+            for protocol in protocols:
+                if protocol == "query_agnostic":
+                    context, follow = sample.context_ids, sample.question_ids + answer
+                else:
+                    context, follow = sample.prompt_ids, answer
+                out.append(CalibrationRequest(task, protocol, context, follow, len(answer), seed, index))
+    return out

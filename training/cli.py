@@ -1,0 +1,92 @@
+"""Flags of `adaptive-kv train` and `adaptive-kv quickstart` (imported by the CLI; light at import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    from adaptive_kv.cli import _budgets as parse
+
+    return parse(text)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    from adaptive_kv.cli import _csv as parse
+
+    return parse(text)
+
+
+def _positive(text: str) -> int:
+    from adaptive_kv.cli import _positive as parse
+
+    return parse(text)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    """Register `train`."""
+    p = sub.add_parser("train", help="train the learned controller: labels and Optuna trials on Ray, tracked in MLflow")
+    p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
+    p.add_argument("--budgets", type=_budgets, default=None, help="target budgets (default 0.25,0.125,0.0625)")
+    p.add_argument("--trials", type=_positive, default=None, help="finished Optuna trials the study should hold (default 8)")
+    p.add_argument("--workers", type=_positive, default=2, help="Ray workers (one model copy each)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUTPUT/optuna.db)")
+    p.add_argument("--study", default="adaptive-kv", help="Optuna study name; rerun with the same name to resume")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--output", default="outputs/train", help="folder for labels, trials, the controller and figures")
+    p.add_argument("--tasks", type=_csv, default=None, help="calibration task mix (comma-separated)")
+    p.add_argument("--context-length", type=_positive, default=None, help="calibration context length in tokens")
+    p.add_argument("--train-per-task", type=_positive, default=None, help="calibration samples per task")
+    p.add_argument("--valid-per-task", type=_positive, default=None, help="validation samples per task")
+    p.add_argument("--no-register", action="store_true", help="do not register the best controller")
+    p.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end run (short contexts, 2 small trials)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train)
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of parsed flags (flags left out keep the defaults, or the smoke test's)."""
+    from adaptive_kv.training.train import TrainConfig
+
+    given = dict(model=args.model, budgets=args.budgets, trials=args.trials, workers=args.workers,
+                 ray_address=args.ray_address, storage=args.storage, study=args.study, mlflow_uri=args.mlflow_uri,
+                 output=args.output, tasks=args.tasks, context_length=args.context_length,
+                 train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register)
+    given = {k: v for k, v in given.items() if v is not None}
+    return TrainConfig.smoke(**given) if args.smoke_test else TrainConfig(**given)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run `train` and print where everything went."""
+    from adaptive_kv.training.train import run_train
+
+    summary = run_train(train_config(args))
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0
+    print(f"best trial {summary['best_trial']}: validation score {summary['best_score']:.1f} ({summary['best_params']})")
+    print(f"controller: {summary['controller']}")
+    if summary.get("model_version"):
+        print(f"registered: models:/{summary['registered_model']}@{summary['alias']} (version {summary['model_version']})")
+    print(f"figures: {summary['figures']}")
+    print(f"inspect: {summary['ui']}")
+    print(f"wall time: {summary['wall_time_s']} s")
+    return 0
+
+
+def add_quickstart(sub: argparse._SubParsersAction) -> None:
+    """Register `quickstart`."""
+    p = sub.add_parser("quickstart", help="train a controller briefly, then compare it with the static policies")
+    p.add_argument("--output", default="outputs/quickstart", help="folder for everything the run writes")
+    p.add_argument("--samples", type=_positive, default=3, help="held-out samples per task and protocol")
+    p.set_defaults(func=cmd_quickstart)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The README's main command (see adaptive_kv.training.quickstart)."""
+    from adaptive_kv.training.quickstart import run_quickstart
+
+    run_quickstart(args.output, samples=args.samples)
+    return 0

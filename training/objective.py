@@ -1,0 +1,168 @@
+"""The search objective as a plain function: trial config -> controller + validation metrics.
+
+Cheap but real: validation requests are prefilled once (captured), and each budget's plan is
+applied by forking that prefill; the ids that follow are teacher-forced, so a task request scores
+100 when every answer token is the model's top choice, and natural text scores the top-1
+agreement with the uncompressed cache. No Ray, Optuna or MLflow here (STYLE.md point 10).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from adaptive_kv.cache import CompressedCache
+from adaptive_kv.plan import Plan
+from adaptive_kv.policies.controller_files import ControllerConfig
+from adaptive_kv.policies.learned import Learned
+from adaptive_kv.policies.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
+from adaptive_kv.stats import FEATURE_NAMES, RECONSTRUCTION_FEATURES, StatsConfig
+from adaptive_kv.training.calibration import CalibrationRequest
+from adaptive_kv.training.fit import FitConfig, fit
+from adaptive_kv.training.labels import RequestLabels, capture
+
+GRIDS: dict[str, tuple[tuple, tuple]] = {
+    "default": (DEFAULT_KEEPS, DEFAULT_BITS),
+    "fine": ((None, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625, 0.0), DEFAULT_BITS),
+    "no8bit": (DEFAULT_KEEPS, ((16, 16), (4, 4), (4, 2), (2, 2))),
+}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One point of the search space: cache layout, option grid, network, optimisation, weighting."""
+
+    sink_tokens: int = 4
+    recent_window: int = 32
+    group_size: int = 32
+    scorer: str = "reconstruction"
+    selection: str = "per_head"
+    grid: str = "default"
+    hidden: int = 64
+    layers: int = 2
+    embedding: int = 8
+    layer_weight_slope: float = 0.0  # > 0 weighs early layers' distortion more (their errors propagate)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {self.grid!r}")
+
+    def layout(self) -> dict[str, Any]:
+        """Plan layout keywords."""
+        return dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
+                    scorer=self.scorer, selection=self.selection)
+
+    def layout_key(self) -> str:
+        """Labels depend on layout + grid only; trials sharing them share labels."""
+        return f"s{self.sink_tokens}-w{self.recent_window}-g{self.group_size}-{self.scorer}-{self.selection}-{self.grid}"
+
+    def stats_config(self) -> StatsConfig:
+        """What the cache reads: reconstruction always (its features help every scorer)."""
+        return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size, reconstruction=True)
+
+    def options(self):
+        """The option grid."""
+        keeps, bits = GRIDS[self.grid]
+        return option_grid(keeps, bits)
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat parameters for logging."""
+        data = asdict(self)
+        data.update({f"fit_{k}": v for k, v in data.pop("fit").items()})
+        return data
+
+
+def layer_weights(num_layers: int, slope: float) -> tuple[float, ...]:
+    """exp(slope x (1 - 2 l / (L - 1))): 1 everywhere at slope 0, early layers heavier for slope > 0."""
+    span = max(1, num_layers - 1)
+    return tuple(math.exp(slope * (1 - 2 * l / span)) for l in range(num_layers))
+
+
+def controller_config(trial: TrialConfig, model, model_name: str) -> ControllerConfig:
+    """The controller's config for this trial and model."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = dict(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim)
+    return ControllerConfig(
+        model_shape=shape, feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES, grid=trial.options(),
+        layout=trial.layout(), layer_weights=layer_weights(shape["num_layers"], trial.layer_weight_slope),
+        hidden=trial.hidden, layers=trial.layers, embedding=trial.embedding, model_name=model_name,
+    )
+
+
+@dataclass
+class ValidationItem:
+    """A validation request with its captured prefill, last prefill logits and reference logits."""
+
+    request: CalibrationRequest
+    captured: CompressedCache
+    last_logits: torch.Tensor  # (1, V)
+    reference: torch.Tensor  # (Q, V) logits of the follow ids over the uncompressed fork
+
+
+@torch.inference_mode()
+def prepare_validation(model, tokenizer, requests: list[CalibrationRequest], stats_config: StatsConfig,
+                       layout: dict[str, Any]) -> list[ValidationItem]:
+    """Prefill every validation request once."""
+    items = []
+    for request in requests:
+        captured, last_logits = capture(model, tokenizer, request.context_ids, stats_config)
+        identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout))
+        reference = model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity).logits[0]
+        items.append(ValidationItem(request, captured, last_logits, reference))
+    return items
+
+
+@torch.inference_mode()
+def score_plan(model, item: ValidationItem, plan: Plan) -> float:
+    """Teacher-forced score of one plan on one validation item, in 0-100."""
+    cache = item.captured.fork(plan)
+    follow = torch.tensor([list(item.request.follow_ids)], device=model.device)
+    logits = model(follow, cache=cache).logits[0]  # (Q, V): row j predicts follow[j + 1]
+    if item.request.answer_tokens == 0:
+        return 100.0 * (logits[:-1].argmax(-1) == item.reference[:-1].argmax(-1)).float().mean().item()
+    predictions = torch.cat([item.last_logits, logits[:-1]]).argmax(-1)  # row j predicts follow[j]
+    answer = slice(len(item.request.follow_ids) - item.request.answer_tokens, None)
+    return 100.0 if torch.equal(predictions[answer], follow[0, answer]) else 0.0
+
+
+def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budgets: tuple[float, ...]) -> dict[str, Any]:
+    """Scores of `plan_for(stats, budget)` per budget and task, plus real byte fractions."""
+    out: dict[str, Any] = {"by_budget": {}, "by_task": {}, "bytes_fraction": {}}
+    for budget in budgets:
+        scores, fractions = [], []
+        for item in items:
+            try:
+                plan = plan_for(item.captured.stats, budget)
+            except ValueError:  # below this policy's reach: counts as 0 at this budget
+                scores.append(0.0)
+                continue
+            score = score_plan(model, item, plan)
+            scores.append(score)
+            out["by_task"].setdefault(f"{item.request.task}/{budget:g}", []).append(score)
+            head_dim, itemsize = item.captured.head_dim, item.captured.layers[0].prefill[0].element_size()
+            seq_len = item.captured.layers[0].seen_tokens
+            fractions.append(plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize))
+        out["by_budget"][budget] = sum(scores) / len(scores)
+        out["bytes_fraction"][budget] = sum(fractions) / len(fractions) if fractions else None
+    out["by_task"] = {k: sum(v) / len(v) for k, v in out["by_task"].items()}
+    out["score"] = sum(out["by_budget"].values()) / len(budgets)
+    return out
+
+
+def run_trial(model, trial: TrialConfig, train: list[RequestLabels], valid: list[RequestLabels],
+              items: list[ValidationItem], budgets: tuple[float, ...], *, model_name: str = "",
+              on_epoch: Callable | None = None) -> tuple[ControllerConfig, Any, dict[str, Any]]:
+    """Fit a controller for `trial` and score it end to end. Returns (config, net, metrics)."""
+    config = controller_config(trial, model, model_name)
+    net, fit_metrics = fit(config, trial.fit, train, valid, on_epoch)
+    policy = Learned.from_parts(config, net)
+    head_dim = config.model_shape["head_dim"]
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    result = evaluate_policy(model, items, lambda s, b: policy.plan(s, b, head_dim=head_dim, dtype_bytes=itemsize), budgets)
+    result.update(fit_metrics)
+    return config, net, result

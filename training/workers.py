@@ -1,0 +1,88 @@
+"""The Ray actor that holds one model copy and does the heavy work: labels, trials, baselines.
+
+The model is loaded once per worker, not per task; validation prefills are captured once per
+worker and reused by every trial it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adaptive_kv.training.calibration import CalibrationRequest
+from adaptive_kv.training.labels import RequestLabels, collect_labels
+from adaptive_kv.training.objective import TrialConfig, ValidationItem, evaluate_policy, prepare_validation, run_trial
+
+
+class TrainingWorker:
+    """One model, its tokenizer and its validation prefills (wrapped by `ray.remote` in search.py)."""
+
+    def __init__(self, model_name: str, threads: int = 1) -> None:
+        from adaptive_kv.models import load_model
+
+        torch.set_num_threads(threads)  # one worker per core: threads would only fight each other
+        self.model_name = model_name
+        self.model, self.tokenizer = load_model(model_name)
+        self._validation: dict[str, list[ValidationItem]] = {}
+
+    def labels(self, requests: list[CalibrationRequest], trial: TrialConfig) -> list[RequestLabels]:
+        """Labels of `requests` under the trial's layout and grid."""
+        return [collect_labels(self.model, self.tokenizer, r, trial.options(), trial.layout(), trial.stats_config())
+                for r in requests]
+
+    def _items(self, requests: list[CalibrationRequest], trial: TrialConfig) -> list[ValidationItem]:
+        key = f"s{trial.sink_tokens}-g{trial.group_size}"
+        if key not in self._validation:
+            self._validation[key] = prepare_validation(self.model, self.tokenizer, requests, trial.stats_config(), trial.layout())
+        return self._validation[key]
+
+    def trial(self, trial: TrialConfig, train: list[RequestLabels], valid: list[RequestLabels],
+              requests: list[CalibrationRequest], budgets: tuple[float, ...], progress=None) -> dict[str, Any]:
+        """Fit and score one trial; returns its controller (config JSON, weights), metrics and loss history.
+
+        `progress` (a Ray queue) receives one item per finished epoch, for the driver's progress bar.
+        """
+        history: list[tuple[int, float, float]] = []
+
+        def on_epoch(*row) -> None:
+            history.append(row)
+            if progress is not None:
+                progress.put_nowait(row[0])
+
+        config, net, metrics = run_trial(self.model, trial, train, valid, self._items(requests, trial), budgets,
+                                         model_name=self.model_name, on_epoch=on_epoch)
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        return {"config": config.to_json(), "state": state, "metrics": metrics, "history": history}
+
+    def baselines(self, policies: dict[str, dict], requests: list[CalibrationRequest], trial: TrialConfig,
+                  budgets: tuple[float, ...]) -> dict[str, Any]:
+        """Static policies scored on the same validation prefills (for the Pareto figure)."""
+        from adaptive_kv.policies import get_policy
+
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
+        out = {}
+        for label, options in policies.items():
+            policy = get_policy(options["name"], **options.get("options", {}))
+            plan_for = lambda s, b, p=policy: p.plan(s, b, head_dim=head_dim, dtype_bytes=itemsize)  # noqa: E731
+            out[label] = evaluate_policy(self.model, self._items(requests, trial), plan_for, budgets)
+        return out
+
+    def plans(self, config_json: dict, state: dict, requests: list[CalibrationRequest], trial: TrialConfig,
+              budget: float) -> dict[str, str]:
+        """The learned plan (JSON) for each validation request at `budget` (heat-maps)."""
+        from adaptive_kv.policies.controller_files import ControllerConfig
+        from adaptive_kv.policies.learned import Learned
+
+        config = ControllerConfig.from_json(config_json)
+        net = config.build()
+        net.load_state_dict(state)
+        policy = Learned.from_parts(config, net)
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
+        out = {}
+        for item in self._items(requests, trial):
+            plan = policy.plan(item.captured.stats, budget, head_dim=config.model_shape["head_dim"], dtype_bytes=itemsize)
+            out[item.request.key] = plan.to_json()
+        return out
