@@ -282,8 +282,7 @@ class Engine:
                 try:
                     event = await asyncio.wait_for(events.get(), max(job.deadline - time.monotonic(), 0.0))
                 except TimeoutError:
-                    raise EngineError(f"request timed out after {self.config.request_timeout:g}s",
-                                      kind="timeout", code="timeout") from None
+                    raise self._timeout_error() from None
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -291,6 +290,9 @@ class Engine:
                     return
         finally:
             job.cancelled.set()  # client gone, timed out or done: the worker stops or skips it
+
+    def _timeout_error(self) -> EngineError:
+        return EngineError(f"request timed out after {self.config.request_timeout:g}s", kind="timeout", code="timeout")
 
     # ------------------------------------------------------------------ worker thread
     def _serve_forever(self) -> None:
@@ -349,7 +351,7 @@ class Engine:
             if len(decoder.tokens) < request.max_tokens:
                 logits = self.model(torch.tensor([[token]], device=self.model.device), cache=cache).logits[:, -1]
         if not job.live and finish == "length" and len(decoder.tokens) < request.max_tokens:
-            raise EngineError("request cancelled or timed out", kind="timeout", code="timeout")
+            raise self._timeout_error()
         tail = decoder.flush()
         if tail:
             job.emit(TextDelta(tail))

