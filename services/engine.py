@@ -236,12 +236,13 @@ class Engine:
             loaded = self._policy
             return loaded.spec.describe(), loaded.policy
         if name not in self._static:
-            from adaptive_kv.policies import get_policy
+            from adaptive_kv.policies import available_policies, get_policy
 
             try:
                 self._static[name] = get_policy(name)
-            except ValueError as exc:
-                raise EngineError(str(exc), param="kv_policy", code="unknown_policy") from exc
+            except ValueError as exc:  # an unknown name, or a known one whose files are missing
+                code = "unknown_policy" if name not in available_policies() else "policy_unavailable"
+                raise EngineError(str(exc), param="kv_policy", code=code) from exc
         return name, self._static[name]
 
     # ------------------------------------------------------------------ async API (event loop side)
@@ -291,6 +292,16 @@ class Engine:
         finally:
             job.cancelled.set()  # client gone, timed out or done: the worker stops or skips it
 
+    def _cache_options(self, policy: Any, prompt_ids: tuple[int, ...]) -> dict[str, Any]:
+        """What the cache must read during prefill for `policy` (reconstruction scores need the context's ids)."""
+        from adaptive_kv.reconstruction import ReconstructionRequest
+
+        stats_config = policy.stats_config()
+        options: dict[str, Any] = {"stats_config": stats_config}
+        if stats_config.reconstruction:
+            options["reconstruction"] = ReconstructionRequest.for_prompt(self.tokenizer, list(prompt_ids))
+        return options
+
     def _timeout_error(self) -> EngineError:
         return EngineError(f"request timed out after {self.config.request_timeout:g}s", kind="timeout", code="timeout")
 
@@ -326,7 +337,7 @@ class Engine:
 
         name, policy = self.policy_for(request.policy)
         planner = self._planner(policy, request.budget)
-        cache = CompressedCache(self.model, plan_provider=planner, stats_config=policy.stats_config())
+        cache = CompressedCache(self.model, plan_provider=planner, **self._cache_options(policy, request.prompt_ids))
         start = time.perf_counter()
         logits = self.model(torch.tensor([list(request.prompt_ids)], device=self.model.device), cache=cache).logits[:, -1]
         prefill_s = time.perf_counter() - start
@@ -368,7 +379,7 @@ class Engine:
 
         name, policy = self.policy_for(policy_name)
         planner = self._planner(policy, budget)
-        cache = CompressedCache(self.model, capture=True, stats_config=policy.stats_config())
+        cache = CompressedCache(self.model, capture=True, **self._cache_options(policy, prompt_ids))
         self.model(torch.tensor([list(prompt_ids)], device=self.model.device), cache=cache)
         plan = planner(cache.stats)
         seq_len = len(prompt_ids)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptive_kv.policies import get_policy
+from adaptive_kv.policies import available_policies, get_policy
 from adaptive_kv.services import policy_source
 from adaptive_kv.services.engine import Engine, EngineConfig, EngineError, GenerationRequest
 from adaptive_kv.services.policy_source import PolicySpec, resolve_policy
@@ -39,6 +39,23 @@ def test_timeout_stops_the_request_and_the_next_one_is_served(engine):
 
     # the worker gives up the timed-out request at its next token, so the next one does not wait for it
     assert asyncio.run(run()) < 0.5
+
+
+@pytest.mark.parametrize("name", available_policies())
+def test_every_registered_policy_serves_within_its_budget(engine, name):
+    budget = 1.0 if name == "full" else 0.5
+    try:
+        get_policy(name)
+    except ValueError as exc:  # e.g. `learned` before its shipped controller files exist
+        pytest.skip(f"policy {name!r} cannot be built here: {exc}")
+    ids = engine.encode_text(PROMPT)
+    out = asyncio.run(engine.complete(GenerationRequest(ids, 3, budget, name)))
+    assert out.kv["policy"] == name and out.completion_tokens == 3
+    # the full plan stores a few bytes of bookkeeping beyond DynamicCache's; every other plan meets its budget
+    assert out.kv["bytes"] <= budget * out.kv["full_bytes"] or name == "full"
+    plan = asyncio.run(engine.plan(ids, budget, name))
+    assert plan.kv["bytes"] <= budget * plan.kv["full_bytes"] or name == "full"
+    assert plan.prompt_tokens == len(ids) and plan.kv["policy"] == name
 
 
 def test_failed_request_does_not_stop_the_worker(engine):
