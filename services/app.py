@@ -80,17 +80,23 @@ class _Counting:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = scope["path"] if scope["path"] in ROUTES else "other"
-        status = {"code": 500}
+        counted = False
+
+        def count(status: int) -> None:
+            nonlocal counted
+            counted = True
+            self.engine.metrics.requests.labels(route=route, status=str(status)).inc()
 
         async def counted_send(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                count(message["status"])  # before the client can read the response: /metrics is never behind it
             await send(message)
 
         try:
             await self.app(scope, receive, counted_send)
         finally:
-            self.engine.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+            if not counted:  # failed before any response started
+                count(500)
 
 
 def create_app(engine: Engine, config: AppConfig) -> FastAPI:
