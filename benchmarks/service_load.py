@@ -186,7 +186,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--prompt-tokens", type=int, default=1000, help="passkey context length (question added)")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads (uvicorn)")
+    # one core per model process everywhere, so uvicorn, 1 replica and 2 replicas compare like with like
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the uvicorn server")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
     single = ("--threads", str(args.threads))

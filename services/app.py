@@ -33,12 +33,18 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/plan", "
 REPLICA_HEADER = "x-adaptive-kv-replica"
 
 
+# A 128k-token prompt is about 1 MB as text or token ids; anything far larger is refused before it is parsed
+# (JSON parsing runs on the event loop).
+MAX_BODY_BYTES = 8 * 2**20
+
+
 @dataclass(frozen=True)
 class AppConfig:
-    """HTTP-side settings: the served model id and the optional API key."""
+    """HTTP-side settings: the served model id, the optional API key, the request body limit."""
 
     served_model: str
     api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
     replica: str = f"{os.uname().nodename}:{os.getpid()}"
 
 
@@ -99,11 +105,46 @@ class _Counting:
                 count(500)
 
 
+class _BodyLimit:
+    """ASGI middleware answering 413 to request bodies over `max_bytes` (declared or streamed) unread."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        if declared:
+            return await self.app(scope, receive, send)
+        messages, size = [], 0  # chunked: read it here, within the limit, then replay it
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        message = f"request body too large: the limit is {self.max_bytes} bytes"
+        await error_response(413, message, code="body_too_large")(scope, receive, send)
+
+
 def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     """The FastAPI app over `engine` (started in the lifespan, closed after in-flight requests finish)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Load the engine before serving; stop it after uvicorn drained the requests."""
         if not engine.ready:
             await asyncio.to_thread(engine.start)  # model load: seconds, off the loop
         yield
@@ -114,25 +155,30 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Pydantic errors as OpenAI errors naming the field."""
         return _validation_error(exc)
 
     @app.exception_handler(EngineError)
     async def on_engine(request: Request, exc: EngineError) -> JSONResponse:
+        """Engine refusals with their status (429 and 503 with Retry-After)."""
         return _engine_error(exc, retry_after)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette errors (unknown route, bad body) in the OpenAI shape."""
         if exc.status_code == 400:  # FastAPI's body parser: bytes that are not UTF-8 never reach the JSON decoder
             return error_response(400, f"{exc.detail}: send a UTF-8 encoded JSON object", code="invalid_json")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.middleware("http")
     async def replica_header(request: Request, call_next: Any) -> Response:
+        """Name the replica that answered."""
         response = await call_next(request)
         response.headers[REPLICA_HEADER] = config.replica  # which replica answered (Ray Serve tests, debugging)
         return response
 
     async def authorised(request: Request) -> None:
+        """Require `Authorization: Bearer <key>` when a key is configured (constant-time compare)."""
         if config.api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -142,33 +188,39 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
                               code="invalid_api_key")
 
     def check_model(model: str | None) -> None:
+        """404 unless `model` is the served one (its id or the --model value)."""
         if model is not None and model not in (config.served_model, engine.config.model):
             raise EngineError(f"model {model!r} is not served here; this server serves {config.served_model!r}",
                               kind="not_found", param="model", code="model_not_found")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        """Readiness: model and policy loaded, worker running."""
         ready = engine.ready
         body = {"status": "ready" if ready else "not ready", "model": config.served_model, "policy": engine.policy_name}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        """Prometheus exposition of this replica's metrics."""
         body, content_type = engine.metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models() -> p.ModelList:
+        """The served model, with its default KV policy and budget."""
         card = p.ModelCard(id=config.served_model, created=p.now(), max_model_len=engine.context,
                            kv_policy=engine.policy_name, kv_budget=engine.config.budget)
         return p.ModelList(data=[card])
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     async def completions(body: p.CompletionRequest) -> Response:
+        """OpenAI completions over the raw prompt (no chat template)."""
         check_model(body.model)
         ids = await asyncio.to_thread(engine.encode_text, body.prompt)
         request = _generation_request(engine, body, ids, body.max_tokens, "prompt")
@@ -176,6 +228,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat(body: p.ChatCompletionRequest) -> Response:
+        """OpenAI chat completions through the tokenizer's chat template."""
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         ids = await asyncio.to_thread(engine.encode_chat, messages)
@@ -185,6 +238,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     @app.post("/v1/plan", dependencies=[Depends(authorised)])
     async def plan(body: p.PlanRequest) -> p.PlanResponse:
+        """The plan the policy picks for a prompt, and its predicted bytes, without generating."""
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise EngineError("give exactly one of prompt or messages", param="prompt")
@@ -199,6 +253,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     @app.post("/v1/admin/reload", dependencies=[Depends(authorised)])
     async def reload(body: p.ReloadRequest | None = None) -> dict[str, Any]:
+        """Re-resolve the policy (a new champion) or switch to another; the old one stays on failure."""
         if config.api_key is None:
             raise EngineError("reload is disabled: start the server with --api-key-env to enable it",
                               kind="forbidden", code="reload_disabled")
@@ -208,6 +263,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         loaded = await asyncio.to_thread(engine.reload, spec)
         return {"status": "reloaded", "policy": loaded.spec.describe(), "source": loaded.source}
 
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(_Counting, engine=engine)  # outermost: sees every response, errors included
     return app
 
@@ -227,11 +283,13 @@ class _CompletionShape:
         self.model, self.id, self.created = model, p.new_id("cmpl"), p.now()
 
     def final(self, out: GenerationOutput) -> BaseModel:
+        """The whole response of a non-streamed request."""
         choice = p.CompletionChoice(text=out.text, finish_reason=out.finish_reason)
         return p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
                                     usage=_usage(out), kv_cache=p.KVCacheInfo(**out.kv))
 
     def chunks(self, event: TextDelta | GenerationOutput) -> list[BaseModel]:
+        """The server-sent events for one engine event."""
         if isinstance(event, TextDelta):
             choice = p.CompletionChoice(text=event.text, finish_reason=None)
             return [p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])]
@@ -248,6 +306,7 @@ class _ChatShape:
         self.started = False
 
     def final(self, out: GenerationOutput) -> BaseModel:
+        """The whole response of a non-streamed request."""
         choice = p.ChatChoice(message=p.ChatResponseMessage(content=out.text), finish_reason=out.finish_reason)
         return p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
                                         usage=_usage(out), kv_cache=p.KVCacheInfo(**out.kv))
@@ -256,6 +315,7 @@ class _ChatShape:
         return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, **extra)
 
     def chunks(self, event: TextDelta | GenerationOutput) -> list[BaseModel]:
+        """The server-sent events for one engine event."""
         out: list[BaseModel] = []
         if not self.started:  # OpenAI sends the role first, on its own
             self.started = True

@@ -150,6 +150,7 @@ BAD_REQUESTS = {
     "invalid_json": ("/v1/completions", b'{"model": "tiny-model0", "prompt": ', 400, None, "not valid JSON"),
     "invalid_utf8": ("/v1/completions", b'{"model": "tiny-model0", "prompt": "\xff\xfe"}', 400, None, "UTF-8"),
     "not_an_object": ("/v1/completions", b"[1, 2]", 422, None, "valid dictionary"),
+    "body_too_large": ("/v1/completions", b"{" + b" " * (9 * 2**20) + b"}", 413, None, "too large"),
     "empty_body": ("/v1/completions", b"", 400, None, "missing"),
     "unknown_model": ("/v1/completions", {**GOOD, "model": "gpt-9"}, 404, "model", "not served"),
     "unknown_policy": ("/v1/completions", {**GOOD, "kv_policy": "nope"}, 400, "kv_policy", "policy must be one of"),
