@@ -40,6 +40,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-length", type=_positive, default=None, help="calibration context length in tokens")
     p.add_argument("--train-per-task", type=_positive, default=None, help="calibration samples per task")
     p.add_argument("--valid-per-task", type=_positive, default=None, help="validation samples per task")
+    p.add_argument("--space", choices=("network", "full"), default=None,
+                   help="search space: network (layout fixed; default) or full (layout, scorer, selection, grid too)")
     p.add_argument("--no-register", action="store_true", help="do not register the best controller")
     p.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end run (short contexts, 2 small trials)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -55,6 +57,10 @@ def train_config(args: argparse.Namespace):
                  output=args.output, tasks=args.tasks, context_length=args.context_length,
                  train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register)
     given = {k: v for k, v in given.items() if v is not None}
+    if args.space is not None:
+        from adaptive_kv.training.search import SearchSpace
+
+        given["space"] = SearchSpace.named(args.space)
     return TrainConfig.smoke(**given) if args.smoke_test else TrainConfig(**given)
 
 

@@ -26,6 +26,20 @@ class SearchSpace:
     grid: tuple[str, ...] = ("default", "no8bit")
 
     @classmethod
+    def network(cls) -> "SearchSpace":
+        """The cache layout fixed at its measured best (reconstruction scores, per-head, window 32, default
+        grid): one label set, so every trial costs a fit and a validation only."""
+        return cls(recent_window=(32,), scorer=("reconstruction",), selection=("per_head",), grid=("default",))
+
+    @classmethod
+    def named(cls, name: str) -> "SearchSpace":
+        """'network' (layout fixed), 'full' (layout searched too: a label set per layout) or 'smoke'."""
+        spaces = {"network": cls.network, "full": cls, "smoke": cls.smoke}
+        if name not in spaces:
+            raise ValueError(f"search space must be one of {tuple(spaces)}, got {name!r}")
+        return spaces[name]()
+
+    @classmethod
     def smoke(cls) -> "SearchSpace":
         """A space whose every trial shares one label set (seconds per trial)."""
         return cls(hidden=(16, 32), layers=(1, 2), epochs=(3, 6), recent_window=(8,), scorer=("reconstruction",),

@@ -41,7 +41,7 @@ class TrainConfig:
     train_per_task: int = 4
     valid_per_task: int = 2
     group_size: int = 32
-    space: SearchSpace = field(default_factory=SearchSpace)
+    space: SearchSpace = field(default_factory=SearchSpace.network)
     smoke_test: bool = False
     register: bool = True
 

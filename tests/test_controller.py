@@ -1,0 +1,116 @@
+"""Controller files, the learned policy and calibration seeds (tier 1)."""
+
+import json
+
+import pytest
+import torch
+
+from adaptive_kv.policies import get_policy
+from adaptive_kv.policies.controller_files import ControllerConfig, load_controller, save_controller
+from adaptive_kv.policies.learned import Learned
+from adaptive_kv.policies.options import option_grid
+from adaptive_kv.stats import FEATURE_NAMES, AttentionStats
+from adaptive_kv.training.calibration import EVALUATION_SEEDS, CALIBRATION_SEED, VALIDATION_SEED, make_requests
+
+LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=16, scorer="snapkv", selection="per_head")
+
+
+def _config(layers=2, heads=2, head_dim=16) -> ControllerConfig:
+    return ControllerConfig(
+        model_shape=dict(num_layers=layers, num_kv_heads=heads, head_dim=head_dim), feature_names=FEATURE_NAMES,
+        grid=option_grid(), layout=LAYOUT, layer_weights=(1.0,) * layers, hidden=16, layers=1,
+    )
+
+
+def _stats(layers=2, heads=2, seq_len=300) -> AttentionStats:
+    gen = torch.Generator().manual_seed(0)
+    return AttentionStats(torch.rand(layers, heads, len(FEATURE_NAMES), generator=gen), {}, seq_len)
+
+
+@pytest.fixture
+def controller(tmp_path):
+    torch.manual_seed(0)
+    config = _config()
+    net = config.build()
+    save_controller(tmp_path / "c", config, net)
+    return tmp_path / "c", config, net
+
+
+def test_round_trip_gives_the_same_plans(controller):
+    folder, config, net = controller
+    loaded_config, loaded_net = load_controller(folder)
+    assert loaded_config == config
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded_net.state_dict().items()):
+        assert torch.equal(a, b), k
+    policy = get_policy("learned", path=str(folder))
+    assert policy.plan(_stats(), 0.3, head_dim=16, dtype_bytes=4) == Learned.from_parts(config, net).plan(
+        _stats(), 0.3, head_dim=16, dtype_bytes=4)
+    assert net.num_parameters() < 100_000
+    assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.pt"))
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.3, 0.15, 0.1])
+def test_learned_plans_meet_the_budget(controller, budget):
+    folder, _, _ = controller
+    plan = get_policy("learned", path=str(folder)).plan(_stats(), budget, head_dim=16, dtype_bytes=4)
+    assert plan.nbytes(300, 16, 4) <= budget * plan.full_nbytes(300, 16, 4)
+
+
+def test_infeasible_budget_names_the_minimum(controller):
+    folder, _, _ = controller
+    with pytest.raises(ValueError, match=r"budget 0.01 is below the minimum feasible 0\.\d+ for seq_len=300"):
+        get_policy("learned", path=str(folder)).plan(_stats(), 0.01, head_dim=16, dtype_bytes=4)
+
+
+def test_bad_files_are_refused(controller, tmp_path):
+    folder, config, _ = controller
+    data = json.loads((folder / "controller.json").read_text())
+    cases = {
+        "version": ({**data, "version": 99}, "version 99 is not supported"),
+        "field": ({**data, "extra": 1}, r"unknown controller config fields \['extra'\]"),
+        "shape": ({**data, "hidden": 8}, "do not match its config"),
+    }
+    for name, (bad, message) in cases.items():
+        target = tmp_path / name
+        target.mkdir()
+        (target / "controller.json").write_text(json.dumps(bad))
+        (target / "controller.safetensors").write_bytes((folder / "controller.safetensors").read_bytes())
+        with pytest.raises(ValueError, match=message):
+            load_controller(target)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "controller.json").write_text(json.dumps(data))
+    (corrupt / "controller.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt controller weights"):
+        load_controller(corrupt)
+    with pytest.raises(ValueError, match="controller file missing"):
+        load_controller(tmp_path / "nowhere")
+
+
+def test_mismatched_model_shape_is_refused(controller):
+    folder, _, _ = controller
+    policy = get_policy("learned", path=str(folder))
+    with pytest.raises(ValueError, match="trained for 2 layers x 2 KV heads, the statistics have 3 x 2"):
+        policy.plan(_stats(layers=3), 0.3, head_dim=16, dtype_bytes=4)
+    with pytest.raises(ValueError, match="trained for head_dim 16, got 64"):
+        policy.plan(_stats(), 0.3, head_dim=64, dtype_bytes=4)
+
+
+def test_shipped_controller_loads_and_fits_the_embedded_model():
+    policy = get_policy("learned")
+    assert policy.config.model_shape == {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+    stats = AttentionStats(torch.zeros(30, 3, len(policy.config.feature_names)), {}, 1024, policy.config.feature_names)
+    plan = policy.plan(stats, 0.125, head_dim=64, dtype_bytes=4)
+    assert plan.nbytes(1024, 64, 4) <= 0.125 * plan.full_nbytes(1024, 64, 4)
+
+
+def test_calibration_seeds_are_disjoint_from_evaluation(tiny_tokenizer):
+    assert CALIBRATION_SEED not in EVALUATION_SEEDS and VALIDATION_SEED not in EVALUATION_SEEDS
+    assert 0 in EVALUATION_SEEDS  # `adaptive-kv eval --seed 0`, the committed figures
+    with pytest.raises(ValueError, match="reserved for evaluation"):
+        make_requests(tiny_tokenizer, tasks=("passkey",), context_length=200, per_task=1, seed=0)
+    train = make_requests(tiny_tokenizer, tasks=("passkey",), context_length=200, per_task=2, seed=CALIBRATION_SEED)
+    from adaptive_kv.tasks import make_samples
+
+    held_out = {s.context_ids for s in make_samples("passkey", tiny_tokenizer, 200, 2, 0)}
+    assert not held_out & {r.context_ids for r in train}

@@ -1,0 +1,162 @@
+"""Training pipeline (tier 1): labels vs a direct computation, and `train` end to end on real local
+Ray, SQLite Optuna and a local MLflow store, with a tiny model saved as a local HF folder."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from adaptive_kv.policies.options import HeadOption
+from adaptive_kv.stats import StatsConfig
+from adaptive_kv.training.calibration import CalibrationRequest
+from adaptive_kv.training.labels import collect_labels, load_labels, save_labels
+from conftest import build_tiny_model
+
+LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=16, scorer="snapkv", selection="shared")
+# fp32 attention outputs of two independent computations (our batched softmax vs eager attention)
+DISTORTION_ATOL = 1e-5
+
+
+@torch.no_grad()
+def _layer0_outputs(model, ids: list[int], follow: list[int], kept: set[int] | None) -> torch.Tensor:
+    """Layer 0's attention outputs (before o_proj) for the `follow` positions, with eager attention and a
+    4-D mask that hides context positions outside `kept` from the follow queries."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    n, q = len(ids), len(follow)
+    allowed = torch.tril(torch.ones(n + q, n + q, dtype=torch.bool))
+    if kept is not None:
+        hidden = torch.tensor([p not in kept for p in range(n)])
+        allowed[n:, :n] &= ~hidden
+    mask = torch.zeros(1, 1, n + q, n + q).masked_fill(~allowed, float("-inf"))
+    captured = {}
+    hook = eager.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+        lambda module, args: captured.setdefault("x", args[0]))
+    eager(torch.tensor([ids + follow]), attention_mask=mask)
+    hook.remove()
+    heads = eager.config.num_attention_heads
+    return captured["x"][0, n:].view(q, heads, -1).transpose(0, 1)  # (H_q, Q, D)
+
+
+def test_labels_equal_a_direct_computation():
+    model = build_tiny_model("llama_gqa")
+    ids = torch.randint(0, 1000, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+    follow = list(range(300, 316))
+    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(follow), 4, 10_000, 0)
+    grid = (HeadOption(None, 16, 16), HeadOption(0.25, 16, 16), HeadOption(0.0, 16, 16), HeadOption(None, 4, 4))
+    labels = collect_labels(model, None, request, grid, LAYOUT, StatsConfig(sink_tokens=4, group_size=16))
+    assert labels.distortion.shape == (2, 2, 4)
+    assert torch.all(labels.distortion[..., 0] == 0)  # keep all, 16 bit: nothing changes
+    assert torch.all(labels.distortion[..., 3] > 0)  # 4-bit keeps everything but is not exact
+    reference = _layer0_outputs(model, ids, follow, None)
+    from adaptive_kv.cache import CompressedCache
+    from adaptive_kv.training.labels import option_plan
+
+    captured = CompressedCache(model, capture=True, stats_config=StatsConfig(sink_tokens=4, group_size=16))
+    with torch.no_grad():
+        model(torch.tensor([ids]), cache=captured)
+    for o in (1, 2):  # eviction only: layer 0's distortion equals masking the evicted positions
+        fork = captured.fork(option_plan(grid[o], 2, 2, 120, LAYOUT))
+        layer = fork.layers[0]
+        kept = set(range(4)) | {int(p) for p in layer.residual.positions}
+        kept |= {int(p) for b in layer.buckets.values() for p in b.positions}
+        got = _layer0_outputs(model, ids, follow, kept)
+        per_head = got.view(2, 2, *got.shape[1:])  # (H_kv, G, Q, D)
+        ref = reference.view(2, 2, *reference.shape[1:])
+        direct = (per_head - ref).pow(2).sum((1, 2, 3)) / ref.pow(2).sum((1, 2, 3))
+        torch.testing.assert_close(labels.distortion[0, :, o], direct, atol=DISTORTION_ATOL, rtol=1e-4)
+        assert direct.min() > 0
+
+
+def test_labels_round_trip(tmp_path):
+    model = build_tiny_model("llama_gqa")
+    request = CalibrationRequest("fidelity", "query_agnostic", tuple(range(100, 200)), tuple(range(5, 15)), 0, 10_000, 1)
+    labels = [collect_labels(model, None, request, (HeadOption(None, 16, 16), HeadOption(0.5, 2, 2)), LAYOUT,
+                             StatsConfig(sink_tokens=4, group_size=16))]
+    save_labels(tmp_path / "l.safetensors", labels)
+    (back,) = load_labels(tmp_path / "l.safetensors")
+    assert back.key == labels[0].key and torch.equal(back.distortion, labels[0].distortion)
+    assert torch.equal(back.features, labels[0].features) and back.feature_names == labels[0].feature_names
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_bos):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer_bos.__class__(tokenizer_object=tiny_tokenizer_bos.backend_tokenizer,
+                                             bos_token="<s>", eos_token="</s>")
+    build_tiny_model("llama_gqa").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    yield
+    ray.shutdown()
+
+
+def _config(folder, out, **overrides):
+    from adaptive_kv.training.search import SearchSpace
+    from adaptive_kv.training.train import TrainConfig
+
+    base = dict(model=str(folder), output=str(out), mlflow_uri=f"sqlite:///{out}/mlflow.db", workers=2,
+                space=SearchSpace.smoke(), trials=2, context_length=200, group_size=16)
+    return TrainConfig.smoke(**{**base, **overrides})
+
+
+def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from adaptive_kv.policies import get_policy
+    from adaptive_kv.training.tracking import fetch_controller
+    from adaptive_kv.training.train import run_train
+
+    summary = run_train(_config(tiny_model_dir, tmp_path), log=lambda *a: None)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    version = client.get_model_version_by_alias("adaptive-kv-controller", "champion")
+    assert str(version.version) == summary["model_version"]
+    parent = client.get_run(summary["parent_run"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and all("score" in c.data.metrics and "train_loss" in c.data.metrics for c in children)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/pareto.png", "figures/plans.png", "figures/label_statistics.json"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "controller")} >= {
+        "controller/controller.json", "controller/controller.safetensors"}
+    # the registered pyfunc serves plans, and the service's fetch gives a loadable controller
+    folder = fetch_controller("models:/adaptive-kv-controller@champion", uri)
+    policy = get_policy("learned", path=str(folder))
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/adaptive-kv-controller@champion")
+    from adaptive_kv.stats import AttentionStats
+    from adaptive_kv.training.tracking import example_input
+
+    stats = AttentionStats(torch.rand(2, 2, len(policy.config.feature_names)), {}, 200, policy.config.feature_names)
+    import pandas as pd
+
+    out = model.predict(pd.DataFrame([example_input(stats, 0.3, 16, 4)]))
+    assert json.loads(out["plan"][0]) == policy.plan(stats, 0.3, head_dim=16, dtype_bytes=4).to_dict()
+
+
+def test_interrupted_study_resumes_without_losing_or_repeating_trials(tiny_model_dir, tmp_path, ray_local):
+    import optuna
+    from optuna.trial import TrialState
+
+    from adaptive_kv.training.train import run_train
+
+    run_train(_config(tiny_model_dir, tmp_path, trials=1, register=False), log=lambda *a: None)
+    storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
+    study = optuna.load_study(study_name="adaptive-kv", storage=storage)
+    first = [(t.number, t.value, t.params) for t in study.trials if t.state == TrialState.COMPLETE]
+    study.ask()  # a trial a killed driver left running
+    run_train(_config(tiny_model_dir, tmp_path, trials=3, register=False), log=lambda *a: None)
+    study = optuna.load_study(study_name="adaptive-kv", storage=storage)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert [(t.number, t.value, t.params) for t in complete][:1] == first  # the finished trial is kept as it was
+    assert [t.state for t in study.trials if t.number == 1] == [TrialState.FAIL]  # the stale one, not rerun
+    assert len({t.number for t in complete}) == 3
