@@ -260,7 +260,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         spec = None
         if body is not None and (body.policy or body.policy_uri):
             spec = PolicySpec(name=body.policy or "learned", uri=body.policy_uri)
-        loaded = await asyncio.to_thread(engine.reload, spec)
+        loaded = await engine.reload(spec)
         return {"status": "reloaded", "policy": loaded.spec.describe(), "source": loaded.source}
 
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)

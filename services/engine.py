@@ -123,6 +123,7 @@ class _Job:
 
 
 _STOP = object()
+_CHECK_TOKENS = 64  # a prompt longer than any sink + recent window, short enough to cost milliseconds
 
 
 class Engine:
@@ -137,7 +138,7 @@ class Engine:
         self._closing = False
         self._policy: LoadedPolicy | None = None
         self._static: dict[str, Any] = {}  # per-request policies by name, built once
-        self._reload_lock = threading.Lock()
+        self._reload_lock: asyncio.Lock | None = None  # made on the event loop that first reloads
         self.model = self.tokenizer = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -155,6 +156,7 @@ class Engine:
         self.dtype_bytes = torch.empty((), dtype=self.model.dtype).element_size()
         self.context = getattr(cfg, "max_position_embeddings", None)
         self.eos = _eos_ids(self.model, self.tokenizer)
+        self._check_policy(self._policy)  # a controller trained for another model fails here, not per request
         self._worker = threading.Thread(target=self._serve_forever, name="adaptive-kv-engine", daemon=True)
         self._worker.start()
         logger.info("engine ready: model %s, policy %s, budget %g", self.config.model, self.policy_name, self.config.budget)
@@ -180,16 +182,36 @@ class Engine:
             logger.warning("engine queue still full after %.0fs; worker left as a daemon", timeout)
         self._worker.join(timeout)
 
-    def reload(self, spec: PolicySpec | None = None) -> LoadedPolicy:
-        """Re-resolve the policy (a new champion) or switch to `spec`; on failure keep the old one."""
-        with self._reload_lock:
+    async def reload(self, spec: PolicySpec | None = None) -> LoadedPolicy:
+        """Re-resolve the policy (a new champion) or switch to `spec`, checked on this model; on failure keep the old."""
+        self._reload_lock = self._reload_lock or asyncio.Lock()
+        async with self._reload_lock:
             spec = spec or (self._policy.spec if self._policy else self.config.policy)
             try:
-                loaded = resolve_policy(spec)
-            except (ValueError, OSError) as exc:
-                raise EngineError(f"reload failed, keeping policy {self.policy_name!r}: {exc}", param="policy") from exc
+                loaded = await asyncio.to_thread(resolve_policy, spec)  # may download from the registry
+                async for _ in self._submit(lambda job: self._check_policy(loaded)):  # on the worker: it owns the model
+                    pass
+            except (ValueError, OSError, EngineError) as exc:
+                reason = exc.message if isinstance(exc, EngineError) else str(exc)
+                raise EngineError(f"reload failed, keeping policy {self.policy_name!r}: {reason}", param="policy",
+                                  kind=exc.kind if isinstance(exc, EngineError) else "invalid_request") from exc
             self._policy = loaded  # one reference swap: requests already running keep the policy they took
             return loaded
+
+    @torch.inference_mode()
+    def _check_policy(self, loaded: LoadedPolicy) -> bool:
+        """Plan one short prompt at budget 1 with `loaded`: EngineError when it cannot plan for this model."""
+        from adaptive_kv.cache import CompressedCache
+
+        ids = tuple(i % self.model.config.vocab_size for i in range(_CHECK_TOKENS))
+        cache = CompressedCache(self.model, capture=True, **self._cache_options(loaded.policy, ids))
+        self.model(torch.tensor([list(ids)], device=self.model.device), cache=cache)
+        try:
+            loaded.policy.plan(cache.stats, 1.0, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+        except ValueError as exc:
+            raise EngineError(f"policy {loaded.spec.describe()!r} cannot plan for model {self.config.model!r}: {exc}",
+                              param="policy", code="policy_failed") from exc
+        return True
 
     # ------------------------------------------------------------------ tokenising and checks
     def encode_text(self, prompt: str | list[int]) -> tuple[int, ...]:
@@ -326,9 +348,9 @@ class Engine:
             finally:
                 self.metrics.running.dec()
 
-    def _planner(self, policy: Any, budget: float | None) -> "_Planner":
+    def _planner(self, name: str, policy: Any, budget: float | None, chosen: bool) -> "_Planner":
         """The plan provider of one request: `budget` (explicit) must be met; the default may fall back."""
-        return _Planner(policy, budget if budget is not None else self.config.budget, budget is None,
+        return _Planner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen,
                         self.head_dim, self.dtype_bytes)
 
     @torch.inference_mode()
@@ -336,7 +358,7 @@ class Engine:
         from adaptive_kv.cache import CompressedCache
 
         name, policy = self.policy_for(request.policy)
-        planner = self._planner(policy, request.budget)
+        planner = self._planner(name, policy, request.budget, request.policy is not None)
         cache = CompressedCache(self.model, plan_provider=planner, **self._cache_options(policy, request.prompt_ids))
         start = time.perf_counter()
         logits = self.model(torch.tensor([list(request.prompt_ids)], device=self.model.device), cache=cache).logits[:, -1]
@@ -378,7 +400,7 @@ class Engine:
         from adaptive_kv.cache import CompressedCache
 
         name, policy = self.policy_for(policy_name)
-        planner = self._planner(policy, budget)
+        planner = self._planner(name, policy, budget, policy_name is not None)
         cache = CompressedCache(self.model, capture=True, **self._cache_options(policy, prompt_ids))
         self.model(torch.tensor([list(prompt_ids)], device=self.model.device), cache=cache)
         plan = planner(cache.stats)
@@ -398,6 +420,10 @@ def _push(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event: Any) ->
         pass
 
 
+# every policy reports an unreachable budget as "budget X is below the minimum feasible Y ..." (policies.base)
+_INFEASIBLE = "below the minimum feasible"
+
+
 class _Planner:
     """AttentionStats -> Plan for one request, remembering whether it fell back to the full cache.
 
@@ -407,8 +433,9 @@ class _Planner:
     full plan, reported as such.
     """
 
-    def __init__(self, policy: Any, budget: float, is_default: bool, head_dim: int, dtype_bytes: int) -> None:
-        self.policy, self.budget, self.is_default = policy, budget, is_default
+    def __init__(self, name: str, policy: Any, budget: float, is_default: bool, chosen: bool, head_dim: int,
+                 dtype_bytes: int) -> None:
+        self.name, self.policy, self.budget, self.is_default, self.chosen = name, policy, budget, is_default, chosen
         self.head_dim, self.dtype_bytes = head_dim, dtype_bytes
         self.fallback: str | None = None
 
@@ -418,7 +445,11 @@ class _Planner:
 
         try:
             return self.policy.plan(stats, self.budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
-        except ValueError as exc:  # "budget X is below the minimum feasible Y ..."
+        except ValueError as exc:
+            if _INFEASIBLE not in str(exc):  # not the budget: this policy cannot plan for this model or request
+                raise EngineError(f"policy {self.name!r} cannot plan this request: {exc}",
+                                  kind="invalid_request" if self.chosen else "internal",
+                                  param="kv_policy" if self.chosen else None, code="policy_failed") from exc
             if not self.is_default:
                 raise EngineError(str(exc), param="kv_budget", code="budget_infeasible") from exc
             self.fallback = f"default {exc}; kept the full cache"

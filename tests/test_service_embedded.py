@@ -26,5 +26,9 @@ def test_embedded_model_completion_through_the_server(tmp_path):
         kv = response.model_extra["kv_cache"]
         assert response.choices[0].text.strip() and response.usage.prompt_tokens > 200
         assert kv["policy"] == "hybrid" and 0 < kv["bytes"] <= 0.5 * kv["full_bytes"], kv
+        learned = client.completions.create(model="smollm2-135m", prompt=DOCUMENT + "\nStation 7 opened in",
+                                            max_tokens=6, extra_body={"kv_policy": "learned", "kv_budget": 0.25})
+        kv = learned.model_extra["kv_cache"]
+        assert kv["policy"] == "learned" and 0 < kv["bytes"] <= 0.25 * kv["full_bytes"], kv
     finally:
         server.stop()
