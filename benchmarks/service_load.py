@@ -1,5 +1,8 @@
 """The service under load with the embedded model: latency, throughput and peak memory per configuration.
 
+Configurations: the full cache, `hybrid` and `learned` at budget 0.125 on uvicorn; `hybrid` at
+0.125 on Ray Serve with 1 and with 2 replicas.
+
 Each configuration is a real `adaptive-kv serve` process on loopback; a closed loop of
 `--concurrency` clients sends `--requests` completions of ~1k-token prompts (token ids of seeded
 passkey samples, so every prompt differs and has exactly the same length) after one warm-up per
@@ -194,6 +197,7 @@ def main() -> int:
     scenarios = [
         Scenario("uvicorn full", ("--policy", "full", "--budget", "1.0", *single)),
         Scenario("uvicorn hybrid@0.125", ("--policy", "hybrid", "--budget", "0.125", *single)),
+        Scenario("uvicorn learned@0.125", ("--policy", "learned", "--budget", "0.125", *single)),
     ]
     if not args.skip_ray:  # one CPU (and one torch thread) per replica, so 1 vs 2 replicas compares like with like
         ray = ("--policy", "hybrid", "--budget", "0.125", "--ray-serve", "--replica-cpus", "1", "--threads", "1")
