@@ -48,8 +48,8 @@ def test_compose_wiring(compose):
     assert s["service"]["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     assert {"postgres", "mlflow", "ray-head"} <= set(s["trainer"]["depends_on"])
     assert all(d["condition"] == "service_healthy" for d in s["trainer"]["depends_on"].values())
-    assert "postgresql://adaptive_kv:pw@postgres:5432/mlflow" in s["mlflow"]["command"]
-    assert "--storage postgresql://adaptive_kv:pw@postgres:5432/optuna" in s["trainer"]["command"]
+    assert "postgresql+psycopg2://adaptive_kv:pw@postgres:5432/mlflow" in s["mlflow"]["command"]
+    assert "--storage postgresql+psycopg2://adaptive_kv:pw@postgres:5432/optuna" in s["trainer"]["command"]
     assert s["ray-worker"]["deploy"]["replicas"] >= 1 and "--address=ray-head:6379" in s["ray-worker"]["command"]
     # the service is published on the host's loopback only
     (port,) = s["service"]["ports"]  # docker-compose 1.x prints the short form, 2.x the long one
