@@ -17,18 +17,13 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
+from adaptive_kv.services.decoding import Sampling, TextAssembler, make_sampler
+from adaptive_kv.services.errors import EngineError
 from adaptive_kv.services.metrics import Metrics
+from adaptive_kv.services.planning import RequestPlanner
 from adaptive_kv.services.policy_source import LoadedPolicy, PolicySpec, resolve_policy
 
 logger = logging.getLogger(__name__)
-
-
-class EngineError(Exception):
-    """A request the engine refuses; `kind` is one of invalid_request, not_found, queue_full, timeout, unavailable."""
-
-    def __init__(self, message: str, kind: str = "invalid_request", param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.kind, self.param, self.code = message, kind, param, code
 
 
 @dataclass(frozen=True)
@@ -54,15 +49,6 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy when temperature is None or 0; else multinomial over the top-p nucleus."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -348,9 +334,9 @@ class Engine:
             finally:
                 self.metrics.running.dec()
 
-    def _planner(self, name: str, policy: Any, budget: float | None, chosen: bool) -> "_Planner":
+    def _planner(self, name: str, policy: Any, budget: float | None, chosen: bool) -> RequestPlanner:
         """The plan provider of one request: `budget` (explicit) must be met; the default may fall back."""
-        return _Planner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen,
+        return RequestPlanner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen,
                         self.head_dim, self.dtype_bytes)
 
     @torch.inference_mode()
@@ -367,8 +353,8 @@ class Engine:
         self.metrics.prefill.observe(prefill_s)
         self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         self.metrics.observe_kv(kv["full_bytes"], kv["bytes"])
-        decoder = _Decoder(self.tokenizer, request.stop)
-        sampler = _sampler(request.sampling)
+        decoder = TextAssembler(self.tokenizer, request.stop)
+        sampler = make_sampler(request.sampling)
         finish, start = "length", time.perf_counter()
         while len(decoder.tokens) < request.max_tokens and job.live:
             token = sampler(logits)
@@ -420,100 +406,9 @@ def _push(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event: Any) ->
         pass
 
 
-# every policy reports an unreachable budget as "budget X is below the minimum feasible Y ..." (policies.base)
-_INFEASIBLE = "below the minimum feasible"
-
-
-class _Planner:
-    """AttentionStats -> Plan for one request, remembering whether it fell back to the full cache.
-
-    A budget the client asked for must be met (else EngineError, 400 with the minimum). The
-    server's default budget cannot be met by short prompts (sinks + recent window stay in full
-    precision), and refusing every short prompt would make the default unusable: those get the
-    full plan, reported as such.
-    """
-
-    def __init__(self, name: str, policy: Any, budget: float, is_default: bool, chosen: bool, head_dim: int,
-                 dtype_bytes: int) -> None:
-        self.name, self.policy, self.budget, self.is_default, self.chosen = name, policy, budget, is_default, chosen
-        self.head_dim, self.dtype_bytes = head_dim, dtype_bytes
-        self.fallback: str | None = None
-
-    def __call__(self, stats: Any) -> Any:
-        """The plan for this request's statistics."""
-        from adaptive_kv.plan import Plan
-
-        try:
-            return self.policy.plan(stats, self.budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
-        except ValueError as exc:
-            if _INFEASIBLE not in str(exc):  # not the budget: this policy cannot plan for this model or request
-                raise EngineError(f"policy {self.name!r} cannot plan this request: {exc}",
-                                  kind="invalid_request" if self.chosen else "internal",
-                                  param="kv_policy" if self.chosen else None, code="policy_failed") from exc
-            if not self.is_default:
-                raise EngineError(str(exc), param="kv_budget", code="budget_infeasible") from exc
-            self.fallback = f"default {exc}; kept the full cache"
-            return Plan.full(stats.num_layers, stats.num_kv_heads, **self.policy.layout())
-
-    def info(self, report: dict[str, Any], policy: str) -> dict[str, Any]:
-        """The `kv_cache` fields from a cache report (after the plan was applied)."""
-        fell_back = self.fallback is not None
-        return {"full_bytes": report["full_bytes"], "bytes": report["bytes"], "ratio": report["ratio"],
-                "policy": "full" if fell_back else policy, "budget": 1.0 if fell_back else self.budget,
-                "plan": report["plan"], "note": self.fallback}
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """End-of-sequence ids from the tokenizer and the model's generation config."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return frozenset(i for i in ids if i is not None)
-
-
-def _sampler(sampling: Sampling) -> Callable[[torch.Tensor], int]:
-    """Token picker from logits (1, V): argmax, or seeded multinomial over the top-p nucleus."""
-    if not sampling.temperature:
-        return lambda logits: int(logits.argmax(-1))
-    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else time.time_ns() % 2**63)
-    top_p = sampling.top_p or 1.0
-
-    def pick(logits: torch.Tensor) -> int:
-        probs = torch.softmax(logits[0].float() / sampling.temperature, dim=-1)  # (V,)
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs >= top_p  # tokens after the nucleus is full
-        sorted_probs[outside] = 0.0
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-
-    return pick
-
-
-class _Decoder:
-    """Incremental detokenisation with stop strings: emits only text that is final."""
-
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.tokens: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """Add a token; return (new final text, whether a stop string ended the text)."""
-        self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        for s in self.stop:
-            at = self.text.find(s)
-            if at >= 0:
-                self.text = self.text[:at]
-                return self.flush(), True
-        if self.text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            return "", False
-        end = max(self.emitted, len(self.text) - self.hold)
-        delta, self.emitted = self.text[self.emitted:end], end
-        return delta, False
-
-    def flush(self) -> str:
-        """Whatever final text has not been emitted yet."""
-        delta, self.emitted = self.text[self.emitted:], len(self.text)
-        return delta
