@@ -264,6 +264,7 @@ def test_bounded_load_every_request_200_or_429_and_metrics_add_up(server, http):
     responses = asyncio.run(burst())
     statuses = [r.status_code for r in responses]
     ok, refused = statuses.count(200), statuses.count(429)
+    print(f"bounded load: {total} sent, {ok} x 200, {refused} x 429")  # for the figures (pytest -s)
     assert ok + refused == total, sorted(set(statuses))
     assert ok >= MAX_QUEUE and refused > 0, (ok, refused)
     assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
