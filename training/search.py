@@ -104,7 +104,9 @@ def start_ray(address: str | None, workers: int):
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env, log_to_driver=False)
+        # address="local": a new single-machine Ray on loopback, never a cluster someone else started here
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, runtime_env=env, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
     return ray
 
 
