@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# Set up .venv and run the main job on the embedded defaults: generation with a compressed cache
-# (keep 0.5 of the tokens per head, 4-bit) over a ~1k-token document, printing the KV report.
-# Pass your own prompt as arguments to replace the document.
+# Set up .venv and run the main job on the embedded defaults: `adaptive-kv quickstart` trains a
+# controller briefly (local Ray, SQLite Optuna, local MLflow under ./mlruns), then compares the
+# shipped and the new controller with the static policies on held-out samples, and prints the
+# `mlflow ui` command. Pass a prompt as arguments to generate with the learned policy instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ $# -gt 0 ]; then
-  exec adaptive-kv generate --keep 0.5 --bits 4 --max-new-tokens 48 "$@"
+  exec adaptive-kv generate --policy learned --budget 0.125 --max-new-tokens 48 "$@"
 fi
-prompt="$(mktemp)"
-trap 'rm -f "$prompt"' EXIT
-# a long, real document ships with CPython itself: the language reference on exceptions
-python -c "import pydoc_data.topics as t; print(t.topics['exceptions'] + t.topics['try'][:2500]); print('\nQuestion: in one sentence, what happens when an exception is not handled?')" > "$prompt"
-adaptive-kv generate --keep 0.5 --bits 4 --max-new-tokens 48 --prompt-file "$prompt"
+exec adaptive-kv quickstart --output outputs/quickstart

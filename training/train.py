@@ -71,8 +71,7 @@ class TrainConfig:
 def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     """Run the whole pipeline; returns a summary (best trial, controller folder, model version, UI command)."""
     import mlflow
-    import ray as _ray  # noqa: F401  (fail early with a clear ImportError if the train extra is missing)
-    from tqdm import tqdm
+    import ray as _ray  # fails early with a clear ImportError if the train extra is missing
 
     from adaptive_kv.models import load_model
     from adaptive_kv.training import search, tracking
@@ -89,9 +88,26 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     uri = tracking.tracking_uri(config.mlflow_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(tracking.TRAIN_EXPERIMENT)
+    owns_ray = not _ray.is_initialized()
     ray = search.start_ray(config.ray_address, config.workers)
     workers = search.make_workers(ray, config.model, config.workers)
     pipeline = _Pipeline(config, ray, workers, train_requests, valid_requests, out, log)
+    try:
+        summary = _run(config, pipeline, study, tracking, uri, start)
+    finally:  # actors hold a CPU each: free them, and the Ray this call started
+        for worker in workers:
+            ray.kill(worker)
+        if owns_ray:
+            ray.shutdown()
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, start: float) -> dict[str, Any]:
+    """The MLflow parent run around the trials and the final artifacts."""
+    import mlflow
+    from tqdm import tqdm
+
     with mlflow.start_run(run_name=f"train-{Path(config.model).name}") as parent:
         mlflow.log_params({k: v for k, v in asdict(config).items() if k != "space"})
         mlflow.log_dict(asdict(config.space), "search_space.json")
@@ -102,7 +118,6 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
         summary.update(parent_run=parent.info.run_id, tracking_uri=uri, ui=tracking.ui_command(uri),
                        best_trial=best.number, best_score=best.value, best_params=best.params,
                        wall_time_s=round(time.perf_counter() - start, 1))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 
@@ -149,7 +164,7 @@ class _Pipeline:
         todo = self.config.trials - search.finished(study)
         bar = tqdm(total=self.config.trials, initial=self.config.trials - max(todo, 0), desc="trials", unit="trial")
         epochs = tqdm(total=0, desc="epochs", unit="epoch")
-        progress = Queue()
+        progress = Queue(actor_options={"num_cpus": 0})  # no CPU of its own: the workers hold them all
         running: dict[Any, tuple] = {}
         free = list(self.workers)
         while todo > 0 or running:
