@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ from adaptive_kv.policies.controller_net import ControllerNet
 from adaptive_kv.policies.options import option_bytes
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
+
+@functools.lru_cache(maxsize=256)
+def _option_bytes(grid, layout_items, seq_len: int, head_dim: int, dtype_bytes: int) -> tuple[int, ...]:
+    """Bytes per option, memoised: the same few context lengths come back on every request."""
+    return tuple(option_bytes(grid, dict(layout_items), seq_len, head_dim, dtype_bytes))
+
 
 # The controller trained for the embedded model ships with the package (a few kB).
 SHIPPED = Path(__file__).resolve().parent / "controllers" / "smollm2-135m"
@@ -93,7 +100,8 @@ class Learned(Policy):
         layout, seq_len = self.layout(), stats.seq_len
         weights = torch.tensor(self.config.layer_weights, dtype=torch.float64)
         cost = self.predict(stats).double().exp() * weights[:, None, None]  # (L, H, O)
-        per_option = torch.tensor(option_bytes(self.config.grid, layout, seq_len, head_dim, dtype_bytes), dtype=torch.float64)
+        per_option = torch.tensor(_option_bytes(self.config.grid, tuple(sorted(layout.items())), seq_len, head_dim,
+                                                dtype_bytes), dtype=torch.float64)
         num_heads = stats.num_layers * stats.num_kv_heads
         full = Plan.full(stats.num_layers, stats.num_kv_heads, **layout).full_nbytes(seq_len, head_dim, dtype_bytes)
         try:

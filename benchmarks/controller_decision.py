@@ -1,0 +1,71 @@
+"""How long the learned controller takes to decide, and what the reconstruction pass costs.
+
+Embedded SmolLM2-135M (fp32, CPU). Decision = `Learned.plan(stats, budget)` on one request's real
+statistics (network + knapsack over 30 x 3 heads, 25 options), median of 200 calls per budget.
+Prefill = capturing prefill of a 1k / 2k-token context without and with reconstruction scores
+(median of 3). Prints a table and writes benchmarks/results/controller_decision.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from adaptive_kv import load_model
+from adaptive_kv.cache import CompressedCache
+from adaptive_kv.policies import get_policy
+from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.tasks import make_samples
+
+OUT = Path(__file__).resolve().parent / "results" / "controller_decision.json"
+
+
+def _prefill(model, tokenizer, ids, reconstruct: bool) -> tuple[float, CompressedCache]:
+    request = ReconstructionRequest.for_prompt(tokenizer, ids) if reconstruct else None
+    cache = CompressedCache(model, capture=True, reconstruction=request)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(torch.tensor([list(ids)]), cache=cache)
+    return time.perf_counter() - start, cache
+
+
+def main() -> None:
+    """Run both measurements and write the JSON."""
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2-135m")
+    policy = get_policy("learned")
+    rows, prefill = [], []
+    for length in (1024, 2048):
+        ids = make_samples("passkey", tokenizer, length, 1, 0)[0].context_ids
+        plain = statistics.median(_prefill(model, tokenizer, ids, False)[0] for _ in range(3))
+        timed = [_prefill(model, tokenizer, ids, True) for _ in range(3)]
+        recon = statistics.median(t for t, _ in timed)
+        prefill.append({"context": length, "prefill_s": round(plain, 3), "with_reconstruction_s": round(recon, 3),
+                        "overhead": round(recon / plain, 2)})
+        stats = timed[0][1].stats
+        for budget in (0.25, 0.125, 0.0625):
+            policy.plan(stats, budget, head_dim=64, dtype_bytes=4)
+            times = []
+            for _ in range(200):
+                start = time.perf_counter()
+                policy.plan(stats, budget, head_dim=64, dtype_bytes=4)
+                times.append(time.perf_counter() - start)
+            rows.append({"context": length, "budget": budget, "median_ms": round(1e3 * statistics.median(times), 3),
+                         "p95_ms": round(1e3 * sorted(times)[189], 3)})
+    print("| context | budget | decision median ms | p95 ms |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['context']} | {r['budget']} | {r['median_ms']} | {r['p95_ms']} |")
+    print("\n| context | prefill s | with reconstruction s | x |\n|---|---|---|---|")
+    for r in prefill:
+        print(f"| {r['context']} | {r['prefill_s']} | {r['with_reconstruction_s']} | {r['overhead']} |")
+    OUT.write_text(json.dumps({"model": "smollm2-135m", "threads": torch.get_num_threads(),
+                               "decision": rows, "prefill": prefill}, indent=1))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
