@@ -7,13 +7,9 @@ from typing import Callable
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+    from adaptive_kv.cli import _fraction as parse  # one parser for every subcommand's fractions
+
+    return parse(text)
 
 
 def _positive(kind: type) -> Callable[[str], float]:
