@@ -25,6 +25,7 @@ class KVzip(EvictionPolicy):
     """
 
     scorer: str = "reconstruction"
+    selection: str = "per_head"  # the global ranking allocates each head its own top tokens
     key_bits: int = 4
     value_bits: int = 4
 
