@@ -287,7 +287,7 @@ class CompressedCache(Cache):
             select = acc = None
             if stats is not None and plan.tracks_scores:
                 select = stats.token_scores[plan.scorer][layer_idx]
-                acc = stats.token_scores["window"][layer_idx] if plan.tracks_scores else None
+                acc = stats.token_scores["window"][layer_idx]
             self._apply(layer, plan, select, acc)
         self.stats = None if stats is None else dataclasses.replace(stats, token_scores={})
 

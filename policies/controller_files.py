@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS
 from adaptive_kv.policies.controller_net import ControllerNet
 from adaptive_kv.policies.options import HeadOption, grid_from_json, grid_to_json
