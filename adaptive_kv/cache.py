@@ -113,7 +113,7 @@ class CompressedLayer(CacheLayerMixin):
     def head_tokens(self) -> torch.Tensor:
         """Tokens held per head: (H,) int64."""
         if self.prefill is not None:
-            return torch.full((self.prefill[0].shape[0],), self.prefill[0].shape[1])
+            return torch.full((self.prefill[0].shape[0],), self.prefill[0].shape[1], device=self.prefill[0].device)
         counts = torch.full_like(self.residual.lengths, self.sinks[0].shape[1]) + self.residual.lengths
         for bucket in self.buckets.values():
             counts.index_add_(0, bucket.group_head.long(), bucket.group_len.long())
@@ -334,19 +334,19 @@ class CompressedCache(Cache):
                 grouped.setdefault((budget.key_bits, budget.value_bits), []).append(
                     (head, middle[: full_groups * group].view(full_groups, group))
                 )
-            residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len)]))
+            residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len, device=keys.device)]))
         track_positions = plan.tracks_scores and plan.selection == "shared"
         kernels = self._kernels(keys.device)
         layer.buckets = {}
         for bits, parts in grouped.items():
-            heads = torch.cat([torch.full((idx.shape[0],), h) for h, idx in parts])
+            heads = torch.cat([torch.full((idx.shape[0],), h, device=keys.device) for h, idx in parts])
             index = torch.cat([idx for _, idx in parts])  # (G_n, G)
             layer.buckets[bits] = quantize_groups(
                 kernels, keys[heads[:, None], index], values[heads[:, None], index], heads, *bits,
                 None if acc is None else acc[heads[:, None], index], index if track_positions else None,
             )
-        lengths = torch.tensor([idx.numel() for idx in residual_idx], dtype=torch.long)
-        head_of = torch.arange(num_heads).repeat_interleave(lengths)
+        lengths = torch.tensor([idx.numel() for idx in residual_idx], dtype=torch.long, device=keys.device)
+        head_of = torch.arange(num_heads, device=keys.device).repeat_interleave(lengths)
         flat_idx = torch.cat(residual_idx)
         layer.residual = Residual(
             keys[head_of, flat_idx].clone(), values[head_of, flat_idx].clone(), lengths,
@@ -369,7 +369,7 @@ class CompressedCache(Cache):
             taken, rest = layer.residual.split_oldest(ready, group)  # (n, G)
             for bits in {(layer.budgets[h].key_bits, layer.budgets[h].value_bits) for h in ready.tolist()}:
                 rows = torch.tensor([i for i, h in enumerate(ready.tolist()) if
-                                     (layer.budgets[h].key_bits, layer.budgets[h].value_bits) == bits])
+                                     (layer.budgets[h].key_bits, layer.budgets[h].value_bits) == bits], device=taken.device)
                 idx = taken[rows]
                 scores = None if layer.residual.scores is None else layer.residual.scores[idx]
                 positions = None if layer.residual.positions is None else layer.residual.positions[idx]
@@ -396,7 +396,7 @@ class CompressedCache(Cache):
         for bits, bucket in list(layer.buckets.items()):
             heads = bucket.token_heads()
             scores = bucket.scores if shared is None else shared[bucket.positions.long()]
-            keep = torch.ones(bucket.num_tokens, dtype=torch.bool)
+            keep = torch.ones(bucket.num_tokens, dtype=torch.bool, device=heads.device)
             for head, excess in over:
                 mine = torch.nonzero(heads == head).flatten()
                 excess = min(excess, mine.numel())
@@ -417,10 +417,10 @@ class CompressedCache(Cache):
         parts.append((layer.residual.token_heads(), layer.residual.scores, layer.residual.positions))
         heads, scores, positions = (torch.cat(x) for x in zip(*parts))
         num_heads = layer.residual.lengths.numel()
-        per_head = torch.zeros(num_heads).index_add_(0, heads, scores)
+        per_head = scores.new_zeros(num_heads).index_add_(0, heads, scores)
         share = scores / per_head.clamp_min(1e-30)[heads]
-        total = torch.zeros(layer.seen_tokens).index_add_(0, positions.long(), share)
-        count = torch.zeros(layer.seen_tokens).index_add_(0, positions.long(), torch.ones_like(share))
+        total = share.new_zeros(layer.seen_tokens).index_add_(0, positions.long(), share)
+        count = share.new_zeros(layer.seen_tokens).index_add_(0, positions.long(), torch.ones_like(share))
         return total / count.clamp_min(1)
 
     # --------------------------------------------------------------- attention

@@ -134,13 +134,13 @@ def _quant_errors(keys: torch.Tensor, values: torch.Tensor, group_size: int) -> 
     num_kv, seq_len, head_dim = keys.shape
     groups = max(1, min(seq_len, QERR_SAMPLE_TOKENS) // group_size)
     if seq_len < group_size:
-        return torch.zeros(num_kv, 2 * len(QUANT_BITS))
-    starts = torch.linspace(0, seq_len - group_size, groups).long()
-    idx = (starts[:, None] + torch.arange(group_size)).flatten()
+        return torch.zeros(num_kv, 2 * len(QUANT_BITS), device=keys.device)
+    starts = torch.linspace(0, seq_len - group_size, groups, device=keys.device).long()
+    idx = (starts[:, None] + torch.arange(group_size, device=keys.device)).flatten()
     k = keys[:, idx].float().reshape(num_kv * groups, group_size, head_dim)
     v = values[:, idx].float().reshape(-1, head_dim)
     cg = value_group_size(group_size, head_dim)
-    lengths = torch.full((num_kv * groups,), group_size)
+    lengths = torch.full((num_kv * groups,), group_size, device=keys.device)
     out = []
     for bits in QUANT_BITS:
         k_hat = ref.dequantize_keys(*ref.quantize_keys(k, bits), lengths, bits, torch.float32)
@@ -191,7 +191,7 @@ def observe_layer(
     channel_max = keys.float().abs().amax(dim=1)  # (H_kv, D)
     outlier = channel_max.amax(-1) / channel_max.median(-1).values.clamp_min(1e-6)
     num_kv = keys.shape[0]
-    scalar = lambda v: torch.full((num_kv, 1), float(v))  # noqa: E731
+    scalar = lambda v: torch.full((num_kv, 1), float(v), device=keys.device)  # noqa: E731
     features = torch.cat(
         [
             _entropy(window["row_entropy"], seq_len).unsqueeze(-1),

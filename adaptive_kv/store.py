@@ -68,7 +68,7 @@ class Bucket:
 
     def select(self, keep: torch.Tensor) -> "Bucket":
         """A compact copy holding only the tokens where `keep` (N,) is True; empty groups are dropped."""
-        group_of_token = torch.arange(self.group_len.numel()).repeat_interleave(self.group_len.long())
+        group_of_token = torch.arange(self.group_len.numel(), device=keep.device).repeat_interleave(self.group_len.long())
         new_len = torch.bincount(group_of_token[keep], minlength=self.group_len.numel())
         alive = new_len > 0
         pick = lambda t: None if t is None else t[keep].clone()  # noqa: E731
@@ -121,7 +121,7 @@ def quantize_groups(
         key_zero=key_zero,
         value_scale=value_scale,
         value_zero=value_zero,
-        group_len=torch.full((num_groups,), group, dtype=torch.int16),
+        group_len=torch.full((num_groups,), group, dtype=torch.int16, device=heads.device),
         group_head=heads.to(torch.int16),
         scores=None if scores is None else scores.reshape(-1).float().clone(),
         positions=None if positions is None else positions.reshape(-1).to(torch.int32).clone(),
@@ -165,16 +165,16 @@ class Residual:
 
     def token_heads(self) -> torch.Tensor:
         """Head of every token: (N_r,) int64."""
-        return torch.arange(self.lengths.numel()).repeat_interleave(self.lengths, output_size=self.keys.shape[0])
+        return torch.arange(self.lengths.numel(), device=self.lengths.device).repeat_interleave(self.lengths, output_size=self.keys.shape[0])
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> "Residual":
         """Append q new tokens at positions start.. to every head: keys/values (H, q, D). New scores start at 0."""
         num_heads, q, head_dim = keys.shape
         total = self.keys.shape[0] + num_heads * q
-        head_offset = q * torch.arange(num_heads)
-        dest_old = torch.arange(self.keys.shape[0]) + head_offset.repeat_interleave(self.lengths, output_size=self.keys.shape[0])
+        head_offset = q * torch.arange(num_heads, device=self.lengths.device)
+        dest_old = torch.arange(self.keys.shape[0], device=self.lengths.device) + head_offset.repeat_interleave(self.lengths, output_size=self.keys.shape[0])
         ends = torch.cumsum(self.lengths, 0) + head_offset  # where each head's new tokens start
-        dest_new = (ends[:, None] + torch.arange(q)).flatten()
+        dest_new = (ends[:, None] + torch.arange(q, device=ends.device)).flatten()
         out_k = keys.new_empty(total, head_dim)
         out_v = values.new_empty(total, head_dim)
         out_k[dest_old], out_k[dest_new] = self.keys, keys.reshape(-1, head_dim)
@@ -187,14 +187,14 @@ class Residual:
         if self.positions is not None:
             positions = self.positions.new_empty(total)
             positions[dest_old] = self.positions
-            positions[dest_new] = (start + torch.arange(q, dtype=torch.int32)).repeat(num_heads)
+            positions[dest_new] = (start + torch.arange(q, dtype=torch.int32, device=positions.device)).repeat(num_heads)
         return Residual(out_k, out_v, self.lengths + q, scores, positions)
 
     def split_oldest(self, heads: torch.Tensor, count: int) -> tuple[torch.Tensor, "Residual"]:
         """Take the `count` oldest tokens of each head in `heads`: (index (len(heads), count), rest)."""
         starts = torch.cumsum(self.lengths, 0) - self.lengths
-        taken = (starts[heads][:, None] + torch.arange(count)).flatten()
-        keep = torch.ones(self.keys.shape[0], dtype=torch.bool)
+        taken = (starts[heads][:, None] + torch.arange(count, device=starts.device)).flatten()
+        keep = torch.ones(self.keys.shape[0], dtype=torch.bool, device=self.lengths.device)
         keep[taken] = False
         lengths = self.lengths.clone()
         lengths[heads] -= count

@@ -23,7 +23,7 @@ def global_keeps(scores: torch.Tensor, count: int, sinks: int, window: int) -> t
     recent_start = max(sinks, seq_len - window)
     fixed = min(seq_len, sinks) + (seq_len - recent_start)
     middle = scores[..., sinks:recent_start].float().reshape(num_layers * num_heads, -1)  # (L*H, M)
-    owner = torch.arange(num_layers * num_heads).repeat_interleave(middle.shape[1])
+    owner = torch.arange(num_layers * num_heads, device=middle.device).repeat_interleave(middle.shape[1])
     order = owner[middle.flatten().argsort(descending=True, stable=True)]
     counts = torch.bincount(order[:count], minlength=num_layers * num_heads)
     return (counts + fixed).view(num_layers, num_heads)

@@ -191,7 +191,7 @@ def decode_segments(sinks: tuple[torch.Tensor, torch.Tensor], buckets, residual)
     """Sinks (H, S, D) x2, buckets (`store.Bucket`) and residual (`store.Residual`) as segments, in that order."""
     sink_k, sink_v = sinks
     num_heads, num_sinks, head_dim = sink_k.shape
-    lengths = torch.full((num_heads,), num_sinks, dtype=torch.long)
+    lengths = torch.full((num_heads,), num_sinks, dtype=torch.long, device=sink_k.device)
     first = Segment.full_precision(sink_k.reshape(-1, head_dim), sink_v.reshape(-1, head_dim), lengths)
     last = Segment.full_precision(residual.keys, residual.values, residual.lengths)
     return [first, *buckets, last]

@@ -266,13 +266,17 @@ def _dequant_rows(
     Scale/zero row `sz_rows` holds D // CG entries: keys use their group (CG 1), values their own
     token (CG = channel group). The caller rounds to the model dtype, as the reference does.
     """
+    # one return after an if/else: the compiler only drops the untaken branch of a constexpr if/else;
+    # code after an early return is still built, and _unpack's 8 // BITS divides by zero at 16 bits
     if BITS == 16:
-        return tl.load(data_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-    codes = _unpack(data_ptr, rows, row_ok, dims, D, BITS)
-    sz = sz_rows[:, None] * (D // CG) + dims[None, :] // CG
-    scale = tl.load(scale_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    return codes * scale + zero
+        rows_out = tl.load(data_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        codes = _unpack(data_ptr, rows, row_ok, dims, D, BITS)
+        sz = sz_rows[:, None] * (D // CG) + dims[None, :] // CG
+        scale = tl.load(scale_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + sz, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        rows_out = codes * scale + zero
+    return rows_out
 
 
 @triton.jit
