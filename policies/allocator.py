@@ -1,26 +1,37 @@
 """Multiple-choice knapsack: one option per head, least total cost within a byte limit.
 
-Lagrangian relaxation (each head minimises cost + lambda x bytes; bisection on lambda finds the
-cheapest lambda that fits), then the bytes left over are spent greedily on the upgrades with the
-best cost saved per byte. Optimal for the relaxed problem and within a sliver of the integral
-optimum when costs are convex in bytes; small cases are checked against brute force and dynamic
-programming in the tests. NumPy, not torch: a decision is a few hundred tiny array operations,
-where torch's per-op overhead alone would exceed the 1 ms target.
+Each head's options are reduced to the lower convex hull of (bytes, cost); the hull's upgrades
+(cost saved per extra byte, falling along each head's hull) are taken globally in order of that
+ratio while they fit: the integral part of the LP relaxation's optimum (the greedy for the
+multiple-choice knapsack, Sinha and Zoltners 1979). Bytes still left then go to the best upgrades
+that fit, hull or not. Small cases are checked against brute force and dynamic programming in the
+tests. NumPy, not torch, and no loop over heads: a decision for 90 heads must take well under 1 ms.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-BISECTION_STEPS = 48
 
+def _hull_steps(cost: np.ndarray, nbytes: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Upgrades along every head's lower convex hull from `start`: (ratio, head, from, to, extra) arrays.
 
-def _pick(cost: np.ndarray, nbytes: np.ndarray, lam: float) -> np.ndarray:
-    """Per-head argmin of cost + lam x bytes; ties go to fewer bytes. Returns (N,) option indices."""
-    score = cost + lam * nbytes
-    best = score.min(-1, keepdims=True)
-    tied = score <= best + 1e-12 * np.maximum(np.abs(best), 1.0)
-    return np.where(tied, nbytes, np.inf).argmin(-1)
+    Gift wrapping, all heads at once: from its current option a head moves to the option with the
+    largest cost saved per extra byte, until none saves cost; finished heads drop out.
+    """
+    heads, cur, parts = np.arange(cost.shape[0]), start, []
+    while heads.size:
+        c, b, at = cost[heads], nbytes[heads], np.arange(heads.size)
+        extra = b - b[at, cur][:, None]
+        saved = c[at, cur][:, None] - c
+        ratio = np.divide(saved, extra, out=np.full(extra.shape, -np.inf), where=(extra > 0) & (saved > 0))
+        nxt = ratio.argmax(-1)
+        best = ratio[at, nxt]
+        moving = best > -np.inf
+        heads, cur, nxt, best = heads[moving], cur[moving], nxt[moving], best[moving]
+        parts.append((best, heads, cur, nxt, nbytes[heads, nxt] - nbytes[heads, cur]))
+        cur = nxt
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def allocate(cost, nbytes, limit: float) -> np.ndarray:
@@ -33,25 +44,29 @@ def allocate(cost, nbytes, limit: float) -> np.ndarray:
     smallest = nbytes.min(-1).sum()
     if smallest > limit:
         raise ValueError(f"the smallest options need {int(smallest)} bytes, over the limit of {int(limit)}")
-    choice = _pick(cost, nbytes, 0.0)
-    if nbytes[rows, choice].sum() > limit:
-        low, high = 0.0, 1.0
-        while nbytes[rows, _pick(cost, nbytes, high)].sum() > limit and high < 1e30:
-            high *= 4
-        for _ in range(BISECTION_STEPS):
-            mid = (low + high) / 2
-            if nbytes[rows, _pick(cost, nbytes, mid)].sum() > limit:
-                low = mid
-            else:
-                high = mid
-        choice = _pick(cost, nbytes, high)
-        if nbytes[rows, choice].sum() > limit:  # only ties left: fall back to the smallest options
-            choice = nbytes.argmin(-1)
+    # start from each head's smallest option, the cheapest of equal size
+    choice = np.where(nbytes == nbytes.min(-1, keepdims=True), cost, np.inf).argmin(-1)
+    ratio, head, src, dst, extra = _hull_steps(cost, nbytes, choice)
+    order = np.argsort(-ratio, kind="stable")  # a head's own steps keep their (falling) order
+    left = limit - nbytes[rows, choice].sum()
+    taken = int(np.searchsorted(np.cumsum(extra[order]), left, side="right"))
+    prefix = order[:taken]
+    # a head's steps come in walk order, so its last step in the prefix is where it ends
+    last = prefix.size - 1 - np.unique(head[prefix][::-1], return_index=True)[1]
+    choice[head[prefix][last]] = dst[prefix][last]
+    left -= extra[prefix].sum()
+    # past the first upgrade that does not fit, later ones of other heads may: a step applies only
+    # if its head stands where the step starts (an untaken step blocks the rest of its head's walk)
+    rest = order[taken:]
+    for i in rest[extra[rest] <= left].tolist():
+        h = head[i]
+        if choice[h] == src[i] and extra[i] <= left:
+            choice[h], left = dst[i], left - extra[i]
     return _spend_leftover(cost, nbytes, choice, limit)
 
 
 def _spend_leftover(cost: np.ndarray, nbytes: np.ndarray, choice: np.ndarray, limit: float) -> np.ndarray:
-    """Greedy upgrades (largest cost saved per extra byte) while they fit."""
+    """Greedy upgrades (largest cost saved per extra byte) while they fit, off the hull too."""
     rows = np.arange(cost.shape[0])
     choice = choice.copy()
     while True:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adaptive_kv.plan import Plan
@@ -23,6 +24,18 @@ from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConf
 def _option_bytes(grid, layout_items, seq_len: int, head_dim: int, dtype_bytes: int) -> tuple[int, ...]:
     """Bytes per option, memoised: the same few context lengths come back on every request."""
     return tuple(option_bytes(grid, dict(layout_items), seq_len, head_dim, dtype_bytes))
+
+
+@functools.lru_cache(maxsize=256)
+def _option_budgets(grid, seq_len: int, floor: int) -> tuple:
+    """HeadBudget of every option at `seq_len`, memoised (frozen, so shared by every plan)."""
+    return tuple(option.budget(seq_len, floor) for option in grid)
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_index(have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor:
+    """Positions of the controller's features among the statistics' features."""
+    return torch.tensor([have.index(f) for f in want])
 
 
 # The controller trained for the embedded model ships with the package (a few kB).
@@ -86,7 +99,7 @@ class Learned(Policy):
         missing = [f for f in self.config.feature_names if f not in stats.feature_names]
         if missing:
             raise ValueError(f"statistics lack the controller's features {missing}; build the cache with policy.stats_config()")
-        idx = torch.tensor([stats.feature_names.index(f) for f in self.config.feature_names])
+        idx = _feature_index(tuple(stats.feature_names), tuple(self.config.feature_names))
         features = stats.features[..., idx].float().reshape(-1, len(idx))
         with torch.inference_mode():
             pred = self.net(features, torch.arange(features.shape[0]))
@@ -98,18 +111,21 @@ class Learned(Policy):
         if head_dim != self.config.model_shape["head_dim"]:
             raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
         layout, seq_len = self.layout(), stats.seq_len
-        weights = torch.tensor(self.config.layer_weights, dtype=torch.float64)
-        cost = self.predict(stats).double().exp() * weights[:, None, None]  # (L, H, O)
-        per_option = torch.tensor(_option_bytes(self.config.grid, tuple(sorted(layout.items())), seq_len, head_dim,
-                                                dtype_bytes), dtype=torch.float64)
+        weights = np.asarray(self.config.layer_weights, dtype=np.float64)
+        cost = np.exp(self.predict(stats).double().numpy()) * weights[:, None, None]  # (L, H, O)
+        per_option = np.asarray(_option_bytes(self.config.grid, tuple(sorted(layout.items())), seq_len, head_dim,
+                                              dtype_bytes), dtype=np.float64)
         num_heads = stats.num_layers * stats.num_kv_heads
-        full = Plan.full(stats.num_layers, stats.num_kv_heads, **layout).full_nbytes(seq_len, head_dim, dtype_bytes)
+        # a DynamicCache's bytes: keys and values of every head and token
+        full = 2 * num_heads * seq_len * head_dim * dtype_bytes
         try:
-            choice = allocate(cost.reshape(num_heads, -1), per_option.expand(num_heads, -1), budget * full)
+            choice = allocate(cost.reshape(num_heads, -1), np.broadcast_to(per_option, (num_heads, per_option.size)),
+                              budget * full)
         except ValueError:
-            minimum = per_option.min().item() * num_heads / full
+            minimum = per_option.min() * num_heads / full
             raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None
         floor = layout["sink_tokens"] + layout["recent_window"]
-        budgets = [self.config.grid[int(c)].budget(seq_len, floor) for c in choice]
+        options = _option_budgets(self.config.grid, seq_len, floor)
+        budgets = [options[c] for c in choice.tolist()]
         rows = [tuple(budgets[i * stats.num_kv_heads : (i + 1) * stats.num_kv_heads]) for i in range(stats.num_layers)]
         return Plan(tuple(rows), **layout)
