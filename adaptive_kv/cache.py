@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from adaptive_kv.assembled import AssembledView
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import HeadBudget, Plan
 from adaptive_kv.reconstruction import ReconstructionRequest, reconstruction_scores
@@ -57,6 +58,11 @@ class CompressedLayer(CacheLayerMixin):
         self.residual: Residual | None = None
         self.budgets: tuple[HeadBudget, ...] | None = None
         self.observation: LayerObservation | None = None
+        self.view: AssembledView | None = None  # decode operands kept between steps (assembled.py)
+        # Python mirrors of residual lengths and tokens held per head: the per-step checks for a
+        # flush or an eviction then cost no tensor op (they run for every layer of every token)
+        self.residual_lengths: list[int] = []
+        self.held: list[int] = []
 
     # --------------------------------------------------------------- Cache API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -125,7 +131,10 @@ class CompressedCache(Cache):
 
     Give either a fixed `plan` or a `plan_provider` (AttentionStats -> Plan, asked once after
     prefill). `eviction_slack` tokens (default: one group) may accumulate above a head's budget
-    before decode-time eviction runs, so eviction is amortised.
+    before decode-time eviction runs, so eviction is amortised. `assembled` keeps each layer's
+    decode operands dequantised between steps (`AssembledView`: fast, but a working copy of the
+    kept tokens in the model's dtype, `working_nbytes()`); None uses it on CPU only, False
+    dequantises from the packed store at every step (least memory; the fused kernel on CUDA).
     """
 
     def __init__(
@@ -139,6 +148,7 @@ class CompressedCache(Cache):
         backend: str | None = None,
         capture: bool = False,
         reconstruction: ReconstructionRequest | None = None,
+        assembled: bool | None = None,
     ) -> None:
         from adaptive_kv.attention import prepare_model
 
@@ -169,6 +179,9 @@ class CompressedCache(Cache):
             raise ValueError(f"eviction_slack must be >= 0, got {eviction_slack}")
         self.eviction_slack = eviction_slack
         self.backend = backend
+        if assembled not in (None, True, False):
+            raise ValueError(f"assembled must be None (on CPU), True or False, got {assembled!r}")
+        self.assembled = assembled
         self._backends: dict[str, Any] = {}
         self.capture = capture
         self._model = model
@@ -215,6 +228,13 @@ class CompressedCache(Cache):
         if layer.is_compressed:
             self._maintain(layer)
             layer.residual = layer.residual.append(key_states[0], value_states[0], layer.seen_tokens)
+            q = key_states.shape[2]
+            layer.residual_lengths = [n + q for n in layer.residual_lengths]
+            layer.held = [n + q for n in layer.held]
+            if layer.view is not None and key_states.shape[2] == 1:
+                layer.view.append(key_states[0], value_states[0])
+            else:  # a multi-token step (a question after compression) goes through the reference once
+                layer.view = None
         elif layer.prefill is None:
             layer.prefill = (key_states[0], value_states[0])
         else:
@@ -356,16 +376,18 @@ class CompressedCache(Cache):
         layer.sinks = (keys[:, :sinks].clone(), values[:, :sinks].clone())
         layer.budgets = budgets
         layer.prefill = None
+        layer.view = None
+        layer.residual_lengths, layer.held = lengths.tolist(), layer.head_tokens().tolist()
 
     # --------------------------------------------------------------- decode
     def _maintain(self, layer: CompressedLayer) -> None:
         """Flush full residual windows into packed groups, then evict over-budget heads (H2O)."""
         plan, group = self.plan, self.plan.group_size
         kernels = self._kernels(layer.device)
-        while True:
-            ready = torch.nonzero(layer.residual.lengths >= plan.recent_window + group).flatten()
-            if ready.numel() == 0:
-                break
+        threshold = plan.recent_window + group
+        while max(layer.residual_lengths) >= threshold:
+            ready = torch.tensor([h for h, n in enumerate(layer.residual_lengths) if n >= threshold],
+                                 device=layer.residual.lengths.device)
             taken, rest = layer.residual.split_oldest(ready, group)  # (n, G)
             for bits in {(layer.budgets[h].key_bits, layer.budgets[h].value_bits) for h in ready.tolist()}:
                 rows = torch.tensor([i for i, h in enumerate(ready.tolist()) if
@@ -378,15 +400,17 @@ class CompressedCache(Cache):
                 )
                 layer.buckets[bits] = concat_buckets(layer.buckets.get(bits), new)
             layer.residual = rest
+            layer.residual_lengths = rest.lengths.tolist()
+            layer.view = None
         self._evict(layer)
 
     def _evict(self, layer: CompressedLayer) -> None:
         if not self.plan.tracks_scores:
             return
         slack = self.plan.group_size if self.eviction_slack is None else self.eviction_slack
-        held = layer.head_tokens()
+        held = layer.held
         over = [
-            (head, int(held[head]) - budget.keep)
+            (head, held[head] - budget.keep)
             for head, budget in enumerate(layer.budgets)
             if budget.keep is not None and held[head] > budget.keep + slack
         ]
@@ -404,6 +428,8 @@ class CompressedCache(Cache):
                     keep[mine[scores[mine].topk(excess, largest=False).indices]] = False
             if not keep.all():
                 layer.buckets[bits] = bucket.select(keep)
+                layer.view = None
+        layer.held = layer.head_tokens().tolist()
 
     @staticmethod
     def _shared_scores(layer: CompressedLayer) -> torch.Tensor:
@@ -430,13 +456,27 @@ class CompressedCache(Cache):
         kernels = self._kernels(query.device)
         num_heads, sinks, _ = layer.sinks[0].shape
         buckets = list(layer.buckets.values())
-        # one decode query without H2O runs fused on the triton backend (packed codes read directly)
-        out, token_mass = kernels.decode_attention(
-            query[0], layer.sinks, buckets, layer.residual, num_heads, scaling, need_mass=self.plan.tracks_scores
-        )
+        need_mass = self.plan.tracks_scores
+        if query.shape[2] == 1 and self._uses_view(query.device):
+            if layer.view is None:
+                layer.view = AssembledView.build(layer.sinks, buckets, layer.residual, kernels, query.dtype)
+            out, token_mass = layer.view.attend(query[0], scaling, need_mass)
+        else:
+            # one decode query without H2O runs fused on the triton backend (packed codes read directly)
+            out, token_mass = kernels.decode_attention(
+                query[0], layer.sinks, buckets, layer.residual, num_heads, scaling, need_mass=need_mass
+            )
         if token_mass is not None:
             self._accumulate(layer, buckets, token_mass, num_heads * sinks)
         return out.transpose(0, 1).unsqueeze(0)  # (1, q, H_q, D)
+
+    def _uses_view(self, device: torch.device) -> bool:
+        # on CPU the assembled operands are the fast path; on CUDA the fused kernel reads packed codes
+        return self.assembled if self.assembled is not None else device.type == "cpu"
+
+    def working_nbytes(self) -> int:
+        """Bytes of the assembled decode operands (a dequantised working copy, on top of `nbytes`)."""
+        return sum(layer.view.nbytes() for layer in self.layers if layer.view is not None)
 
     @staticmethod
     def _accumulate(layer: CompressedLayer, buckets: list[Bucket], mass: torch.Tensor, offset: int) -> None:
@@ -487,6 +527,7 @@ class CompressedCache(Cache):
             "full_bytes": full,
             "bytes": real,
             "ratio": (full / real) if real else None,
+            "working_bytes": self.working_nbytes(),
             "seq_len": self.get_seq_length(),
             "plan": None if self.plan is None else self.plan.summary(),
             "layers": layers,

@@ -8,6 +8,7 @@ predicts its own storage bytes so the cache's real bytes can be checked against 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -168,7 +169,7 @@ class Plan:
         """True when the plan compresses nothing."""
         return all(b.is_identity for layer in self.heads for b in layer)
 
-    @property
+    @functools.cached_property  # read for every layer of every decode step; a Plan is frozen
     def tracks_scores(self) -> bool:
         """True when some head has a finite budget, so tokens carry H2O scores for decode eviction."""
         return any(b.keep is not None for layer in self.heads for b in layer)

@@ -170,25 +170,21 @@ class Residual:
     def append(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> "Residual":
         """Append q new tokens at positions start.. to every head: keys/values (H, q, D). New scores start at 0."""
         num_heads, q, head_dim = keys.shape
-        total = self.keys.shape[0] + num_heads * q
-        head_offset = q * torch.arange(num_heads, device=self.lengths.device)
-        dest_old = torch.arange(self.keys.shape[0], device=self.lengths.device) + head_offset.repeat_interleave(self.lengths, output_size=self.keys.shape[0])
-        ends = torch.cumsum(self.lengths, 0) + head_offset  # where each head's new tokens start
-        dest_new = (ends[:, None] + torch.arange(q, device=ends.device)).flatten()
-        out_k = keys.new_empty(total, head_dim)
-        out_v = values.new_empty(total, head_dim)
-        out_k[dest_old], out_k[dest_new] = self.keys, keys.reshape(-1, head_dim)
-        out_v[dest_old], out_v[dest_new] = self.values, values.reshape(-1, head_dim)
+        sizes = self.lengths.tolist()
+
+        def interleave(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            # each head's run, then its q new tokens (one cat; this runs for every layer of every step)
+            runs = old.split(sizes)
+            return torch.cat([part for head in range(num_heads) for part in (runs[head], new[head])])
+
         scores = None
         if self.scores is not None:
-            scores = self.scores.new_zeros(total)
-            scores[dest_old] = self.scores
+            scores = interleave(self.scores, self.scores.new_zeros(num_heads, q))
         positions = None
         if self.positions is not None:
-            positions = self.positions.new_empty(total)
-            positions[dest_old] = self.positions
-            positions[dest_new] = (start + torch.arange(q, dtype=torch.int32, device=positions.device)).repeat(num_heads)
-        return Residual(out_k, out_v, self.lengths + q, scores, positions)
+            new = (start + torch.arange(q, dtype=torch.int32, device=self.positions.device)).expand(num_heads, q)
+            positions = interleave(self.positions, new)
+        return Residual(interleave(self.keys, keys), interleave(self.values, values), self.lengths + q, scores, positions)
 
     def split_oldest(self, heads: torch.Tensor, count: int) -> tuple[torch.Tensor, "Residual"]:
         """Take the `count` oldest tokens of each head in `heads`: (index (len(heads), count), rest)."""

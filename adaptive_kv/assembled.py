@@ -1,0 +1,122 @@
+"""Decode attention over operands kept assembled between steps (the CPU hot path).
+
+The reference decode (`kernels.decode_attention`) dequantises the whole store and pads it into
+dense (H, L, D) operands at every step, a cost paid per layer and per token that made a compressed
+cache slower than DynamicCache. An `AssembledView` keeps those operands between steps: built
+once from the store (after the plan lands, a group flush or an eviction, i.e. every ~group_size
+steps), then each new token is written in place. The trade: the view holds the kept tokens
+dequantised in the model's dtype (`nbytes`), on top of the packed store. The store stays the
+state of record; the view is a cache of it, rebuilt whenever the store changes shape.
+
+Each head's row holds its tokens in store order (sinks, buckets in order, residual), so the
+identity plan's rows are the sequence itself and decode matches DynamicCache's SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adaptive_kv.kernels import reference
+from adaptive_kv.store import Bucket, Residual
+
+HEADROOM = 64  # token slots per head beyond the longest head, so most appends need no new buffer
+
+
+@dataclass
+class AssembledView:
+    """Dense decode operands of one layer: each head's tokens at the start of its row."""
+
+    keys: torch.Tensor  # (H, C, D) model dtype, C >= every head's length
+    values: torch.Tensor
+    lengths: torch.Tensor  # (H,) int64 tokens per head
+    fixed_slots: torch.Tensor  # (N_sinks + N_buckets,) flat slot (h * C + j) of every stored token, store order
+    residual_start: torch.Tensor  # (H,) int64 slot of each head's first residual token
+
+    def __post_init__(self) -> None:
+        self.head_lengths: list[int] = self.lengths.tolist()  # mirror: no tensor op to read the longest head
+
+    @classmethod
+    def build(cls, sinks: tuple[torch.Tensor, torch.Tensor], buckets: list[Bucket], residual: Residual,
+              kernels, dtype: torch.dtype) -> "AssembledView":
+        """Dequantise the store once and lay every head's tokens out in one row."""
+        segments = reference.decode_segments(sinks, buckets, residual)
+        parts = [reference.segment_tokens(seg, dtype, kernels=kernels) for seg in segments]
+        keys, values, heads = (torch.cat(t) for t in zip(*parts))
+        num_heads, head_dim = sinks[0].shape[0], keys.shape[1]
+        lengths = torch.bincount(heads, minlength=num_heads)
+        # rank of every token within its head, in store order
+        order = torch.argsort(heads, stable=True)
+        starts = torch.cumsum(lengths, 0) - lengths
+        slot = torch.empty_like(heads)
+        slot[order] = torch.arange(heads.numel(), device=heads.device) - starts[heads[order]]
+        capacity = int(lengths.max()) + HEADROOM
+        dense_k = keys.new_zeros(num_heads, capacity, head_dim)
+        dense_v = values.new_zeros(num_heads, capacity, head_dim)
+        dense_k[heads, slot] = keys
+        dense_v[heads, slot] = values
+        flat = heads * capacity + slot
+        fixed = flat.numel() - residual.keys.shape[0]
+        return cls(dense_k, dense_v, lengths, flat[:fixed], lengths - residual.lengths.to(lengths.device))
+
+    @property
+    def capacity(self) -> int:
+        """Token slots per head."""
+        return self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes of the working copy (on top of the packed store)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.lengths, self.fixed_slots,
+                                                          self.residual_start))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one new token per head (keys/values (H, 1, D)) after each head's last token."""
+        if max(self.head_lengths) >= self.capacity:
+            self._grow()
+        heads = torch.arange(self.keys.shape[0], device=self.keys.device)
+        self.keys[heads, self.lengths] = keys[:, 0].to(self.keys.dtype)
+        self.values[heads, self.lengths] = values[:, 0].to(self.values.dtype)
+        self.lengths += 1
+        self.head_lengths = [n + 1 for n in self.head_lengths]
+
+    def _grow(self) -> None:
+        extra = max(HEADROOM, self.capacity // 2)
+        old = self.capacity
+        pad = lambda t: F.pad(t, (0, 0, 0, extra))  # noqa: E731
+        self.keys, self.values = pad(self.keys), pad(self.values)
+        heads = self.fixed_slots // old
+        self.fixed_slots = heads * self.capacity + self.fixed_slots % old
+
+    def attend(self, query: torch.Tensor, scaling: float, need_mass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode query (H_q, 1, D): output (H_q, 1, D) and, if `need_mass`, mass (N_total,) in store order."""
+        num_q, _, head_dim = query.shape
+        num_kv = self.keys.shape[0]
+        rep = num_q // num_kv
+        longest, ragged = max(self.head_lengths), min(self.head_lengths) != max(self.head_lengths)
+        keys, values = self.keys[:, :longest], self.values[:, :longest]
+        visible = None
+        if ragged or need_mass:
+            visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]  # (H, L)
+        if not need_mass:
+            mask = visible[:, None, None].expand(num_kv, rep, 1, longest).reshape(1, num_q, 1, longest) if ragged else None
+            out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scaling,
+                                                 enable_gqa=rep > 1)
+            return out[0], None
+        q = query.view(num_kv, rep, head_dim)
+        logits = torch.bmm(q, keys.transpose(1, 2)).float() * scaling  # (H, rep, L)
+        logits.masked_fill_(~visible[:, None], -torch.inf)
+        probs = logits.softmax(-1)
+        out = torch.bmm(probs.to(values.dtype), values).view(num_q, 1, head_dim)
+        mass = probs.sum(1).div_(rep)  # (H, L)
+        padded = F.pad(mass, (0, self.capacity - longest)).flatten()
+        return out, padded[torch.cat([self.fixed_slots, self._residual_slots()])]
+
+    def _residual_slots(self) -> torch.Tensor:
+        """Flat slots of the residual's tokens, head by head (the store's residual order)."""
+        count = self.lengths - self.residual_start
+        heads = torch.arange(count.numel(), device=count.device).repeat_interleave(count)
+        first = torch.cumsum(count, 0) - count
+        rank = torch.arange(heads.numel(), device=count.device) - first[heads]
+        return heads * self.capacity + self.residual_start[heads] + rank
