@@ -89,29 +89,53 @@ class AssembledView:
         heads = self.fixed_slots // old
         self.fixed_slots = heads * self.capacity + self.fixed_slots % old
 
-    def attend(self, query: torch.Tensor, scaling: float, need_mass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decode query (H_q, 1, D): output (H_q, 1, D) and, if `need_mass`, mass (N_total,) in store order."""
+    def attend(self, query: torch.Tensor, scaling: float,
+               mass_heads: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode query (H_q, 1, D): output (H_q, 1, D) and the H2O mass (N_total,) in store order.
+
+        The mass is computed for the KV heads in `mass_heads` only (None: no mass); other heads'
+        tokens get 0. Heads that never evict need no mass when each head ranks its own tokens.
+        """
         num_q, _, head_dim = query.shape
         num_kv = self.keys.shape[0]
         rep = num_q // num_kv
         longest, ragged = max(self.head_lengths), min(self.head_lengths) != max(self.head_lengths)
         keys, values = self.keys[:, :longest], self.values[:, :longest]
-        visible = None
-        if ragged or need_mass:
+        if mass_heads is not None and len(mass_heads) == num_kv:  # every head: one pass gives both
             visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]  # (H, L)
-        if not need_mass:
-            mask = visible[:, None, None].expand(num_kv, rep, 1, longest).reshape(1, num_q, 1, longest) if ragged else None
-            out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scaling,
-                                                 enable_gqa=rep > 1)
-            return out[0], None
-        q = query.view(num_kv, rep, head_dim)
-        logits = torch.bmm(q, keys.transpose(1, 2)).float() * scaling  # (H, rep, L)
+            probs = self._probs(query.view(num_kv, rep, head_dim), keys, visible, scaling)
+            out = torch.bmm(probs.to(values.dtype), values).view(num_q, 1, head_dim)
+            return out, self._flat_mass(probs.sum(1).div_(rep), list(range(num_kv)), longest)
+        mask = None
+        if ragged:
+            visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]
+            mask = visible[:, None, None].expand(num_kv, rep, 1, longest).reshape(1, num_q, 1, longest)
+        out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scaling,
+                                             enable_gqa=rep > 1)[0]
+        if not mass_heads:
+            return out, None if mass_heads is None else torch.zeros(self._num_stored(), device=keys.device)
+        heads = list(mass_heads)
+        span = max(self.head_lengths[h] for h in heads)
+        pick = torch.tensor(heads, device=keys.device)
+        visible = torch.arange(span, device=keys.device) < self.lengths[pick, None]
+        probs = self._probs(query.view(num_kv, rep, head_dim)[pick], self.keys[pick, :span], visible, scaling)
+        return out, self._flat_mass(probs.sum(1).div_(rep), heads, span)
+
+    @staticmethod
+    def _probs(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Softmax (S, rep, L) fp32 of query (S, rep, D) over keys (S, L, D), masked to `visible` (S, L)."""
+        logits = torch.bmm(query, keys.transpose(1, 2)).float() * scaling
         logits.masked_fill_(~visible[:, None], -torch.inf)
-        probs = logits.softmax(-1)
-        out = torch.bmm(probs.to(values.dtype), values).view(num_q, 1, head_dim)
-        mass = probs.sum(1).div_(rep)  # (H, L)
-        padded = F.pad(mass, (0, self.capacity - longest)).flatten()
-        return out, padded[torch.cat([self.fixed_slots, self._residual_slots()])]
+        return logits.softmax(-1)
+
+    def _flat_mass(self, mass: torch.Tensor, heads: list[int], span: int) -> torch.Tensor:
+        """Mass (S, span) of `heads` as (N_total,) in store order; other heads' tokens get 0."""
+        full = mass.new_zeros(self.keys.shape[0], self.capacity)
+        full[heads, :span] = mass
+        return full.flatten()[torch.cat([self.fixed_slots, self._residual_slots()])]
+
+    def _num_stored(self) -> int:
+        return self.fixed_slots.numel() + int(sum(self.head_lengths)) - int(self.residual_start.sum())
 
     def _residual_slots(self) -> torch.Tensor:
         """Flat slots of the residual's tokens, head by head (the store's residual order)."""

@@ -29,6 +29,9 @@ from adaptive_kv.stats import AttentionStats, LayerObservation, StatsConfig, obs
 from adaptive_kv.store import Bucket, Residual, concat_buckets, quantize_groups
 
 PlanProvider = Callable[[AttentionStats], Plan]
+# bounded prefill: (one layer's statistics, layer index) -> that layer's one-layer Plan, asked as
+# soon as the layer's forward ends, so the prefill never holds more than one layer uncompressed
+LayerPlanProvider = Callable[[AttentionStats, int], Plan]
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,11 @@ class CompressedLayer(CacheLayerMixin):
 class CompressedCache(Cache):
     """A `transformers.Cache` that compresses every (layer, KV head) as a Plan says.
 
-    Give either a fixed `plan` or a `plan_provider` (AttentionStats -> Plan, asked once after
-    prefill). `eviction_slack` tokens (default: one group) may accumulate above a head's budget
+    Give a fixed `plan`, a `plan_provider` (AttentionStats -> Plan, asked once after prefill,
+    which may weigh every layer against the others) or a `layer_plan_provider` (bounded prefill:
+    each layer is planned from its own statistics and compressed as soon as its forward ends, so
+    the prefill's peak is one layer at full precision plus the compressed rest;
+    `prefill_peak_nbytes` records it). `eviction_slack` tokens (default: one group) may accumulate above a head's budget
     before decode-time eviction runs, so eviction is amortised. `assembled` keeps each layer's
     decode operands dequantised between steps (`AssembledView`: fast, but a working copy of the
     kept tokens in the model's dtype, `working_nbytes()`); None uses it on CPU only, False
@@ -143,6 +149,7 @@ class CompressedCache(Cache):
         *,
         plan: Plan | None = None,
         plan_provider: PlanProvider | None = None,
+        layer_plan_provider: LayerPlanProvider | None = None,
         stats_config: StatsConfig | None = None,
         eviction_slack: int | None = None,
         backend: str | None = None,
@@ -152,10 +159,11 @@ class CompressedCache(Cache):
     ) -> None:
         from adaptive_kv.attention import prepare_model
 
-        if capture and (plan is not None or plan_provider is not None):
-            raise ValueError("capture=True keeps the prefill for fork(plan); give no plan or plan_provider")
-        if not capture and (plan is None) == (plan_provider is None):
-            raise ValueError("give exactly one of plan= or plan_provider= (or capture=True)")
+        given = sum(x is not None for x in (plan, plan_provider, layer_plan_provider))
+        if capture and given:
+            raise ValueError("capture=True keeps the prefill for fork(plan); give no plan, plan_provider or layer_plan_provider")
+        if not capture and given != 1:
+            raise ValueError("give exactly one of plan=, plan_provider= or layer_plan_provider= (or capture=True)")
         config = prepare_model(model)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -164,6 +172,9 @@ class CompressedCache(Cache):
             self._check_plan(plan)
         self.plan = plan
         self.plan_provider = plan_provider
+        self.layer_plan_provider = layer_plan_provider
+        self._layer_plans: list[Plan] = []
+        self.prefill_peak_nbytes = 0  # most bytes the cache held at once during prefill
         layout = plan or Plan.full(1, 1)
         self.stats_config = stats_config or StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size)
         if self.stats_config.reconstruction and reconstruction is None:
@@ -171,6 +182,9 @@ class CompressedCache(Cache):
                 "stats_config.reconstruction needs the context's ids: pass "
                 "reconstruction=ReconstructionRequest.for_prompt(tokenizer, input_ids)"
             )
+        if layer_plan_provider is not None and self.stats_config.reconstruction:
+            raise ValueError("reconstruction scores need every layer's prefill: plan with plan_provider=, "
+                             "not layer_plan_provider=")
         if reconstruction is not None and not isinstance(reconstruction, ReconstructionRequest):
             raise ValueError(f"reconstruction must be a ReconstructionRequest, got {type(reconstruction).__name__}")
         self.reconstruction = reconstruction
@@ -255,7 +269,8 @@ class CompressedCache(Cache):
     @property
     def collects_stats(self) -> bool:
         """Whether prefill reads attention statistics (needed by providers and evicting plans)."""
-        return self.capture or self.plan_provider is not None or self.plan.tracks_scores
+        planned = self.plan_provider is not None or self.layer_plan_provider is not None
+        return self.capture or planned or self.plan.tracks_scores
 
     def observe(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Read one layer's statistics from its prefill queries (1, H_q, T, D); finish after the last."""
@@ -266,10 +281,38 @@ class CompressedCache(Cache):
                 query[0], keys, values, scaling, layer_idx, self.num_layers, self.stats_config,
                 kernels=self._kernels(query.device),
             )
+        self.prefill_peak_nbytes = max(self.prefill_peak_nbytes, self.nbytes())
+        if self.layer_plan_provider is not None:
+            self._apply_layer_plan(layer)
         if layer_idx == self.num_layers - 1:
             self._finish_prefill()
 
+    def _apply_layer_plan(self, layer: CompressedLayer) -> None:
+        """Bounded prefill: plan this layer from its own statistics and compress it right away."""
+        seq_len = layer.prefill[0].shape[1]
+        stats = AttentionStats.stack([layer.observation], seq_len)
+        plan = self.layer_plan_provider(stats, layer.layer_idx)
+        if not isinstance(plan, Plan) or (plan.num_layers, plan.num_kv_heads) != (1, self.num_kv_heads):
+            raise ValueError(f"layer_plan_provider must return a one-layer Plan of {self.num_kv_heads} KV heads, got {plan!r}")
+        if self._layer_plans and plan.layout() != self._layer_plans[0].layout():
+            raise ValueError(f"layer {layer.layer_idx}'s plan has layout {plan.layout()}, "
+                             f"layer 0's has {self._layer_plans[0].layout()}")
+        select = acc = None
+        if plan.layer_tracks_scores(0):
+            if plan.scorer not in stats.token_scores:
+                raise ValueError(f"plan.scorer {plan.scorer!r} is not read layer by layer; use plan_provider=")
+            select, acc = stats.token_scores[plan.scorer][0], stats.token_scores["window"][0]
+        self._apply(layer, plan, select, acc, row=0)
+        self._layer_plans.append(plan)
+
     def _finish_prefill(self) -> None:
+        if self.layer_plan_provider is not None:
+            stats = AttentionStats.stack([layer.observation for layer in self.layers], self.layers[0].seen_tokens)
+            for layer in self.layers:
+                layer.observation = None
+            self.plan = Plan.stack(self._layer_plans)
+            self.stats = dataclasses.replace(stats, token_scores={})
+            return
         seq_len = self.layers[0].prefill[0].shape[1]
         stats = None
         if self.collects_stats:
@@ -283,6 +326,7 @@ class CompressedCache(Cache):
             return
         plan = self.plan if self.plan_provider is None else self.plan_provider(stats)
         self._apply_plan(plan, stats)
+        self.prefill_peak_nbytes = max(self.prefill_peak_nbytes, self.nbytes())
 
     def _reconstruct(self) -> torch.Tensor:
         """Reconstruction scores (L, H_kv, T) over this prefill (a nested pass through the decoder, no cache)."""
@@ -305,7 +349,7 @@ class CompressedCache(Cache):
         self.plan = plan
         for layer_idx, layer in enumerate(self.layers):
             select = acc = None
-            if stats is not None and plan.tracks_scores:
+            if stats is not None and plan.layer_tracks_scores(layer_idx):
                 select = stats.token_scores[plan.scorer][layer_idx]
                 acc = stats.token_scores["window"][layer_idx]
             self._apply(layer, plan, select, acc)
@@ -332,19 +376,24 @@ class CompressedCache(Cache):
         new._apply_plan(plan, self.stats)
         return new
 
-    def _apply(self, layer: CompressedLayer, plan: Plan, select: torch.Tensor | None, acc: torch.Tensor | None) -> None:
-        """Keep sinks + recent + top-ranked tokens per head; pack the middle; free the prefill."""
+    def _apply(self, layer: CompressedLayer, plan: Plan, select: torch.Tensor | None, acc: torch.Tensor | None,
+               row: int | None = None) -> None:
+        """Keep sinks + recent + top-ranked tokens per head; pack the middle; free the prefill.
+
+        `row` is the plan's row for this layer (default its index; 0 for a one-layer plan).
+        """
+        row = layer.layer_idx if row is None else row
         keys, values = layer.prefill  # (H, T, D)
         num_heads, seq_len, _ = keys.shape
         group = plan.group_size
         sinks = min(plan.sink_tokens, seq_len)
         recent_start = max(sinks, seq_len - plan.recent_window)
-        budgets = plan.heads[layer.layer_idx]
+        budgets = plan.heads[row]
         ranking = None if select is None else layer_ranking(select, plan.selection, sinks, recent_start)
         grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         residual_idx: list[torch.Tensor] = []
         for head, budget in enumerate(budgets):
-            wanted = plan.kept_tokens(layer.layer_idx, head, seq_len) - sinks - (seq_len - recent_start)
+            wanted = plan.kept_tokens(row, head, seq_len) - sinks - (seq_len - recent_start)
             if ranking is None:  # keep-all plans need no ranking
                 middle = torch.arange(sinks, recent_start, device=keys.device)
             else:
@@ -355,7 +404,7 @@ class CompressedCache(Cache):
                     (head, middle[: full_groups * group].view(full_groups, group))
                 )
             residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len, device=keys.device)]))
-        track_positions = plan.tracks_scores and plan.selection == "shared"
+        track_positions = plan.layer_tracks_scores(row) and plan.selection == "shared"
         kernels = self._kernels(keys.device)
         layer.buckets = {}
         for bits, parts in grouped.items():
@@ -405,7 +454,7 @@ class CompressedCache(Cache):
         self._evict(layer)
 
     def _evict(self, layer: CompressedLayer) -> None:
-        if not self.plan.tracks_scores:
+        if not self.plan.layer_tracks_scores(layer.layer_idx):
             return
         slack = self.plan.group_size if self.eviction_slack is None else self.eviction_slack
         held = layer.held
@@ -456,11 +505,11 @@ class CompressedCache(Cache):
         kernels = self._kernels(query.device)
         num_heads, sinks, _ = layer.sinks[0].shape
         buckets = list(layer.buckets.values())
-        need_mass = self.plan.tracks_scores
+        need_mass = self.plan.layer_tracks_scores(step.layer_idx)
         if query.shape[2] == 1 and self._uses_view(query.device):
             if layer.view is None:
                 layer.view = AssembledView.build(layer.sinks, buckets, layer.residual, kernels, query.dtype)
-            out, token_mass = layer.view.attend(query[0], scaling, need_mass)
+            out, token_mass = layer.view.attend(query[0], scaling, self._mass_heads(layer) if need_mass else None)
         else:
             # one decode query without H2O runs fused on the triton backend (packed codes read directly)
             out, token_mass = kernels.decode_attention(
@@ -469,6 +518,13 @@ class CompressedCache(Cache):
         if token_mass is not None:
             self._accumulate(layer, buckets, token_mass, num_heads * sinks)
         return out.transpose(0, 1).unsqueeze(0)  # (1, q, H_q, D)
+
+    def _mass_heads(self, layer: CompressedLayer) -> tuple[int, ...]:
+        """KV heads whose H2O scores decide an eviction: every head when a layer ranks tokens together,
+        else those with a finite budget (a keep-all head's scores are never read; the fast path skips them)."""
+        if self.plan.selection == "shared":
+            return tuple(range(len(layer.budgets)))
+        return tuple(h for h, budget in enumerate(layer.budgets) if budget.keep is not None)
 
     def _uses_view(self, device: torch.device) -> bool:
         # on CPU the assembled operands are the fast path; on CUDA the fused kernel reads packed codes

@@ -41,9 +41,11 @@ class EvalConfig:
     def validate(self, max_context: int | None, known_policies: tuple[str, ...]) -> None:
         """Raise ValueError naming the first bad value and the allowed ones."""
         for spec in self.policies:
-            name, _ = parse_policy_spec(spec)
+            name, options = parse_policy_spec(spec)
             if name not in known_policies:
                 raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(known_policies)}")
+            if options.get("planning", PLANNINGS[0]) not in PLANNINGS:
+                raise ValueError(f"planning in {spec!r} must be one of {', '.join(PLANNINGS)}")
         for name in self.tasks:
             if name not in TASKS:
                 raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")
@@ -56,6 +58,11 @@ class EvalConfig:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if max_context is not None and not 1 <= self.context_length <= max_context:
             raise ValueError(f"context_length {self.context_length} must be in [1, {max_context}] for this model")
+
+
+# how a spec's plan is made: by `policy.plan` after the whole prefill, or layer by layer as bounded
+# prefill does (`policy.plan_per_layer`; e.g. 'snapkv:planning=per_layer'); one prefill serves both
+PLANNINGS = ("end_of_prefill", "per_layer")
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -127,9 +134,10 @@ class Evaluator:
 
         config.validate(getattr(model.config, "max_position_embeddings", None), available_policies())
         self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
-        self.policies = {}
+        self.policies, self.planning = {}, {}
         for spec in config.policies:
             name, options = parse_policy_spec(spec)
+            self.planning[spec] = options.pop("planning", PLANNINGS[0])
             self.policies[spec] = get_policy(name, **{**config.policy_options.get(spec, {}), **options})
         if REFERENCE_POLICY not in self.policies:
             self.policies[REFERENCE_POLICY] = get_policy(REFERENCE_POLICY)
@@ -161,7 +169,9 @@ class Evaluator:
         return self._results(tallies, time.perf_counter() - start)
 
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
-        return self.policies[policy].plan(cache.stats, budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+        policy_obj = self.policies[policy]
+        make = policy_obj.plan_per_layer if self.planning.get(policy) == "per_layer" else policy_obj.plan
+        return make(cache.stats, budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
 
     def _prefill(self, ids: tuple[int, ...]) -> tuple[CompressedCache, torch.Tensor, float]:
         return _prefill(self.model, ids, self.tokenizer if self.reconstruct else None)

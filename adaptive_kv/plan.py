@@ -170,9 +170,35 @@ class Plan:
         return all(b.is_identity for layer in self.heads for b in layer)
 
     @functools.cached_property  # read for every layer of every decode step; a Plan is frozen
+    def _evicting_layers(self) -> tuple[bool, ...]:
+        return tuple(any(b.keep is not None for b in layer) for layer in self.heads)
+
+    @property
     def tracks_scores(self) -> bool:
-        """True when some head has a finite budget, so tokens carry H2O scores for decode eviction."""
-        return any(b.keep is not None for layer in self.heads for b in layer)
+        """True when some head has a finite budget, so some layer's tokens carry H2O scores."""
+        return any(self._evicting_layers)
+
+    def layer_tracks_scores(self, layer_idx: int) -> bool:
+        """True when a head of this layer has a finite budget: the layer's tokens carry H2O scores
+        (and, with shared selection, their positions) for decode eviction; other layers carry none."""
+        return self._evicting_layers[layer_idx]
+
+    @classmethod
+    def stack(cls, layers: Iterable["Plan"]) -> "Plan":
+        """One plan from one-layer plans of the same layout, in layer order (plans made layer by layer)."""
+        layers = list(layers)
+        if not layers or any(p.num_layers != 1 for p in layers):
+            raise ValueError("Plan.stack takes a non-empty sequence of one-layer plans")
+        layout = layers[0].layout()
+        for idx, p in enumerate(layers):
+            if p.layout() != layout:
+                raise ValueError(f"layer {idx}'s plan has layout {p.layout()}, layer 0's has {layout}")
+        return cls(tuple(p.heads[0] for p in layers), **layout)
+
+    def layout(self) -> dict[str, Any]:
+        """The layout keywords (sinks, window, group, scorer, selection) shared by every head."""
+        return dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
+                    scorer=self.scorer, selection=self.selection)
 
     def kept_tokens(self, layer_idx: int, head_idx: int, seq_len: int) -> int:
         """Tokens this head holds right after the plan is applied to `seq_len` tokens."""
@@ -189,7 +215,7 @@ class Plan:
         total += _key_bytes(budget.key_bits, packed_tokens, groups, head_dim, dtype_bytes)
         total += _value_bytes(budget.value_bits, packed_tokens, head_dim, self.group_size, dtype_bytes)
         total += groups * GROUP_INDEX_BYTES
-        if self.tracks_scores:
+        if self.layer_tracks_scores(layer_idx):
             per_token = SCORE_BYTES + (POSITION_BYTES if self.selection == "shared" else 0)
             total += (kept - min(kept, self.sink_tokens)) * per_token  # sinks are never evicted
         return total

@@ -105,6 +105,14 @@ class AttentionStats:
             feature_names=self.feature_names + RECONSTRUCTION_FEATURES,
         )
 
+    def layer(self, layer_idx: int) -> "AttentionStats":
+        """The statistics of one layer, as a one-layer request (what bounded prefill plans from)."""
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx must be in [0, {self.num_layers - 1}], got {layer_idx}")
+        pick = slice(layer_idx, layer_idx + 1)
+        return AttentionStats(features=self.features[pick], token_scores={k: v[pick] for k, v in self.token_scores.items()},
+                              seq_len=self.seq_len, feature_names=self.feature_names)
+
     @classmethod
     def stack(cls, layers: list[LayerObservation], seq_len: int) -> "AttentionStats":
         """Assemble per-layer observations (in layer order)."""

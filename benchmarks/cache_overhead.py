@@ -1,132 +1,207 @@
-"""Cost of the compressed cache on the embedded model: prefill, statistics, decode, bytes.
+"""Cost of the compressed cache on the embedded model: decode speed and prefill peak memory.
 
-For each context length: prefill time with DynamicCache, with a CompressedCache that reads no
-statistics (identity plan) and with one that does (a provider); decode ms/token for
-DynamicCache, identity, (keep 0.5, 4-bit) and (keep 0.25, 2-bit); real vs predicted bytes.
-Prints a table and writes JSON. Targets (issue): statistics <= 5 % of prefill, compressed decode
-<= 1.3x DynamicCache per token at 2k.
+Decode (one process): per context length, one capturing prefill is shared by every configuration
+(DynamicCache is filled from the same keys and values; plans are `fork`s), then the median
+ms/token of greedy decode steps for DynamicCache, the identity plan, keep 0.5 / 4-bit, 2-bit
+keep-all and the `learned` policy at 0.125, each on the assembled fast path (default on CPU) and
+on the packed path that dequantises the store at every step (`assembled=False`, least memory).
 
-    python benchmarks/cache_overhead.py [--lengths 1024,2048] [--decode-steps 32] [--output FILE]
+Prefill peak (a fresh process per configuration, so no allocator state carries over): DynamicCache,
+a plan applied at the end of prefill and the same policy applied layer by layer (bounded
+prefill; SnapKV at 0.125), logits of the last position only. Reports the process's resident
+memory sampled every 2 ms during the prefill minus the resident memory just before it (after a
+warm-up forward), and the bytes the cache itself held at most (`prefill_peak_nbytes`, exact).
+
+    python benchmarks/cache_overhead.py [--lengths 1024,2048,4096,8192] [--decode-steps 16]
+        [--learned-max 4096] [--peak-lengths 4096,8192] [--output FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
-import statistics
-
 import torch
-from rich.console import Console
-from rich.table import Table
 from transformers import DynamicCache
 
-import adaptive_kv.cache as cache_module
 from adaptive_kv import CompressedCache, Plan, load_model
+from adaptive_kv.reconstruction import ReconstructionRequest
 from adaptive_kv.tasks import make_samples
 
-_STATS_SECONDS: list[float] = []
+BUDGET = 0.125
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _timed_observe(*args, **kwargs):
-    """observe_layer, timed: the statistics' own cost, measured inside the prefill it belongs to."""
-    start = time.perf_counter()
-    out = _observe_layer(*args, **kwargs)
-    _STATS_SECONDS.append(time.perf_counter() - start)
-    return out
-
-
-_observe_layer = cache_module.observe_layer
-cache_module.observe_layer = _timed_observe
-
-
-def _configs(cfg) -> dict[str, dict]:
-    layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    frac = lambda keep, bits: lambda s: Plan.uniform_fraction(layers, heads, s.seq_len, keep_fraction=keep, key_bits=bits)  # noqa: E731
-    return {
-        "dynamic": {},
-        "identity": {"plan": Plan.full(layers, heads)},
-        "keep0.5_4bit": {"plan_provider": frac(0.5, 4)},
-        "keep0.25_2bit": {"plan_provider": frac(0.25, 2)},
+def _plans(model, stats) -> dict[str, Plan]:
+    """The fixed plans compared at every length (learned is added when its statistics were read)."""
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads)
+    plans = {
+        "identity": Plan.full(*shape),
+        "keep0.5_4bit": Plan.uniform_fraction(*shape, stats.seq_len, keep_fraction=0.5, key_bits=4),
+        "keepall_2bit": Plan.uniform(*shape, key_bits=2, value_bits=2),
     }
+    if "reconstruction" in stats.token_scores:
+        from adaptive_kv.policies import get_policy
+
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = torch.empty((), dtype=model.dtype).element_size()
+        plans["learned@0.125"] = get_policy("learned").plan(stats, BUDGET, head_dim=head_dim, dtype_bytes=itemsize)
+    return plans
+
+
+def _dynamic_from(captured: CompressedCache, model) -> DynamicCache:
+    """A DynamicCache holding the captured prefill's keys and values."""
+    cache = DynamicCache(config=model.config)
+    for idx, layer in enumerate(captured.layers):
+        keys, values = layer.prefill
+        cache.update(keys[None].clone(), values[None].clone(), idx)
+    return cache
 
 
 @torch.inference_mode()
-def _run(model, ids: torch.Tensor, options: dict, steps: int) -> dict:
-    cache = DynamicCache(config=model.config) if not options else CompressedCache(model, **options)
-    _STATS_SECONDS.clear()
-    start = time.perf_counter()
-    logits = model(ids, cache=cache).logits[:, -1]
-    prefill_s = time.perf_counter() - start
-    row = {"prefill_s": prefill_s, "stats_s": sum(_STATS_SECONDS)}
-    if isinstance(cache, CompressedCache):
-        row.update(bytes=cache.nbytes(), predicted_bytes=cache.predicted_nbytes(), full_bytes=cache.full_nbytes())
-    token = logits.argmax(-1, keepdim=True)
-    model(token, cache=cache)  # warm-up step, not timed
+def _decode_ms(model, cache, first_token: torch.Tensor, steps: int) -> float:
+    """Median ms per greedy decode step (one untimed warm-up step first)."""
+    token = model(first_token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - start)
-    # median: this VM's timer shows rare long stalls that a mean would charge to one config
-    row["decode_ms_per_token"] = 1000 * statistics.median(times)
-    row["decode_ms_mean"] = 1000 * statistics.fmean(times)
+    return 1000 * statistics.median(times)
+
+
+def decode_rows(model, tokenizer, length: int, steps: int, with_learned: bool) -> list[dict]:
+    """Every decode configuration at one context length, sharing one capturing prefill."""
+    ids = make_samples("fidelity", tokenizer, length, 1, seed=0)[0].context_ids
+    request = ReconstructionRequest.for_prompt(tokenizer, ids) if with_learned else None
+    captured = CompressedCache(model, capture=True, reconstruction=request)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(ids)]), cache=captured).logits[:, -1]
+    prefill_s = time.perf_counter() - start
+    first = logits.argmax(-1, keepdim=True)
+    base = _decode_ms(model, _dynamic_from(captured, model), first, steps)
+    rows = [{"context": length, "config": "dynamic", "path": "-", "decode_ms": base, "x_dynamic": 1.0,
+             "prefill_s": prefill_s}]
+    print(json.dumps(rows[-1]), flush=True)
+    for name, plan in _plans(model, captured.stats).items():
+        for assembled in (True, False):
+            cache = captured.fork(plan, assembled=assembled)
+            ms = _decode_ms(model, cache, first, steps)
+            rows.append({"context": length, "config": name, "path": "assembled" if assembled else "packed",
+                         "decode_ms": ms, "x_dynamic": ms / base, "bytes": cache.nbytes(),
+                         "working_bytes": cache.working_nbytes(), "full_bytes": cache.full_nbytes()})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ prefill peak (child)
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def peak_child(length: int, mode: str) -> dict:
+    """One prefill in this fresh process: resident-memory peak over the prefill and the cache's own peak."""
+    from adaptive_kv.policies import get_policy
+
+    model, tokenizer = load_model("smollm2-135m")
+    ids = torch.tensor([list(make_samples("fidelity", tokenizer, length, 1, seed=0)[0].context_ids)])
+    policy = get_policy("snapkv")
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    if mode == "dynamic":
+        cache = DynamicCache(config=cfg)
+    elif mode == "end_of_prefill":
+        cache = CompressedCache(model, plan_provider=lambda s: policy.plan(s, BUDGET, head_dim=head_dim, dtype_bytes=4))
+    else:
+        cache = CompressedCache(model, layer_plan_provider=lambda s, i: policy.plan_layer(
+            s, i, cfg.num_hidden_layers, BUDGET, head_dim=head_dim, dtype_bytes=4))
+    with torch.inference_mode():  # the first forward allocates once-only state: keep it out of the baseline
+        model(ids[:, :16], cache=DynamicCache(config=cfg))
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    before = _rss()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with torch.inference_mode():  # logits of the last position only, as a server's prefill needs
+        model(ids, cache=cache, logits_to_keep=1)
+    done.set()
+    sampler.join()
+    row = {"context": length, "mode": mode, "rss_peak_over_baseline": max(peak[0], _rss()) - before}
+    if isinstance(cache, CompressedCache):
+        row.update(cache_peak_bytes=cache.prefill_peak_nbytes, bytes_after=cache.nbytes(), full_bytes=cache.full_nbytes())
+    else:
+        row.update(cache_peak_bytes=sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
     return row
 
 
-def run(lengths: list[int], steps: int) -> dict:
-    """Measure every configuration at every length, sharing nothing but the model."""
-    model, tokenizer = load_model("smollm2-135m")
-    torch.set_num_threads(torch.get_num_threads())
-    results = {"model": "smollm2-135m", "dtype": str(model.dtype), "threads": torch.get_num_threads(), "rows": []}
+def peak_rows(lengths: list[int]) -> list[dict]:
+    """Each (length, mode) in a fresh process; big allocations mmapped so freed memory leaves the RSS."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    rows = []
     for length in lengths:
-        sample = make_samples("fidelity", tokenizer, length, 1, seed=0)[0]
-        ids = torch.tensor([list(sample.context_ids)])
-        for name, options in _configs(model.config).items():
-            row = {"context": length, "config": name, **_run(model, ids, options, steps)}
-            results["rows"].append(row)
-            print(json.dumps(row))
-    return results
+        for mode in ("dynamic", "end_of_prefill", "per_layer"):
+            out = subprocess.run([sys.executable, __file__, "--peak-child", str(length), mode], env=env,
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
-def summarise(results: dict) -> None:
-    """Print the table and the two target ratios."""
-    table = Table(title="cache overhead, smollm2-135m fp32 CPU")
-    for col in ("context", "config", "prefill s", "decode ms/tok", "x dynamic", "real bytes", "predicted", "ratio"):
-        table.add_column(col, justify="right")
-    by = {(r["context"], r["config"]): r for r in results["rows"]}
-    for r in results["rows"]:
-        base = by[(r["context"], "dynamic")]["decode_ms_per_token"]
-        ratio = r["full_bytes"] / r["bytes"] if "bytes" in r else 1.0
-        table.add_row(
-            str(r["context"]), r["config"], f"{r['prefill_s']:.2f}", f"{r['decode_ms_per_token']:.1f}",
-            f"{r['decode_ms_per_token'] / base:.2f}", str(r.get("bytes", "-")), str(r.get("predicted_bytes", "-")),
-            f"{ratio:.2f}x",
-        )
-    Console().print(table)
-    for length in sorted({r["context"] for r in results["rows"]}):
-        row = by[(length, "keep0.5_4bit")]
-        share = row["stats_s"] / (row["prefill_s"] - row["stats_s"])
-        results.setdefault("stats_overhead", {})[length] = share
-        print(f"{length}: statistics took {row['stats_s']:.3f} s = {100 * share:.1f}% of the prefill without them")
-        for name in ("identity", "keep0.5_4bit", "keep0.25_2bit"):
-            ratio = by[(length, name)]["decode_ms_per_token"] / by[(length, "dynamic")]["decode_ms_per_token"]
-            results.setdefault("decode_vs_dynamic", {}).setdefault(str(length), {})[name] = ratio
+def table(results: dict) -> str:
+    """Markdown tables of both measurements."""
+    lines = ["| context | config | path | decode ms/token | x DynamicCache | KV bytes | working copy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["decode"]:
+        kv = f"{r['bytes'] / r['full_bytes']:.3f} of full" if "bytes" in r else "full"
+        work = f"{r['working_bytes'] / 2**20:.1f} MiB" if r.get("working_bytes") else "-"
+        lines.append(f"| {r['context']} | {r['config']} | {r['path']} | {r['decode_ms']:.1f} | {r['x_dynamic']:.2f} | {kv} | {work} |")
+    lines += ["", "| context | prefill mode | RSS peak over baseline MiB | cache peak MiB | KV after MiB |", "|---|---|---|---|---|"]
+    for r in results["prefill_peak"]:
+        after = r.get("bytes_after", r["cache_peak_bytes"]) / 2**20
+        lines.append(f"| {r['context']} | {r['mode']} | {r['rss_peak_over_baseline'] / 2**20:.0f} | "
+                     f"{r['cache_peak_bytes'] / 2**20:.1f} | {after:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     """CLI entry."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="1024,2048")
-    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--lengths", default="1024,2048,4096,8192")
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--learned-max", type=int, default=4096, help="longest context for learned (its reconstruction pass)")
+    parser.add_argument("--peak-lengths", default="4096,8192")
     parser.add_argument("--output", default="benchmarks/results/cache_overhead.json")
+    parser.add_argument("--peak-child", nargs=2, metavar=("LENGTH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    results = run([int(x) for x in args.lengths.split(",")], args.decode_steps)
-    summarise(results)
+    if args.peak_child:
+        print(json.dumps(peak_child(int(args.peak_child[0]), args.peak_child[1])))
+        return
+    model, tokenizer = load_model("smollm2-135m")
+    results = {"model": "smollm2-135m", "dtype": str(model.dtype), "threads": torch.get_num_threads(), "decode": [],
+               "prefill_peak": []}
+    for length in [int(x) for x in args.lengths.split(",") if x]:
+        results["decode"] += decode_rows(model, tokenizer, length, args.decode_steps, length <= args.learned_max)
+    del model
+    results["prefill_peak"] = peak_rows([int(x) for x in args.peak_lengths.split(",") if x])
+    print(table(results))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2))
+    Path(args.output).with_suffix(".md").write_text(table(results) + "\n")
     print(f"wrote {args.output}")
 
 

@@ -29,6 +29,14 @@ def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0
         raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
 
 
+def check_layer(stats: AttentionStats, layer_idx: int, num_layers: int) -> None:
+    """Raise ValueError unless `stats` is one layer's and `layer_idx` is in [0, num_layers)."""
+    if stats.num_layers != 1:
+        raise ValueError(f"plan_layer takes one layer's statistics (AttentionStats.layer), got {stats.num_layers} layers")
+    if not 0 <= layer_idx < num_layers:
+        raise ValueError(f"layer_idx must be in [0, {num_layers - 1}], got {layer_idx}")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Base of every policy: the shared cache layout; subclasses implement `plan`.
@@ -65,6 +73,26 @@ class Policy:
     def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
         """The Plan for this request within `budget` x the full-precision cache bytes."""
         raise NotImplementedError
+
+    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float, *,
+                   head_dim: int, dtype_bytes: int) -> Plan:
+        """One layer's Plan (num_layers 1) from that layer's statistics alone, within `budget` x its bytes.
+
+        Bounded prefill asks for it as soon as the layer's forward ends (the budget is split evenly
+        across layers). The default plans the one-layer statistics as a whole request: the same
+        rows as `plan` for policies that decide each layer on its own; policies that spread bytes
+        across layers (PyramidKV, global rankings, the controller's knapsack) override it or
+        decide within the layer.
+        """
+        check_layer(stats, layer_idx, num_layers)
+        return self.plan(stats, budget, head_dim=head_dim, dtype_bytes=dtype_bytes)
+
+    def plan_per_layer(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+        """The Plan bounded prefill builds layer by layer for these statistics (to compare with `plan`)."""
+        return Plan.stack(
+            self.plan_layer(stats.layer(i), i, stats.num_layers, budget, head_dim=head_dim, dtype_bytes=dtype_bytes)
+            for i in range(stats.num_layers)
+        )
 
 
 @dataclass(frozen=True)

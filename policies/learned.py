@@ -13,7 +13,7 @@ import torch
 
 from adaptive_kv.plan import Plan
 from adaptive_kv.policies.allocator import allocate
-from adaptive_kv.policies.base import Policy, check_fraction, infeasible
+from adaptive_kv.policies.base import Policy, check_fraction, check_layer, infeasible
 from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
 from adaptive_kv.policies.controller_net import ControllerNet
 from adaptive_kv.policies.options import option_bytes
@@ -88,10 +88,11 @@ class Learned(Policy):
         recon = layout["scorer"] == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.config.feature_names)
         return StatsConfig(sink_tokens=layout["sink_tokens"], group_size=layout["group_size"], reconstruction=recon)
 
-    def predict(self, stats: AttentionStats) -> torch.Tensor:
-        """Predicted log-distortion (L, H, O) of every option for every head."""
+    def predict(self, stats: AttentionStats, first_layer: int = 0) -> torch.Tensor:
+        """Predicted log-distortion (L, H, O) of every option for every head (layers from `first_layer`)."""
         shape = self.config.model_shape
-        if (stats.num_layers, stats.num_kv_heads) != (shape["num_layers"], shape["num_kv_heads"]):
+        layers_ok = stats.num_layers == shape["num_layers"] or (stats.num_layers == 1 and first_layer < shape["num_layers"])
+        if not layers_ok or stats.num_kv_heads != shape["num_kv_heads"]:
             raise ValueError(
                 f"controller was trained for {shape['num_layers']} layers x {shape['num_kv_heads']} KV heads, "
                 f"the statistics have {stats.num_layers} x {stats.num_kv_heads}"
@@ -101,18 +102,28 @@ class Learned(Policy):
             raise ValueError(f"statistics lack the controller's features {missing}; build the cache with policy.stats_config()")
         idx = _feature_index(tuple(stats.feature_names), tuple(self.config.feature_names))
         features = stats.features[..., idx].float().reshape(-1, len(idx))
+        first = first_layer * stats.num_kv_heads  # head identities: layer * H + head
         with torch.inference_mode():
-            pred = self.net(features, torch.arange(features.shape[0]))
+            pred = self.net(features, torch.arange(first, first + features.shape[0]))
         return pred.view(stats.num_layers, stats.num_kv_heads, -1)
 
     def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
         """One option per head: least weighted predicted distortion within the budget."""
+        return self._decide(stats, 0, budget, head_dim, dtype_bytes)
+
+    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float, *,
+                   head_dim: int, dtype_bytes: int) -> Plan:
+        """The knapsack within one layer, at `budget` x that layer's bytes (bounded prefill)."""
+        check_layer(stats, layer_idx, num_layers)
+        return self._decide(stats, layer_idx, budget, head_dim, dtype_bytes)
+
+    def _decide(self, stats: AttentionStats, first_layer: int, budget: float, head_dim: int, dtype_bytes: int) -> Plan:
         check_fraction("budget", budget)
         if head_dim != self.config.model_shape["head_dim"]:
             raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
         layout, seq_len = self.layout(), stats.seq_len
-        weights = np.asarray(self.config.layer_weights, dtype=np.float64)
-        cost = np.exp(self.predict(stats).double().numpy()) * weights[:, None, None]  # (L, H, O)
+        weights = np.asarray(self.config.layer_weights, dtype=np.float64)[first_layer : first_layer + stats.num_layers]
+        cost = np.exp(self.predict(stats, first_layer).double().numpy()) * weights[:, None, None]  # (L, H, O)
         per_option = np.asarray(_option_bytes(self.config.grid, tuple(sorted(layout.items())), seq_len, head_dim,
                                               dtype_bytes), dtype=np.float64)
         num_heads = stats.num_layers * stats.num_kv_heads

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptive_kv.plan import Plan
-from adaptive_kv.policies.base import EvictionPolicy, check_fraction, floor_fraction, head_bytes
+from adaptive_kv.policies.base import EvictionPolicy, check_fraction, check_layer, floor_fraction, head_bytes
 from adaptive_kv.policies.base import head_full_bytes, infeasible, max_keep, plan_from_keeps
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import AttentionStats
@@ -39,17 +39,28 @@ class PyramidKV(EvictionPolicy):
 
     def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
         """Per-layer keeps from linearly decreasing byte shares; heads of a layer keep alike."""
+        return self._plan(stats.num_layers, stats.num_kv_heads, stats.seq_len, budget, head_dim, dtype_bytes)
+
+    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float, *,
+                   head_dim: int, dtype_bytes: int) -> Plan:
+        """Row `layer_idx` of the pyramid over `num_layers` layers: the schedule needs no other layer."""
+        check_layer(stats, layer_idx, num_layers)
+        full = self._plan(num_layers, stats.num_kv_heads, stats.seq_len, budget, head_dim, dtype_bytes)
+        return Plan((full.heads[layer_idx],), **full.layout())
+
+    def _plan(self, num_layers: int, num_kv_heads: int, seq_len: int, budget: float, head_dim: int,
+              dtype_bytes: int) -> Plan:
         check_fraction("budget", budget)
-        layout, seq_len = self.layout(), stats.seq_len
+        layout = self.layout()
         floor_bytes = head_bytes(self.sink_tokens + self.recent_window, layout, seq_len, head_dim, dtype_bytes)
         mean = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)
         if mean < floor_bytes:
             minimum = floor_fraction(layout, seq_len, head_dim, dtype_bytes)
             raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
         keeps, spare = [], 0.0
-        for weight in linear_weights(stats.num_layers, self.beta):
+        for weight in linear_weights(num_layers, self.beta):
             limit = floor_bytes + weight * (mean - floor_bytes) + spare
             keep = max_keep(limit, layout, seq_len, head_dim, dtype_bytes)
             spare = limit - head_bytes(keep, layout, seq_len, head_dim, dtype_bytes)  # a capped layer's rest
-            keeps.append([keep] * stats.num_kv_heads)
+            keeps.append([keep] * num_kv_heads)
         return plan_from_keeps(keeps, seq_len, layout)

@@ -31,6 +31,9 @@ def _plans(selection: str = "per_head") -> list[Plan]:
         Plan.uniform(2, 2, key_bits=4, value_bits=2, **LAYOUT),
         Plan(((HeadBudget(40, 2, 8), HeadBudget(None, 16, 4)), (HeadBudget(61, 8, 2), HeadBudget(29, 16, 16))),
              selection=selection, **LAYOUT),
+        # layer 0 keeps everything while layer 1 evicts: only layer 1 carries scores
+        Plan(((HeadBudget(None, 4, 4), HeadBudget(None, 16, 16)), (HeadBudget(45, 2, 2), HeadBudget(None, 8, 8))),
+             selection=selection, **LAYOUT),
     ]
 
 
@@ -52,8 +55,9 @@ def _allocated(cache: CompressedCache) -> int:
 def _accounted(cache: CompressedCache, itemsize: int) -> int:
     """Bytes from the layout written out: per token, per group, per head (scores on evictable tokens)."""
     plan, total = cache.plan, 0
-    per_score = 4 + (4 if plan.selection == "shared" else 0) if plan.tracks_scores else 0
     for layer in cache.layers:
+        # only layers with an evicting head carry scores (and positions, when shared)
+        per_score = 4 + (4 if plan.selection == "shared" else 0) if plan.layer_tracks_scores(layer.layer_idx) else 0
         num_heads, sinks, _ = layer.sinks[0].shape
         residual = int(layer.residual.lengths.sum())
         total += 2 * (num_heads * sinks + residual) * HEAD_DIM * itemsize + 8 * num_heads + per_score * residual
@@ -86,8 +90,8 @@ def test_bytes_after_decode_flushes_and_evictions(dtype):
     model = _model(dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     seq_len, steps = 97, 29  # the residual (13 + 29 tokens) flushes twice; the 40-token head evicts
-    keep_all, evicting = _plans()
-    for plan in (keep_all, evicting):
+    keep_all, evicting, one_layer_evicting = _plans()
+    for plan in (keep_all, evicting, one_layer_evicting):
         cache = CompressedCache(model, plan=plan, eviction_slack=4)
         with torch.no_grad():
             model(torch.randint(0, 1000, (1, seq_len)), cache=cache)
@@ -97,6 +101,9 @@ def test_bytes_after_decode_flushes_and_evictions(dtype):
         if plan is keep_all:  # flushing leaves the layout of the plan applied to all tokens seen
             assert cache.nbytes() == plan.nbytes(seq_len + steps, HEAD_DIM, itemsize)
             assert sum(len(layer.buckets) for layer in cache.layers) == 2
+        elif plan is one_layer_evicting:  # the keep-all layer carries no scores; the other evicts
+            assert cache.layers[0].residual.scores is None and cache.layers[1].residual.scores is not None
+            assert int(cache.layers[1].head_tokens()[0]) <= 45 + 4 + 1
         else:  # evicted tokens are freed: partial groups, fewer bytes than keeping everything
             held = torch.stack([layer.head_tokens() for layer in cache.layers])
             assert held.tolist()[0][0] <= 40 + 4 + 1 and held.tolist()[1][0] <= 61 + 4 + 1

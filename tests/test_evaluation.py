@@ -162,3 +162,20 @@ def test_protocols_compress_what_they_say(tiny_tokenizer, protocol, monkeypatch)
         assert prefill["ids"] == sample.prompt_ids
         for first in compressed_first.values():  # decode continues after the prompt; no question is fed
             assert len(first["ids"]) == 1 and first["seen"] == len(sample.prompt_ids)
+
+
+def test_per_layer_planning_spec(llama_gqa, tiny_tokenizer):
+    # snapkv decides each layer on its own: per-layer planning gives the same plan, hence the same
+    # record; hybrid picks one mix from every layer's statistics, so its per-layer plan may differ
+    specs = ("snapkv", "snapkv:planning=per_layer", "hybrid", "hybrid:planning=per_layer")
+    config = EvalConfig(policies=specs, budgets=(0.3,), tasks=("fidelity",), context_length=256, samples=1)
+    evaluator = Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny")
+    captured, _, _ = evaluator._prefill(tuple(range(5, 261)))
+    plans = {spec: evaluator._plan(spec, 0.3, captured) for spec in specs}
+    assert plans["snapkv"] == plans["snapkv:planning=per_layer"]
+    assert plans["hybrid:planning=per_layer"] == evaluator.policies["hybrid"].plan_per_layer(
+        captured.stats, 0.3, head_dim=evaluator.head_dim, dtype_bytes=evaluator.dtype_bytes)
+    records = {r["policy"]: r for r in evaluator.run()["records"]}
+    assert records["snapkv"]["score"] == records["snapkv:planning=per_layer"]["score"]
+    with pytest.raises(ValueError, match="planning in 'snapkv:planning=later' must be one of"):
+        EvalConfig(policies=("snapkv:planning=later",), budgets=(0.5,), tasks=("fidelity",)).validate(None, ("snapkv",))

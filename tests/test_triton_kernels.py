@@ -291,7 +291,9 @@ def test_generation_matches_torch_backend(evict, monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (1, 77), device=DEVICE)
     sequences = {}
     for backend in ("torch", "triton"):
-        cache = CompressedCache(model, plan=plan, backend=backend)
+        # assembled=False: decode through each backend's decode_attention (the CPU default keeps
+        # assembled operands instead, which would leave the fused kernel unused)
+        cache = CompressedCache(model, plan=plan, backend=backend, assembled=False)
         sequences[backend] = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache)
     assert sequences["triton"].shape[1] == 77 + 8
     assert torch.equal(sequences["triton"], sequences["torch"])
