@@ -34,6 +34,7 @@ class AssembledView:
     lengths: torch.Tensor  # (H,) int64 tokens per head
     fixed_slots: torch.Tensor  # (N_sinks + N_buckets,) flat slot (h * C + j) of every stored token, store order
     residual_start: torch.Tensor  # (H,) int64 slot of each head's first residual token
+    scores: torch.Tensor | None = None  # (H, C) fp32 H2O scores while the view lives (None: not tracked)
 
     def __post_init__(self) -> None:
         self.head_lengths: list[int] = self.lengths.tolist()  # mirror: no tensor op to read the longest head
@@ -59,7 +60,12 @@ class AssembledView:
         dense_v[heads, slot] = values
         flat = heads * capacity + slot
         fixed = flat.numel() - residual.keys.shape[0]
-        return cls(dense_k, dense_v, lengths, flat[:fixed], lengths - residual.lengths.to(lengths.device))
+        view = cls(dense_k, dense_v, lengths, flat[:fixed], lengths - residual.lengths.to(lengths.device))
+        if residual.scores is not None:  # the view accumulates H2O mass itself until `store_scores`
+            sinks_n = sinks[0].shape[0] * sinks[0].shape[1]
+            view.scores = torch.zeros(num_heads, capacity, dtype=torch.float32, device=keys.device)
+            view.scores.view(-1)[flat[sinks_n:]] = torch.cat([b.scores for b in buckets] + [residual.scores])
+        return view
 
     @property
     def capacity(self) -> int:
@@ -86,15 +92,16 @@ class AssembledView:
         old = self.capacity
         pad = lambda t: F.pad(t, (0, 0, 0, extra))  # noqa: E731
         self.keys, self.values = pad(self.keys), pad(self.values)
+        if self.scores is not None:
+            self.scores = F.pad(self.scores, (0, extra))
         heads = self.fixed_slots // old
         self.fixed_slots = heads * self.capacity + self.fixed_slots % old
 
-    def attend(self, query: torch.Tensor, scaling: float,
-               mass_heads: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decode query (H_q, 1, D): output (H_q, 1, D) and the H2O mass (N_total,) in store order.
+    def attend(self, query: torch.Tensor, scaling: float, mass_heads: tuple[int, ...] | None) -> torch.Tensor:
+        """One decode query (H_q, 1, D) -> output (H_q, 1, D); adds the H2O mass of `mass_heads` to `scores`.
 
-        The mass is computed for the KV heads in `mass_heads` only (None: no mass); other heads'
-        tokens get 0. Heads that never evict need no mass when each head ranks its own tokens.
+        Heads outside `mass_heads` accumulate nothing: a head that never evicts needs no scores
+        when each head ranks its own tokens.
         """
         num_q, _, head_dim = query.shape
         num_kv = self.keys.shape[0]
@@ -104,22 +111,21 @@ class AssembledView:
         if mass_heads is not None and len(mass_heads) == num_kv:  # every head: one pass gives both
             visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]  # (H, L)
             probs = self._probs(query.view(num_kv, rep, head_dim), keys, visible, scaling)
-            out = torch.bmm(probs.to(values.dtype), values).view(num_q, 1, head_dim)
-            return out, self._flat_mass(probs.sum(1).div_(rep), list(range(num_kv)), longest)
+            self.scores[:, :longest] += probs.sum(1).div_(rep)
+            return torch.bmm(probs.to(values.dtype), values).view(num_q, 1, head_dim)
         mask = None
         if ragged:
             visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]
             mask = visible[:, None, None].expand(num_kv, rep, 1, longest).reshape(1, num_q, 1, longest)
         out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scaling,
                                              enable_gqa=rep > 1)[0]
-        if not mass_heads:
-            return out, None if mass_heads is None else torch.zeros(self._num_stored(), device=keys.device)
-        heads = list(mass_heads)
-        span = max(self.head_lengths[h] for h in heads)
-        pick = torch.tensor(heads, device=keys.device)
-        visible = torch.arange(span, device=keys.device) < self.lengths[pick, None]
-        probs = self._probs(query.view(num_kv, rep, head_dim)[pick], self.keys[pick, :span], visible, scaling)
-        return out, self._flat_mass(probs.sum(1).div_(rep), heads, span)
+        if mass_heads:
+            span = max(self.head_lengths[h] for h in mass_heads)
+            pick = torch.tensor(mass_heads, device=keys.device)
+            visible = torch.arange(span, device=keys.device) < self.lengths[pick, None]
+            probs = self._probs(query.view(num_kv, rep, head_dim)[pick], self.keys[pick, :span], visible, scaling)
+            self.scores[pick, :span] += probs.sum(1).div_(rep)
+        return out
 
     @staticmethod
     def _probs(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -128,14 +134,10 @@ class AssembledView:
         logits.masked_fill_(~visible[:, None], -torch.inf)
         return logits.softmax(-1)
 
-    def _flat_mass(self, mass: torch.Tensor, heads: list[int], span: int) -> torch.Tensor:
-        """Mass (S, span) of `heads` as (N_total,) in store order; other heads' tokens get 0."""
-        full = mass.new_zeros(self.keys.shape[0], self.capacity)
-        full[heads, :span] = mass
-        return full.flatten()[torch.cat([self.fixed_slots, self._residual_slots()])]
-
-    def _num_stored(self) -> int:
-        return self.fixed_slots.numel() + int(sum(self.head_lengths)) - int(self.residual_start.sum())
+    def store_scores(self, num_sink_tokens: int) -> torch.Tensor:
+        """The H2O scores of every stored token after the sinks, in store order (buckets, residual)."""
+        slots = torch.cat([self.fixed_slots[num_sink_tokens:], self._residual_slots()])
+        return self.scores.view(-1)[slots]
 
     def _residual_slots(self) -> torch.Tensor:
         """Flat slots of the residual's tokens, head by head (the store's residual order)."""

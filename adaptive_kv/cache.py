@@ -240,6 +240,8 @@ class CompressedCache(Cache):
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         if layer.is_compressed:
+            if layer.view is not None and (key_states.shape[2] > 1 or self._store_changes_due(layer)):
+                self._sync_scores(layer)  # the store's scores are read or rebuilt below
             self._maintain(layer)
             layer.residual = layer.residual.append(key_states[0], value_states[0], layer.seen_tokens)
             q = key_states.shape[2]
@@ -509,7 +511,8 @@ class CompressedCache(Cache):
         if query.shape[2] == 1 and self._uses_view(query.device):
             if layer.view is None:
                 layer.view = AssembledView.build(layer.sinks, buckets, layer.residual, kernels, query.dtype)
-            out, token_mass = layer.view.attend(query[0], scaling, self._mass_heads(layer) if need_mass else None)
+            out = layer.view.attend(query[0], scaling, self._mass_heads(layer) if need_mass else None)
+            token_mass = None  # accumulated in the view; written back by _sync_scores
         else:
             # one decode query without H2O runs fused on the triton backend (packed codes read directly)
             out, token_mass = kernels.decode_attention(
@@ -518,6 +521,31 @@ class CompressedCache(Cache):
         if token_mass is not None:
             self._accumulate(layer, buckets, token_mass, num_heads * sinks)
         return out.transpose(0, 1).unsqueeze(0)  # (1, q, H_q, D)
+
+    def _store_changes_due(self, layer: CompressedLayer) -> bool:
+        """Whether the coming `_maintain` flushes or evicts (the same tests it runs, on the mirrors)."""
+        plan = self.plan
+        if max(layer.residual_lengths) >= plan.recent_window + plan.group_size:
+            return True
+        slack = plan.group_size if self.eviction_slack is None else self.eviction_slack
+        return any(b.keep is not None and n > b.keep + slack for n, b in zip(layer.held, layer.budgets))
+
+    @staticmethod
+    def _sync_scores(layer: CompressedLayer) -> None:
+        """Write the H2O scores an assembled view accumulated back into the store (buckets, residual)."""
+        if layer.view is None or layer.view.scores is None:
+            return
+        scores = layer.view.store_scores(layer.sinks[0].shape[0] * layer.sinks[0].shape[1])
+        offset = 0
+        for bucket in layer.buckets.values():
+            bucket.scores = scores[offset : offset + bucket.num_tokens].clone()
+            offset += bucket.num_tokens
+        layer.residual.scores = scores[offset:].clone()
+
+    def sync(self) -> None:
+        """Bring the store's H2O scores up to date with the assembled views (they are read lazily)."""
+        for layer in self.layers:
+            self._sync_scores(layer)
 
     def _mass_heads(self, layer: CompressedLayer) -> tuple[int, ...]:
         """KV heads whose H2O scores decide an eviction: every head when a layer ranks tokens together,

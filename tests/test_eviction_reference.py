@@ -179,6 +179,7 @@ def test_h2o_evicts_lowest_accumulated_attention():
         calls.clear()
         with torch.no_grad():
             model(new[:, step : step + 1], cache=cache)
+        cache.sync()  # the assembled views hold the newest scores until the store needs them
         for layer, query, key_states, _, _ in calls:
             keys[layer] = torch.cat([keys[layer], key_states[0]], dim=1)
             after = _snapshot(cache.layers[layer], keys[layer])
