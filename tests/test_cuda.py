@@ -28,7 +28,7 @@ BACKEND_ATOL = 1e-4
 DEVICE_STEP_ATOL = 1e-2
 
 
-def _run(model, policy, device: str, backend: str) -> tuple[torch.Tensor, int, int]:
+def _run(model, policy, device: str, backend: str, assembled: bool | None = None) -> tuple[torch.Tensor, int, int]:
     """Prefill 300 tokens, then 20 decode steps (flushes, H2O evictions): (logits, real, predicted bytes)."""
     model = model.to(device)
     ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(0)).to(device)
@@ -40,7 +40,7 @@ def _run(model, policy, device: str, backend: str) -> tuple[torch.Tensor, int, i
         return policy.plan(stats, BUDGET, head_dim=16, dtype_bytes=4)
 
     cache = CompressedCache(model, plan_provider=provider, stats_config=policy.stats_config(),
-                            reconstruction=request, backend=backend)
+                            reconstruction=request, backend=backend, assembled=assembled)
     logits = []
     with torch.no_grad():
         out = model(ids, cache=cache)
@@ -76,3 +76,13 @@ def test_cuda_matches_cpu(name):
     step_error = (got - want).abs().amax(-1)  # (21,): prefill's last logits, then 20 decode steps
     assert step_error[0] < DEVICE_STEP_ATOL  # the prefill attends uncompressed
     assert (step_error < DEVICE_STEP_ATOL).float().mean() >= 0.75, step_error
+
+
+@pytest.mark.parametrize("name", _POLICIES)
+def test_assembled_path_on_cuda_matches_packed(name):
+    policy = get_policy(name)
+    model = build_tiny_model("llama_gqa")
+    want, want_real, _ = _run(model, policy, "cuda", "torch", assembled=False)
+    got, real, _ = _run(model, policy, "cuda", "torch", assembled=True)
+    assert real == want_real
+    torch.testing.assert_close(got, want, atol=BACKEND_ATOL, rtol=0)
