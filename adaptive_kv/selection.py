@@ -35,6 +35,8 @@ def kept_middle(ranking: torch.Tensor, sinks: int, recent_start: int, wanted: in
     """Sorted positions of the `wanted` best middle tokens of one head; ranking (T,)."""
     middle = torch.arange(sinks, recent_start, device=ranking.device)
     if wanted < middle.numel():
-        top = ranking[middle].topk(max(wanted, 0)).indices
+        # a stable sort breaks ties by position, the same on every device (topk's order differs
+        # between CPU and CUDA, and pooled SnapKV scores tie often: measured on an H200)
+        top = torch.sort(ranking[middle], descending=True, stable=True).indices[: max(wanted, 0)]
         middle = middle[top.sort().values]
     return middle
