@@ -74,8 +74,8 @@ class AssembledView:
 
     def nbytes(self) -> int:
         """Bytes of the working copy (on top of the packed store)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.lengths, self.fixed_slots,
-                                                          self.residual_start))
+        parts = (self.keys, self.values, self.lengths, self.fixed_slots, self.residual_start, self.scores)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one new token per head (keys/values (H, 1, D)) after each head's last token."""
