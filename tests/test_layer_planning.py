@@ -115,3 +115,16 @@ def test_layer_plan_provider_must_return_one_layer_plans():
     cache = CompressedCache(model, layer_plan_provider=lambda stats, idx: Plan.full(2, 2))
     with pytest.raises(ValueError, match="one-layer Plan"), torch.no_grad():
         model(PROMPT, cache=cache)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tova", "kivi", "pyramidkv", "ada_kv"])
+def test_layer_independent_policies_plan_the_same_per_layer(name):
+    # these decide each layer on its own (PyramidKV's schedule needs no statistics), so the plan made
+    # layer by layer must equal the whole-request plan: an independent check of plan_layer
+    model = build_tiny_model("llama_gqa")
+    policy = get_policy(name)
+    cache = CompressedCache(model, capture=True, stats_config=policy.stats_config())
+    with torch.no_grad():
+        model(PROMPT, cache=cache)
+    whole = policy.plan(cache.stats, 0.3, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES)
+    assert policy.plan_per_layer(cache.stats, 0.3, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES) == whole
