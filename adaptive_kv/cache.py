@@ -458,7 +458,7 @@ class CompressedCache(Cache):
     def _evict(self, layer: CompressedLayer) -> None:
         if not self.plan.layer_tracks_scores(layer.layer_idx):
             return
-        slack = self.plan.group_size if self.eviction_slack is None else self.eviction_slack
+        slack = self._slack()
         held = layer.held
         over = [
             (head, held[head] - budget.keep)
@@ -522,12 +522,16 @@ class CompressedCache(Cache):
             self._accumulate(layer, buckets, token_mass, num_heads * sinks)
         return out.transpose(0, 1).unsqueeze(0)  # (1, q, H_q, D)
 
+    def _slack(self) -> int:
+        """Tokens a head may hold above its budget before decode-time eviction runs."""
+        return self.plan.group_size if self.eviction_slack is None else self.eviction_slack
+
     def _store_changes_due(self, layer: CompressedLayer) -> bool:
         """Whether the coming `_maintain` flushes or evicts (the same tests it runs, on the mirrors)."""
         plan = self.plan
         if max(layer.residual_lengths) >= plan.recent_window + plan.group_size:
             return True
-        slack = plan.group_size if self.eviction_slack is None else self.eviction_slack
+        slack = self._slack()
         return any(b.keep is not None and n > b.keep + slack for n, b in zip(layer.held, layer.budgets))
 
     @staticmethod
