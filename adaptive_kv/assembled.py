@@ -3,10 +3,16 @@
 The reference decode (`kernels.decode_attention`) dequantises the whole store and pads it into
 dense (H, L, D) operands at every step, a cost paid per layer and per token that made a compressed
 cache slower than DynamicCache. An `AssembledView` keeps those operands between steps: built
-once from the store (after the plan lands, a group flush or an eviction, i.e. every ~group_size
-steps), then each new token is written in place. The trade: the view holds the kept tokens
-dequantised in the model's dtype (`nbytes`), on top of the packed store. The store stays the
-state of record; the view is a cache of it, rebuilt whenever the store changes shape.
+once from the store after the plan lands (or a multi-token step), then updated in place: a new
+token is written after its head's last one, a group flush rewrites only the flushed tokens with
+their dequantised values (`flush`), an eviction compacts the rows without dequantising anything
+(`drop`). The trade: the view holds the kept tokens dequantised (`nbytes`), on top of the packed
+store. The store stays the state of record; the view is a cache of it.
+
+A side (keys or values) whose every head is quantised may be held in bfloat16 (`build`'s
+`key_dtype` / `value_dtype`): its error is far below the quantisation error already in it, and a
+decode step reads half the bytes. Such views attend over their whole, contiguous capacity with a
+mask, because CPU bf16 matmuls over a strided slice fall off the fast path.
 
 Each head's row holds its tokens in store order (sinks, buckets in order, residual), so the
 identity plan's rows are the sequence itself and decode matches DynamicCache's SDPA.
@@ -41,8 +47,10 @@ class AssembledView:
 
     @classmethod
     def build(cls, sinks: tuple[torch.Tensor, torch.Tensor], buckets: list[Bucket], residual: Residual,
-              kernels, dtype: torch.dtype) -> "AssembledView":
-        """Dequantise the store once and lay every head's tokens out in one row."""
+              kernels, dtype: torch.dtype, key_dtype: torch.dtype | None = None,
+              value_dtype: torch.dtype | None = None) -> "AssembledView":
+        """Dequantise the store once (in `dtype`) and lay every head's tokens out in one row, held in
+        `key_dtype` / `value_dtype` (default `dtype`)."""
         segments = reference.decode_segments(sinks, buckets, residual)
         parts = [reference.segment_tokens(seg, dtype, kernels=kernels) for seg in segments]
         keys, values, heads = (torch.cat(t) for t in zip(*parts))
@@ -54,10 +62,10 @@ class AssembledView:
         slot = torch.empty_like(heads)
         slot[order] = torch.arange(heads.numel(), device=heads.device) - starts[heads[order]]
         capacity = int(lengths.max()) + HEADROOM
-        dense_k = keys.new_zeros(num_heads, capacity, head_dim)
-        dense_v = values.new_zeros(num_heads, capacity, head_dim)
-        dense_k[heads, slot] = keys
-        dense_v[heads, slot] = values
+        dense_k = keys.new_zeros(num_heads, capacity, head_dim, dtype=key_dtype or dtype)
+        dense_v = values.new_zeros(num_heads, capacity, head_dim, dtype=value_dtype or dtype)
+        dense_k[heads, slot] = keys.to(dense_k.dtype)
+        dense_v[heads, slot] = values.to(dense_v.dtype)
         flat = heads * capacity + slot
         fixed = flat.numel() - residual.keys.shape[0]
         view = cls(dense_k, dense_v, lengths, flat[:fixed], lengths - residual.lengths.to(lengths.device))
@@ -88,7 +96,9 @@ class AssembledView:
         self.head_lengths = [n + 1 for n in self.head_lengths]
 
     def _grow(self) -> None:
-        extra = max(HEADROOM, self.capacity // 2)
+        # a fixed step: the bf16 path reads the whole capacity, so a spare half would cost every step;
+        # the copy, once per HEADROOM tokens, is a small fraction of the reads in between
+        extra = HEADROOM
         old = self.capacity
         pad = lambda t: F.pad(t, (0, 0, 0, extra))  # noqa: E731
         self.keys, self.values = pad(self.keys), pad(self.values)
@@ -103,6 +113,8 @@ class AssembledView:
         Heads outside `mass_heads` accumulate nothing: a head that never evicts needs no scores
         when each head ranks its own tokens.
         """
+        if self.keys.dtype != query.dtype or self.values.dtype != query.dtype:
+            return self._attend_whole(query, scaling, mass_heads)
         num_q, _, head_dim = query.shape
         num_kv = self.keys.shape[0]
         rep = num_q // num_kv
@@ -126,6 +138,56 @@ class AssembledView:
             probs = self._probs(query.view(num_kv, rep, head_dim)[pick], self.keys[pick, :span], visible, scaling)
             self.scores[pick, :span] += probs.sum(1).div_(rep)
         return out
+
+    def _attend_whole(self, query: torch.Tensor, scaling: float, mass_heads: tuple[int, ...] | None) -> torch.Tensor:
+        """`attend` for operands held in another dtype than the query: over the whole capacity, masked."""
+        num_q, _, head_dim = query.shape
+        num_kv = self.keys.shape[0]
+        rep = num_q // num_kv
+        visible = torch.arange(self.capacity, device=self.keys.device) < self.lengths[:, None]
+        probs = self._probs(query.view(num_kv, rep, head_dim).to(self.keys.dtype), self.keys, visible, scaling)
+        if mass_heads:
+            pick = torch.tensor(mass_heads, device=self.keys.device)
+            self.scores[pick] += probs[pick].sum(1).div_(rep)
+        out = torch.bmm(probs.to(self.values.dtype), self.values)
+        return out.to(query.dtype).view(num_q, 1, head_dim)
+
+    def flush(self, heads: list[int], group: int, keys: torch.Tensor, values: torch.Tensor, insert_at: int) -> None:
+        """The `group` oldest residual tokens of each of `heads` were packed: write their dequantised
+        keys/values (len(heads) * group, D), head by head, in place, and list their slots among the
+        stored tokens at `insert_at` (where the store put them: the end of their bucket)."""
+        device = self.keys.device
+        rows = torch.tensor(heads, device=device)
+        head_of = rows.repeat_interleave(group)
+        slot = (self.residual_start[rows][:, None] + torch.arange(group, device=device)).flatten()
+        self.keys[head_of, slot] = keys.to(self.keys.dtype)
+        self.values[head_of, slot] = values.to(self.values.dtype)
+        flat = head_of * self.capacity + slot
+        self.fixed_slots = torch.cat([self.fixed_slots[:insert_at], flat, self.fixed_slots[insert_at:]])
+        self.residual_start[rows] += group
+
+    def drop(self, keep: torch.Tensor) -> None:
+        """Evict the stored tokens where `keep` (one entry per `fixed_slots`, store order) is False:
+        each row is compacted, nothing is dequantised."""
+        device = self.keys.device
+        num_heads, old = self.keys.shape[0], self.capacity
+        alive = torch.arange(old, device=device) < self.lengths[:, None]
+        alive.view(-1)[self.fixed_slots[~keep]] = False
+        lengths = alive.sum(1)
+        src_head, src_slot = alive.nonzero(as_tuple=True)
+        dst_slot = (alive.cumsum(1) - 1)[src_head, src_slot]
+        capacity = int(lengths.max()) + HEADROOM
+        move = lambda t: t.new_zeros(num_heads, capacity, *t.shape[2:]).index_put_(  # noqa: E731
+            (src_head, dst_slot), t[src_head, src_slot])
+        self.keys, self.values = move(self.keys), move(self.values)
+        if self.scores is not None:
+            self.scores = move(self.scores)
+        new_slot = torch.full((num_heads * old,), -1, dtype=torch.long, device=device)
+        new_slot[src_head * old + src_slot] = src_head * capacity + dst_slot
+        self.residual_start = self.residual_start - (self.lengths - lengths)  # evicted tokens precede the residual
+        self.fixed_slots = new_slot[self.fixed_slots[keep]]
+        self.lengths = lengths
+        self.head_lengths = lengths.tolist()
 
     @staticmethod
     def _probs(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -32,6 +32,14 @@ PlanProvider = Callable[[AttentionStats], Plan]
 # bounded prefill: (one layer's statistics, layer index) -> that layer's one-layer Plan, asked as
 # soon as the layer's forward ends, so the prefill never holds more than one layer uncompressed
 LayerPlanProvider = Callable[[AttentionStats, int], Plan]
+WORKING_DTYPES = ("auto", "model")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively here (a bf16 working copy then reads half the bytes, fast)."""
+    if device.type != "cpu":
+        return False
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -139,8 +147,12 @@ class CompressedCache(Cache):
     `prefill_peak_nbytes` records it). `eviction_slack` tokens (default: one group) may accumulate above a head's budget
     before decode-time eviction runs, so eviction is amortised. `assembled` keeps each layer's
     decode operands dequantised between steps (`AssembledView`: fast, but a working copy of the
-    kept tokens in the model's dtype, `working_nbytes()`); None uses it on CPU only, False
-    dequantises from the packed store at every step (least memory; the fused kernel on CUDA).
+    kept tokens, `working_nbytes()`); None uses it on CPU only, False dequantises from the packed
+    store at every step (least memory; the fused kernel on CUDA). `working_dtype="auto"` holds a
+    view side (keys or values) whose every head is quantised in bfloat16 on a CPU with native
+    bf16 (half the bytes read per step; its rounding is far below the quantisation error), and
+    every 16-bit side exactly; "model" holds everything in the model's dtype (the view then
+    equals the reference's dequantisation).
     """
 
     def __init__(
@@ -156,6 +168,7 @@ class CompressedCache(Cache):
         capture: bool = False,
         reconstruction: ReconstructionRequest | None = None,
         assembled: bool | None = None,
+        working_dtype: str = "auto",
     ) -> None:
         from adaptive_kv.attention import prepare_model
 
@@ -196,6 +209,9 @@ class CompressedCache(Cache):
         if assembled not in (None, True, False):
             raise ValueError(f"assembled must be None (on CPU), True or False, got {assembled!r}")
         self.assembled = assembled
+        if working_dtype not in WORKING_DTYPES:
+            raise ValueError(f"working_dtype must be one of {WORKING_DTYPES}, got {working_dtype!r}")
+        self.working_dtype = working_dtype
         self._backends: dict[str, Any] = {}
         self.capture = capture
         self._model = model
@@ -370,6 +386,7 @@ class CompressedCache(Cache):
         if not self.is_captured:
             raise ValueError("fork needs a cache built with capture=True and a finished prefill")
         options.setdefault("backend", self.backend)
+        options.setdefault("working_dtype", self.working_dtype)
         options.setdefault("stats_config", dataclasses.replace(self.stats_config, reconstruction=False))
         new = CompressedCache(self._model, plan=plan, **options)
         for mine, theirs in zip(self.layers, new.layers):
@@ -449,11 +466,23 @@ class CompressedCache(Cache):
                 new = quantize_groups(
                     kernels, layer.residual.keys[idx], layer.residual.values[idx], ready[rows], *bits, scores, positions
                 )
+                if layer.view is not None:  # rewrite only the flushed tokens, where the store puts them
+                    layer.view.flush(ready[rows].tolist(), group, *new.dequantize(kernels, layer.dtype),
+                                     insert_at=self._bucket_end(layer, bits))
                 layer.buckets[bits] = concat_buckets(layer.buckets.get(bits), new)
             layer.residual = rest
             layer.residual_lengths = rest.lengths.tolist()
-            layer.view = None
         self._evict(layer)
+
+    @staticmethod
+    def _bucket_end(layer: CompressedLayer, bits: tuple[int, int]) -> int:
+        """Index in store order (sinks, buckets, residual) just after bucket `bits` (a new one goes last)."""
+        end = layer.sinks[0].shape[0] * layer.sinks[0].shape[1]
+        for key, bucket in layer.buckets.items():
+            end += bucket.num_tokens
+            if key == bits:
+                break
+        return end
 
     def _evict(self, layer: CompressedLayer) -> None:
         if not self.plan.layer_tracks_scores(layer.layer_idx):
@@ -468,6 +497,7 @@ class CompressedCache(Cache):
         if not over:
             return
         shared = self._shared_scores(layer) if self.plan.selection == "shared" else None
+        kept = [torch.ones(layer.sinks[0].shape[0] * layer.sinks[0].shape[1], dtype=torch.bool, device=layer.device)]
         for bits, bucket in list(layer.buckets.items()):
             heads = bucket.token_heads()
             scores = bucket.scores if shared is None else shared[bucket.positions.long()]
@@ -477,9 +507,11 @@ class CompressedCache(Cache):
                 excess = min(excess, mine.numel())
                 if excess > 0:
                     keep[mine[scores[mine].topk(excess, largest=False).indices]] = False
+            kept.append(keep)
             if not keep.all():
                 layer.buckets[bits] = bucket.select(keep)
-                layer.view = None
+        if layer.view is not None:  # compact the view's rows: no dequantisation
+            layer.view.drop(torch.cat(kept))
         layer.held = layer.head_tokens().tolist()
 
     @staticmethod
@@ -510,7 +542,8 @@ class CompressedCache(Cache):
         need_mass = self.plan.layer_tracks_scores(step.layer_idx)
         if query.shape[2] == 1 and self._uses_view(query.device):
             if layer.view is None:
-                layer.view = AssembledView.build(layer.sinks, buckets, layer.residual, kernels, query.dtype)
+                layer.view = AssembledView.build(layer.sinks, buckets, layer.residual, kernels, query.dtype,
+                                                 *self._working_dtypes(layer, query))
             out = layer.view.attend(query[0], scaling, self._mass_heads(layer) if need_mass else None)
             token_mass = None  # accumulated in the view; written back by _sync_scores
         else:
@@ -557,6 +590,16 @@ class CompressedCache(Cache):
         if self.plan.selection == "shared":
             return tuple(range(len(layer.budgets)))
         return tuple(h for h, budget in enumerate(layer.budgets) if budget.keep is not None)
+
+    def _working_dtypes(self, layer: CompressedLayer, query: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+        """Dtypes of the view's keys and values: bfloat16 for a side whose every head is quantised
+        (`working_dtype="auto"`, fp32 model, a CPU with native bf16), else the model's dtype."""
+        exact = query.dtype
+        if self.working_dtype == "model" or exact != torch.float32 or not _native_bf16(query.device):
+            return exact, exact
+        lossy = lambda bits: all(b < 16 for b in bits)  # noqa: E731
+        return (torch.bfloat16 if lossy(b.key_bits for b in layer.budgets) else exact,
+                torch.bfloat16 if lossy(b.value_bits for b in layer.budgets) else exact)
 
     def _uses_view(self, device: torch.device) -> bool:
         # on CPU the assembled operands are the fast path; on CUDA the fused kernel reads packed codes

@@ -32,12 +32,12 @@ def _plans(num_layers: int, num_heads: int) -> dict[str, Plan]:
     }
 
 
-def _run(model, plan: Plan, assembled: bool) -> tuple[torch.Tensor, CompressedCache]:
+def _run(model, plan: Plan, assembled: bool, working_dtype: str = "model") -> tuple[torch.Tensor, CompressedCache]:
     """Prefill 97 tokens, 30 decode steps, a 5-token chunk, 10 more steps: every step's last logits."""
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 1000, (1, 97), generator=gen)
     follow = torch.randint(0, 1000, (1, 45), generator=gen)
-    cache = CompressedCache(model, plan=plan, assembled=assembled)
+    cache = CompressedCache(model, plan=plan, assembled=assembled, working_dtype=working_dtype)
     logits = []
     with torch.no_grad():
         logits.append(model(prompt, cache=cache).logits[0, -1])
@@ -71,6 +71,70 @@ def test_assembled_matches_reference(kind, plan_name):
                 torch.testing.assert_close(mine.buckets[bits].scores[rows], bucket.scores[rows], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("plan_name", ["mixed_per_head", "mixed_shared", "keep_all_2bit"])
+def test_view_updated_in_place_equals_a_rebuilt_one(plan_name):
+    """Flushes write only the flushed tokens, evictions compact the rows: over 70 steps (4 flushes,
+    evictions) the logits equal those of a cache whose views are rebuilt from the store every step,
+    and at the end each layer's view holds what a view built afresh holds."""
+    model = build_tiny_model("llama_gqa")
+    config = model.config
+    plan = _plans(config.num_hidden_layers, config.num_key_value_heads)[plan_name]
+    ids = torch.randint(0, 1000, (1, 167), generator=torch.Generator().manual_seed(5))
+    kept = CompressedCache(model, plan=plan, working_dtype="model")
+    rebuilt = CompressedCache(model, plan=plan, working_dtype="model")
+    with torch.no_grad():
+        model(ids[:, :97], cache=kept)
+        model(ids[:, :97], cache=rebuilt)
+        for i in range(97, 167):
+            for layer in rebuilt.layers:
+                rebuilt._sync_scores(layer)
+                layer.view = None
+            want = model(ids[:, i : i + 1], cache=rebuilt).logits
+            got = model(ids[:, i : i + 1], cache=kept).logits
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    kept.sync()
+    for layer in kept.layers:
+        view = layer.view
+        fresh = AssembledView.build(layer.sinks, list(layer.buckets.values()), layer.residual, reference, torch.float32)
+        assert view.head_lengths == fresh.head_lengths
+        assert torch.equal(view.residual_start, fresh.residual_start)
+        for head, length in enumerate(view.head_lengths):
+            assert torch.equal(view.keys[head, :length], fresh.keys[head, :length])
+            assert torch.equal(view.values[head, :length], fresh.values[head, :length])
+        # every stored token listed at its (head, slot), in store order
+        slots = lambda v: torch.stack([v.fixed_slots // v.capacity, v.fixed_slots % v.capacity])  # noqa: E731
+        assert torch.equal(slots(view), slots(fresh))
+        if fresh.scores is not None:  # the store's scores (sinks carry none)
+            sinks = layer.sinks[0].shape[0] * layer.sinks[0].shape[1]
+            torch.testing.assert_close(view.store_scores(sinks), fresh.store_scores(sinks), atol=1e-5, rtol=1e-5)
+    assert any(b.keep is not None for layer in kept.layers for b in layer.budgets) == (plan_name != "keep_all_2bit")
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
+def test_bf16_working_copy_for_quantised_sides(kind):
+    """working_dtype="auto": a side whose every head is quantised is held in bf16, 16-bit sides
+    exactly; logits stay within bf16 rounding of the reference; "model" keeps everything fp32."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bf16: auto keeps the model's dtype")
+    model = build_tiny_model(kind)
+    config = model.config
+    plans = _plans(config.num_hidden_layers, config.num_key_value_heads)
+    want, _ = _run(model, plans["keep_all_2bit"], assembled=False)
+    got, cache = _run(model, plans["keep_all_2bit"], assembled=True, working_dtype="auto")
+    assert all(layer.view.keys.dtype == layer.view.values.dtype == torch.bfloat16 for layer in cache.layers)
+    # the rounding to bf16 must be small next to the 2-bit quantisation it rides on
+    exact, identity = _run(model, plans["identity"], assembled=True, working_dtype="auto")
+    rounding, quantisation = (got - want).abs(), (want - exact).abs()
+    assert 0 < rounding.mean() < 0.1 * quantisation.mean()
+    assert rounding.max() < 0.5 * quantisation.max()
+    assert all(layer.view.keys.dtype == torch.float32 for layer in identity.layers)
+    _, mixed = _run(model, plans["mixed_per_head"], assembled=True, working_dtype="auto")
+    for layer in mixed.layers:
+        want_k = torch.bfloat16 if all(b.key_bits < 16 for b in layer.budgets) else torch.float32
+        want_v = torch.bfloat16 if all(b.value_bits < 16 for b in layer.budgets) else torch.float32
+        assert (layer.view.keys.dtype, layer.view.values.dtype) == (want_k, want_v)
+
+
 def test_view_grows_and_keeps_mass_order():
     """More appends than the headroom between rebuilds: the view grows; output and scores follow the reference."""
     torch.manual_seed(0)
@@ -102,3 +166,5 @@ def test_view_grows_and_keeps_mass_order():
 def test_assembled_option_is_validated():
     with pytest.raises(ValueError, match="assembled must be"):
         CompressedCache(build_tiny_model("llama_gqa"), plan=Plan.full(2, 2), assembled="yes")
+    with pytest.raises(ValueError, match="working_dtype must be one of"):
+        CompressedCache(build_tiny_model("llama_gqa"), plan=Plan.full(2, 2), working_dtype="fp8")

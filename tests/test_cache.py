@@ -199,10 +199,11 @@ def test_query_after_compression_is_causal(llama_gqa):
     context = torch.randint(0, 1000, (1, 90))
     question = torch.randint(0, 1000, (1, 6))
     with torch.no_grad():
-        chunked = CompressedCache(llama_gqa, plan=plan, eviction_slack=1000)
+        # the model dtype throughout: the step path would otherwise hold the 8-bit keys in bf16
+        chunked = CompressedCache(llama_gqa, plan=plan, eviction_slack=1000, working_dtype="model")
         llama_gqa(context, cache=chunked)
         logits_chunk = llama_gqa(question, cache=chunked).logits
-        stepped = CompressedCache(llama_gqa, plan=plan, eviction_slack=1000)
+        stepped = CompressedCache(llama_gqa, plan=plan, eviction_slack=1000, working_dtype="model")
         llama_gqa(context, cache=stepped)
         logits_step = torch.cat([llama_gqa(question[:, i : i + 1], cache=stepped).logits for i in range(6)], 1)
     torch.testing.assert_close(logits_chunk, logits_step, atol=1e-5, rtol=1e-5)
