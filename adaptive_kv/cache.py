@@ -33,6 +33,10 @@ PlanProvider = Callable[[AttentionStats], Plan]
 # soon as the layer's forward ends, so the prefill never holds more than one layer uncompressed
 LayerPlanProvider = Callable[[AttentionStats, int], Plan]
 WORKING_DTYPES = ("auto", "model")
+# a bf16 working copy pays casts and a mask over its whole capacity at every step: below about this
+# many tokens per head that costs more than the halved reads save (benchmarks/cache_overhead.py:
+# 3-6 % slower at 1k, about 25 % faster at 8k on the embedded model)
+BF16_MIN_TOKENS = 2048
 
 
 def _native_bf16(device: torch.device) -> bool:
@@ -150,7 +154,8 @@ class CompressedCache(Cache):
     kept tokens, `working_nbytes()`); None uses it on CPU only, False dequantises from the packed
     store at every step (least memory; the fused kernel on CUDA). `working_dtype="auto"` holds a
     view side (keys or values) whose every head is quantised in bfloat16 on a CPU with native
-    bf16 (half the bytes read per step; its rounding is far below the quantisation error), and
+    bf16, once a head holds BF16_MIN_TOKENS (half the bytes read per step; its rounding is far
+    below the quantisation error), and
     every 16-bit side exactly; "model" holds everything in the model's dtype (the view then
     equals the reference's dequantisation).
     """
@@ -593,9 +598,11 @@ class CompressedCache(Cache):
 
     def _working_dtypes(self, layer: CompressedLayer, query: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
         """Dtypes of the view's keys and values: bfloat16 for a side whose every head is quantised
-        (`working_dtype="auto"`, fp32 model, a CPU with native bf16), else the model's dtype."""
+        (`working_dtype="auto"`, fp32 model, a CPU with native bf16, a head holding at least
+        BF16_MIN_TOKENS), else the model's dtype."""
         exact = query.dtype
-        if self.working_dtype == "model" or exact != torch.float32 or not _native_bf16(query.device):
+        if (self.working_dtype == "model" or exact != torch.float32 or max(layer.held) < BF16_MIN_TOKENS
+                or not _native_bf16(query.device)):
             return exact, exact
         lossy = lambda bits: all(b < 16 for b in bits)  # noqa: E731
         return (torch.bfloat16 if lossy(b.key_bits for b in layer.budgets) else exact,

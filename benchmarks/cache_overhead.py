@@ -1,10 +1,14 @@
 """Cost of the compressed cache on the embedded model: decode speed and prefill peak memory.
 
 Decode (one process): per context length, one capturing prefill is shared by every configuration
-(DynamicCache is filled from the same keys and values; plans are `fork`s), then the median
-ms/token of greedy decode steps for DynamicCache, the identity plan, keep 0.5 / 4-bit, 2-bit
-keep-all and the `learned` policy at 0.125, each on the assembled fast path (default on CPU) and
-on the packed path that dequantises the store at every step (`assembled=False`, least memory).
+(DynamicCache is filled from the same keys and values; plans are `fork`s), then greedy decode
+steps for DynamicCache, the identity plan, keep 0.5 / 4-bit, 2-bit keep-all and the `learned`
+policy at 0.125: on the assembled fast path (the CPU default: bf16 working copy of fully quantised
+sides), the same with the working copy in the model's dtype (`working_dtype="model"`, exact), and
+the packed path that dequantises the store at every step (`assembled=False`, least memory). The
+figure is the mean ms/token over `--decode-steps` (default 64: two group flushes and the
+evictions they bring are inside it; the median is reported too), and `agree` the share of greedy
+tokens equal to the exact working copy's.
 
 Prefill peak (a fresh process per configuration, so no allocator state carries over): DynamicCache,
 a plan applied at the end of prefill and the same policy applied layer by layer (bounded
@@ -12,8 +16,8 @@ prefill; SnapKV at 0.125), logits of the last position only. Reports the process
 memory sampled every 2 ms during the prefill minus the resident memory just before it (after a
 warm-up forward), and the bytes the cache itself held at most (`prefill_peak_nbytes`, exact).
 
-    python benchmarks/cache_overhead.py [--lengths 1024,2048,4096,8192] [--decode-steps 16]
-        [--learned-max 4096] [--peak-lengths 4096,8192] [--output FILE]
+    python benchmarks/cache_overhead.py [--lengths 1024,2048,4096,8192] [--decode-steps 64]
+        [--learned-max 8192] [--peak-lengths 4096,8192] [--output FILE]
 """
 
 from __future__ import annotations
@@ -67,15 +71,20 @@ def _dynamic_from(captured: CompressedCache, model) -> DynamicCache:
 
 
 @torch.inference_mode()
-def _decode_ms(model, cache, first_token: torch.Tensor, steps: int) -> float:
-    """Median ms per greedy decode step (one untimed warm-up step first)."""
+def _decode(model, cache, first_token: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
+    """Mean and median ms per greedy decode step (one untimed warm-up step first), and the tokens."""
     token = model(first_token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-    times = []
+    times, tokens = [], []
     for _ in range(steps):
         start = time.perf_counter()
         token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        tokens.append(int(token))
+    return 1000 * statistics.mean(times), 1000 * statistics.median(times), tokens
+
+
+PATHS = {"assembled": dict(assembled=True), "assembled_exact": dict(assembled=True, working_dtype="model"),
+         "packed": dict(assembled=False)}
 
 
 def decode_rows(model, tokenizer, length: int, steps: int, with_learned: bool) -> list[dict]:
@@ -88,17 +97,22 @@ def decode_rows(model, tokenizer, length: int, steps: int, with_learned: bool) -
         logits = model(torch.tensor([list(ids)]), cache=captured).logits[:, -1]
     prefill_s = time.perf_counter() - start
     first = logits.argmax(-1, keepdim=True)
-    base = _decode_ms(model, _dynamic_from(captured, model), first, steps)
-    rows = [{"context": length, "config": "dynamic", "path": "-", "decode_ms": base, "x_dynamic": 1.0,
-             "prefill_s": prefill_s}]
+    base, base_median, _ = _decode(model, _dynamic_from(captured, model), first, steps)
+    rows = [{"context": length, "config": "dynamic", "path": "-", "decode_ms": base, "median_ms": base_median,
+             "x_dynamic": 1.0, "prefill_s": prefill_s}]
     print(json.dumps(rows[-1]), flush=True)
     for name, plan in _plans(model, captured.stats).items():
-        for assembled in (True, False):
-            cache = captured.fork(plan, assembled=assembled)
-            ms = _decode_ms(model, cache, first, steps)
-            rows.append({"context": length, "config": name, "path": "assembled" if assembled else "packed",
-                         "decode_ms": ms, "x_dynamic": ms / base, "bytes": cache.nbytes(),
-                         "working_bytes": cache.working_nbytes(), "full_bytes": cache.full_nbytes()})
+        exact_tokens = None
+        for path in ("assembled_exact", "assembled", "packed"):
+            if path == "assembled_exact" and name == "identity":
+                continue  # nothing quantised: the default path is already exact
+            cache = captured.fork(plan, **PATHS[path])
+            ms, median, tokens = _decode(model, cache, first, steps)
+            exact_tokens = exact_tokens or tokens
+            rows.append({"context": length, "config": name, "path": path, "decode_ms": ms, "median_ms": median,
+                         "x_dynamic": ms / base, "agree": sum(a == b for a, b in zip(tokens, exact_tokens)) / steps,
+                         "bytes": cache.nbytes(), "working_bytes": cache.working_nbytes(),
+                         "full_bytes": cache.full_nbytes()})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -164,12 +178,14 @@ def peak_rows(lengths: list[int]) -> list[dict]:
 
 def table(results: dict) -> str:
     """Markdown tables of both measurements."""
-    lines = ["| context | config | path | decode ms/token | x DynamicCache | KV bytes | working copy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| context | config | path | mean ms/token | median | x DynamicCache | agree | KV bytes | working copy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["decode"]:
         kv = f"{r['bytes'] / r['full_bytes']:.3f} of full" if "bytes" in r else "full"
         work = f"{r['working_bytes'] / 2**20:.1f} MiB" if r.get("working_bytes") else "-"
-        lines.append(f"| {r['context']} | {r['config']} | {r['path']} | {r['decode_ms']:.1f} | {r['x_dynamic']:.2f} | {kv} | {work} |")
+        agree = f"{r['agree']:.2f}" if "agree" in r else "-"
+        lines.append(f"| {r['context']} | {r['config']} | {r['path']} | {r['decode_ms']:.1f} | {r['median_ms']:.1f} | "
+                     f"{r['x_dynamic']:.2f} | {agree} | {kv} | {work} |")
     lines += ["", "| context | prefill mode | RSS peak over baseline MiB | cache peak MiB | KV after MiB |", "|---|---|---|---|---|"]
     for r in results["prefill_peak"]:
         after = r.get("bytes_after", r["cache_peak_bytes"]) / 2**20
@@ -182,8 +198,8 @@ def main() -> None:
     """CLI entry."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--learned-max", type=int, default=4096, help="longest context for learned (its reconstruction pass)")
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--learned-max", type=int, default=8192, help="longest context for learned (its reconstruction pass)")
     parser.add_argument("--peak-lengths", default="4096,8192")
     parser.add_argument("--output", default="benchmarks/results/cache_overhead.json")
     parser.add_argument("--peak-child", nargs=2, metavar=("LENGTH", "MODE"), help=argparse.SUPPRESS)

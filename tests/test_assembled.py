@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from adaptive_kv import CompressedCache, HeadBudget, Plan
+from adaptive_kv import cache as cache_module
 from adaptive_kv.assembled import HEADROOM, AssembledView
 from adaptive_kv.kernels import reference
 from adaptive_kv.store import Residual
@@ -111,12 +112,17 @@ def test_view_updated_in_place_equals_a_rebuilt_one(plan_name):
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
-def test_bf16_working_copy_for_quantised_sides(kind):
+def test_bf16_working_copy_for_quantised_sides(kind, monkeypatch):
     """working_dtype="auto": a side whose every head is quantised is held in bf16, 16-bit sides
     exactly; logits stay within bf16 rounding of the reference; "model" keeps everything fp32."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no native bf16: auto keeps the model's dtype")
     model = build_tiny_model(kind)
+    config = model.config
+    _, cache = _run(model, _plans(config.num_hidden_layers, config.num_key_value_heads)["keep_all_2bit"],
+                    assembled=True, working_dtype="auto")
+    assert all(layer.view.keys.dtype == torch.float32 for layer in cache.layers)  # 142 tokens < BF16_MIN_TOKENS
+    monkeypatch.setattr(cache_module, "BF16_MIN_TOKENS", 0)
     config = model.config
     plans = _plans(config.num_hidden_layers, config.num_key_value_heads)
     want, _ = _run(model, plans["keep_all_2bit"], assembled=False)
