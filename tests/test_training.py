@@ -69,6 +69,36 @@ def test_labels_equal_a_direct_computation():
         assert direct.min() > 0
 
 
+def test_validation_answer_score_equals_a_direct_computation():
+    """The search's answer score: log p of the reference answer under a plan vs the uncompressed
+    model, teacher-forced; checked against one plain forward over context + follow."""
+    from transformers import DynamicCache
+
+    from adaptive_kv.plan import Plan
+    from adaptive_kv.training.objective import prepare_validation, score_plan
+
+    model = build_tiny_model("llama_gqa")
+    ids = torch.randint(0, 1000, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    follow = [7, 8, 9, 10]
+    with torch.no_grad():  # the answer: the uncompressed model's own greedy tokens, so compression can only cost
+        for _ in range(3):
+            follow.append(int(model(torch.tensor([ids + follow])).logits[0, -1].argmax()))
+    request = CalibrationRequest("niah_single", "query_agnostic", tuple(ids), tuple(follow), 3, 20_000, 0)
+    items = prepare_validation(model, None, [request], StatsConfig(sink_tokens=4, group_size=16), LAYOUT)
+    with torch.no_grad():  # direct: the answer's log-probabilities in one forward, no compression
+        logits = model(torch.tensor([ids + follow]), cache=DynamicCache(config=model.config)).logits[0].float()
+    direct = logits[len(ids) + len(follow) - 4 : -1].log_softmax(-1).gather(1, torch.tensor(follow[-3:])[:, None])
+    assert score_plan(model, items[0], Plan.full(2, 2, **LAYOUT)) == pytest.approx(100.0)
+    evicting = Plan.uniform(2, 2, keep=20, key_bits=2, value_bits=2, **LAYOUT)
+    with torch.no_grad():
+        cache = items[0].captured.fork(evicting)
+        rows = torch.cat([items[0].last_logits, model(torch.tensor([follow]), cache=cache).logits[0, :-1]]).float()
+    compressed = rows[-3:].log_softmax(-1).gather(1, torch.tensor(follow[-3:])[:, None])
+    want = 100 * min(1.0, float(torch.exp((compressed - direct).mean())))
+    assert score_plan(model, items[0], evicting) == pytest.approx(want, rel=1e-4)
+    assert want < 99.9  # the plan really costs the answer something
+
+
 def test_labels_round_trip(tmp_path):
     model = build_tiny_model("llama_gqa")
     request = CalibrationRequest("fidelity", "query_agnostic", tuple(range(100, 200)), tuple(range(5, 15)), 0, 10_000, 1)

@@ -40,8 +40,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-length", type=_positive, default=None, help="calibration context length in tokens")
     p.add_argument("--train-per-task", type=_positive, default=None, help="calibration samples per task")
     p.add_argument("--valid-per-task", type=_positive, default=None, help="validation samples per task")
-    p.add_argument("--space", choices=("network", "full"), default=None,
-                   help="search space: network (layout fixed; default) or full (layout, scorer, selection, grid too)")
+    p.add_argument("--space", choices=("network", "selection", "full"), default=None,
+                   help="search space: network (layout fixed; default), selection (network + per-head vs shared "
+                        "selection) or full (layout, scorer, selection, grid too)")
     p.add_argument("--no-register", action="store_true", help="do not register the best controller")
     p.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end run (short contexts, 2 small trials)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -32,9 +32,15 @@ class SearchSpace:
         return cls(recent_window=(32,), scorer=("reconstruction",), selection=("per_head",), grid=("default",))
 
     @classmethod
+    def selection(cls) -> "SearchSpace":
+        """'network' plus per-head vs shared token selection (two label sets)."""
+        return cls(recent_window=(32,), scorer=("reconstruction",), grid=("default",))
+
+    @classmethod
     def named(cls, name: str) -> "SearchSpace":
-        """'network' (layout fixed), 'full' (layout searched too: a label set per layout) or 'smoke'."""
-        spaces = {"network": cls.network, "full": cls, "smoke": cls.smoke}
+        """'network' (layout fixed), 'selection' (network + selection), 'full' (layout searched too:
+        a label set per layout) or 'smoke'."""
+        spaces = {"network": cls.network, "selection": cls.selection, "full": cls, "smoke": cls.smoke}
         if name not in spaces:
             raise ValueError(f"search space must be one of {tuple(spaces)}, got {name!r}")
         return spaces[name]()
