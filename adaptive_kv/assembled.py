@@ -120,24 +120,26 @@ class AssembledView:
         rep = num_q // num_kv
         longest, ragged = max(self.head_lengths), min(self.head_lengths) != max(self.head_lengths)
         keys, values = self.keys[:, :longest], self.values[:, :longest]
-        if mass_heads is not None and len(mass_heads) == num_kv:  # every head: one pass gives both
-            visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]  # (H, L)
-            probs = self._probs(query.view(num_kv, rep, head_dim), keys, visible, scaling)
-            self.scores[:, :longest] += probs.sum(1).div_(rep)
-            return torch.bmm(probs.to(values.dtype), values).view(num_q, 1, head_dim)
-        mask = None
-        if ragged:
-            visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]
-            mask = visible[:, None, None].expand(num_kv, rep, 1, longest).reshape(1, num_q, 1, longest)
-        out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scaling,
-                                             enable_gqa=rep > 1)[0]
-        if mass_heads:
-            span = max(self.head_lengths[h] for h in mass_heads)
-            pick = torch.tensor(mass_heads, device=keys.device)
-            visible = torch.arange(span, device=keys.device) < self.lengths[pick, None]
-            probs = self._probs(query.view(num_kv, rep, head_dim)[pick], self.keys[pick, :span], visible, scaling)
-            self.scores[pick, :span] += probs.sum(1).div_(rep)
-        return out
+        if not mass_heads and not ragged:  # every row full, no scores: SDPA as DynamicCache runs it
+            return F.scaled_dot_product_attention(query[None], keys[None], values[None], scale=scaling,
+                                                  enable_gqa=rep > 1)[0]
+        # one pass over the keys gives the output and the mass (a second pass for the mass alone
+        # would read, and for a subset of heads copy, the keys again)
+        visible = torch.arange(longest, device=keys.device) < self.lengths[:, None]  # (H, L)
+        probs = self._probs(query.view(num_kv, rep, head_dim), keys, visible, scaling)
+        self._add_mass(probs, mass_heads, rep)
+        return torch.bmm(probs.to(values.dtype), values).view(num_q, 1, head_dim)
+
+    def _add_mass(self, probs: torch.Tensor, mass_heads: tuple[int, ...] | None, rep: int) -> None:
+        """Add the attention mass of `mass_heads` from probs (H, rep, L) to `scores`."""
+        if not mass_heads:
+            return
+        span = probs.shape[-1]
+        if len(mass_heads) == probs.shape[0]:
+            self.scores[:, :span] += probs.sum(1).div_(rep)
+            return
+        pick = torch.tensor(mass_heads, device=probs.device)
+        self.scores[pick, :span] += probs[pick].sum(1).div_(rep)
 
     def _attend_whole(self, query: torch.Tensor, scaling: float, mass_heads: tuple[int, ...] | None) -> torch.Tensor:
         """`attend` for operands held in another dtype than the query: over the whole capacity, masked."""
@@ -146,9 +148,7 @@ class AssembledView:
         rep = num_q // num_kv
         visible = torch.arange(self.capacity, device=self.keys.device) < self.lengths[:, None]
         probs = self._probs(query.view(num_kv, rep, head_dim).to(self.keys.dtype), self.keys, visible, scaling)
-        if mass_heads:
-            pick = torch.tensor(mass_heads, device=self.keys.device)
-            self.scores[pick] += probs[pick].sum(1).div_(rep)
+        self._add_mass(probs, mass_heads, rep)
         out = torch.bmm(probs.to(self.values.dtype), self.values)
         return out.to(query.dtype).view(num_q, 1, head_dim)
 

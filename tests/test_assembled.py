@@ -162,7 +162,7 @@ def test_view_grows_and_keeps_mass_order():
     torch.testing.assert_close(out, want_out, atol=1e-6, rtol=0)
     torch.testing.assert_close(view.store_scores(8) - before, want_mass[8:], atol=1e-6, rtol=0)
     before = view.store_scores(8)
-    out = view.attend(query, 0.25, mass_heads=(1,))  # SDPA for the output, the mass of head 1 only
+    out = view.attend(query, 0.25, mass_heads=(1,))  # the mass of head 1 only
     torch.testing.assert_close(out, want_out, atol=1e-6, rtol=0)
     head_of = residual.token_heads()
     torch.testing.assert_close(view.store_scores(8) - before, torch.where(head_of == 1, want_mass[8:], 0.0),
