@@ -99,6 +99,29 @@ def test_validation_answer_score_equals_a_direct_computation():
     assert want < 99.9  # the plan really costs the answer something
 
 
+@pytest.mark.parametrize("name", ["network", "selection", "full", "smoke"])
+def test_named_search_spaces_suggest_valid_trials(name):
+    """Every named space yields TrialConfigs from a real Optuna trial; a knob with several
+    choices is searched, one with a single choice is fixed."""
+    import optuna
+
+    from adaptive_kv.training.search import SearchSpace, suggest
+
+    space = SearchSpace.named(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        config = suggest(trial, space, 32, seed=0)
+        assert config.selection in space.selection and config.grid in space.grid
+        seen.add(config.selection)
+        study.tell(trial, 0.0)
+    assert seen == set(space.selection)
+    assert ("selection" in study.trials[0].params) == (len(space.selection) > 1)
+    with pytest.raises(ValueError, match="search space must be one of"):
+        SearchSpace.named("everything")
+
+
 def test_labels_round_trip(tmp_path):
     model = build_tiny_model("llama_gqa")
     request = CalibrationRequest("fidelity", "query_agnostic", tuple(range(100, 200)), tuple(range(5, 15)), 0, 10_000, 1)

@@ -32,7 +32,7 @@ class SearchSpace:
         return cls(recent_window=(32,), scorer=("reconstruction",), selection=("per_head",), grid=("default",))
 
     @classmethod
-    def selection(cls) -> "SearchSpace":
+    def network_and_selection(cls) -> "SearchSpace":
         """'network' plus per-head vs shared token selection (two label sets)."""
         return cls(recent_window=(32,), scorer=("reconstruction",), grid=("default",))
 
@@ -40,7 +40,7 @@ class SearchSpace:
     def named(cls, name: str) -> "SearchSpace":
         """'network' (layout fixed), 'selection' (network + selection), 'full' (layout searched too:
         a label set per layout) or 'smoke'."""
-        spaces = {"network": cls.network, "selection": cls.selection, "full": cls, "smoke": cls.smoke}
+        spaces = {"network": cls.network, "selection": cls.network_and_selection, "full": cls, "smoke": cls.smoke}
         if name not in spaces:
             raise ValueError(f"search space must be one of {tuple(spaces)}, got {name!r}")
         return spaces[name]()
