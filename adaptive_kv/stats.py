@@ -35,7 +35,13 @@ FEATURE_NAMES: tuple[str, ...] = (
 # pooling lost the last digit of a passkey at keep 0.5 where max pooling kept it.
 SNAPKV_POOL = 7
 QERR_SAMPLE_TOKENS = 256
-RECONSTRUCTION_FEATURES: tuple[str, ...] = tuple(f"recon_top{int(f * 100)}_mass" for f in TOP_MASS_FRACTIONS[:4])
+RECON_TOP_MASS: tuple[str, ...] = tuple(f"recon_top{int(f * 100)}_mass" for f in TOP_MASS_FRACTIONS[:4])
+# the share of a head's tokens among the top q of every (layer, head, token) reconstruction score:
+# what a global allocation (KVzip) would give the head, on the cross-head scale the per-head
+# top-mass curve normalises away; retrieval heads stand out here at small budgets
+GLOBAL_SHARE_FRACTIONS = (0.4, 0.2, 0.1, 0.05)
+RECON_GLOBAL_SHARE: tuple[str, ...] = tuple(f"recon_global_top{int(f * 100)}" for f in GLOBAL_SHARE_FRACTIONS)
+RECONSTRUCTION_FEATURES: tuple[str, ...] = RECON_TOP_MASS + RECON_GLOBAL_SHARE
 
 
 @dataclass(frozen=True)
@@ -97,9 +103,9 @@ class AttentionStats:
     def with_reconstruction(self, scores: torch.Tensor) -> "AttentionStats":
         """These stats plus reconstruction scores (L, H_kv, T) and their per-head top-mass features."""
         share = scores.float() / scores.float().sum(-1, keepdim=True).clamp_min(1e-12)
-        curve = torch.stack([_top_mass(layer) for layer in share])[..., : len(RECONSTRUCTION_FEATURES)]
+        curve = torch.stack([_top_mass(layer) for layer in share])[..., : len(RECON_TOP_MASS)]
         return AttentionStats(
-            features=torch.cat([self.features, curve.cpu()], dim=-1),
+            features=torch.cat([self.features, curve.cpu(), global_shares(scores).cpu()], dim=-1),
             token_scores={**self.token_scores, "reconstruction": scores},
             seq_len=self.seq_len,
             feature_names=self.feature_names + RECONSTRUCTION_FEATURES,
@@ -127,6 +133,20 @@ def _entropy(row_entropy: torch.Tensor, seq_len: int) -> torch.Tensor:
     visible = torch.arange(seq_len - w + 1, seq_len + 1, device=row_entropy.device).float()
     norm = visible.log().clamp_min(1e-6)  # a single visible token has zero entropy by definition
     return (row_entropy / norm).mean(-1)
+
+
+def global_shares(scores: torch.Tensor) -> torch.Tensor:
+    """Share of each head's tokens among the top q of all scores (L, H, T), per GLOBAL_SHARE_FRACTIONS: (L, H, Q).
+
+    Ranked as `global_allocation.global_keeps` ranks (stable: among equal scores the earlier entry wins).
+    """
+    num_layers, num_heads, seq_len = scores.shape
+    owner = scores.float().flatten().argsort(descending=True, stable=True) // seq_len
+    shares = []
+    for q in GLOBAL_SHARE_FRACTIONS:
+        top = owner[: max(1, math.ceil(q * owner.numel()))]
+        shares.append(torch.bincount(top, minlength=num_layers * num_heads).float() / seq_len)
+    return torch.stack(shares, dim=-1).view(num_layers, num_heads, len(GLOBAL_SHARE_FRACTIONS))
 
 
 def _top_mass(mass: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,16 @@ def test_scores_equal_a_direct_computation(kind, chunk):
     torch.testing.assert_close(got, _direct_scores(model, context, request), atol=SCORE_ATOL, rtol=0)
     assert len(request.chunks()) == -(-97 // chunk)
     names = cache.stats.feature_names
-    assert names[-1] == "recon_top25_mass" and cache.stats.features.shape[-1] == len(names)
+    assert names[-5] == "recon_top25_mass" and cache.stats.features.shape[-1] == len(names)
+    # global shares, directly: each head's count among the top k of all scores (ties: earlier first), over T
+    num_layers, num_heads, seq_len = got.shape
+    entries = sorted(((-float(v), i) for i, v in enumerate(got.flatten().tolist())))
+    for q, name in zip((0.4, 0.2, 0.1, 0.05), names[-4:]):
+        k = -(-int(q * 100) * got.numel() // 100)
+        direct = torch.zeros(num_layers * num_heads)
+        for _, i in entries[:k]:
+            direct[i // seq_len] += 1 / seq_len
+        torch.testing.assert_close(cache.stats.feature(name).flatten(), direct)
 
 
 def test_cache_after_reconstruction_equals_plain_prefill():
