@@ -49,7 +49,7 @@ class TrialConfig:
     hidden: int = 64
     layers: int = 2
     embedding: int = 8
-    layer_weight_slope: float = 0.0  # > 0 weighs early layers' distortion more (their errors propagate)
+    layer_weight_slope: float = 0.0  # > 0 weighs early layers' distortion more (their errors propagate), < 0 later ones
     fit: FitConfig = field(default_factory=FitConfig)
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ class SearchSpace:
     lr: tuple[float, float] = (1e-3, 1e-2)
     epochs: tuple[int, int] = (30, 120)
     loss: tuple[str, ...] = ("mse", "huber")
-    layer_weight_slope: tuple[float, float] = (0.0, 1.5)
+    layer_weight_slope: tuple[float, float] = (-1.5, 1.5)  # < 0: later layers (where retrieval heads sit) weigh more
     sink_tokens: tuple[int, ...] = (4,)
     recent_window: tuple[int, ...] = (16, 32)
     scorer: tuple[str, ...] = ("reconstruction", "snapkv")
