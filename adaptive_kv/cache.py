@@ -155,9 +155,8 @@ class CompressedCache(Cache):
     store at every step (least memory; the fused kernel on CUDA). `working_dtype="auto"` holds a
     view side (keys or values) whose every head is quantised in bfloat16 on a CPU with native
     bf16, once a head holds BF16_MIN_TOKENS (half the bytes read per step; its rounding is far
-    below the quantisation error), and
-    every 16-bit side exactly; "model" holds everything in the model's dtype (the view then
-    equals the reference's dequantisation).
+    below the quantisation error), and every 16-bit side exactly; "model" holds everything in the
+    model's dtype (the view then equals the reference's dequantisation).
     """
 
     def __init__(
@@ -515,8 +514,9 @@ class CompressedCache(Cache):
             kept.append(keep)
             if not keep.all():
                 layer.buckets[bits] = bucket.select(keep)
-        if layer.view is not None:  # compact the view's rows: no dequantisation
-            layer.view.drop(torch.cat(kept))
+        kept = torch.cat(kept)
+        if layer.view is not None and not bool(kept.all()):  # compact the view's rows: no dequantisation
+            layer.view.drop(kept)
         layer.held = layer.head_tokens().tolist()
 
     @staticmethod

@@ -101,7 +101,8 @@ class AttentionStats:
         return "reconstruction" in self.token_scores
 
     def with_reconstruction(self, scores: torch.Tensor) -> "AttentionStats":
-        """These stats plus reconstruction scores (L, H_kv, T) and their per-head top-mass features."""
+        """These stats plus reconstruction scores (L, H_kv, T), their per-head top-mass curve and each
+        head's share of the global top scores (`global_shares`)."""
         share = scores.float() / scores.float().sum(-1, keepdim=True).clamp_min(1e-12)
         curve = torch.stack([_top_mass(layer) for layer in share])[..., : len(RECON_TOP_MASS)]
         return AttentionStats(
