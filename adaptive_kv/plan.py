@@ -209,16 +209,8 @@ class Plan:
         """Predicted bytes of one head's keys, values and metadata after applying to `seq_len` tokens."""
         budget = self.heads[layer_idx][head_idx]
         kept = self.kept_tokens(layer_idx, head_idx, seq_len)
-        fp_tokens, groups = self._split(kept)
-        packed_tokens = groups * self.group_size
-        total = 2 * fp_tokens * head_dim * dtype_bytes + RESIDUAL_INDEX_BYTES
-        total += _key_bytes(budget.key_bits, packed_tokens, groups, head_dim, dtype_bytes)
-        total += _value_bytes(budget.value_bits, packed_tokens, head_dim, self.group_size, dtype_bytes)
-        total += groups * GROUP_INDEX_BYTES
-        if self.layer_tracks_scores(layer_idx):
-            per_token = SCORE_BYTES + (POSITION_BYTES if self.selection == "shared" else 0)
-            total += (kept - min(kept, self.sink_tokens)) * per_token  # sinks are never evicted
-        return total
+        return kept_nbytes(kept, budget.key_bits, budget.value_bits, self.layout(), head_dim, dtype_bytes,
+                           tracks_scores=self.layer_tracks_scores(layer_idx))
 
     def nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
         """Predicted bytes of the whole cache after applying this plan to `seq_len` tokens."""
@@ -232,17 +224,6 @@ class Plan:
     def full_nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
         """Bytes a DynamicCache holds for `seq_len` tokens of this model shape."""
         return 2 * self.num_layers * self.num_kv_heads * seq_len * head_dim * dtype_bytes
-
-    def _split(self, kept: int) -> tuple[int, int]:
-        """(full-precision tokens, packed groups) for a head holding `kept` tokens after apply.
-
-        Sinks and the recent window stay full precision; the middle is cut into whole groups of
-        `group_size`, and its remainder joins the full-precision residual (KIVI).
-        """
-        fixed = min(kept, self.sink_tokens + self.recent_window)
-        middle = kept - fixed
-        groups = middle // self.group_size
-        return kept - groups * self.group_size, groups
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +280,34 @@ def _budget_from(data: Any) -> HeadBudget:
 def value_group_size(group_size: int, head_dim: int) -> int:
     """Channels sharing one per-token value scale: the group size, capped at head_dim."""
     return min(group_size, head_dim)
+
+
+def _positive(x):
+    """max(x, 0) for ints and integer arrays alike (no branch, so NumPy arrays pass through)."""
+    return x * (x > 0)
+
+
+def kept_nbytes(kept, key_bits: int, value_bits: int, layout: dict[str, Any], head_dim: int, dtype_bytes: int,
+                tracks_scores: bool):
+    """Bytes of a head holding `kept` tokens (an int, or an integer NumPy array of counts) at these bits.
+
+    The one byte formula: `Plan.head_nbytes` calls it per head, the learned controller on arrays of
+    candidate keeps. Sinks and the recent window stay full precision; the middle is cut into whole
+    groups of `group_size`, and its remainder joins the full-precision residual (KIVI).
+    """
+    group_size = layout["group_size"]
+    fixed_cap = layout["sink_tokens"] + layout["recent_window"]
+    groups = _positive(kept - fixed_cap) // group_size
+    packed_tokens = groups * group_size
+    fp_tokens = kept - packed_tokens
+    total = 2 * fp_tokens * head_dim * dtype_bytes + RESIDUAL_INDEX_BYTES
+    total = total + _key_bytes(key_bits, packed_tokens, groups, head_dim, dtype_bytes)
+    total = total + _value_bytes(value_bits, packed_tokens, head_dim, group_size, dtype_bytes)
+    total = total + groups * GROUP_INDEX_BYTES
+    if tracks_scores:
+        per_token = SCORE_BYTES + (POSITION_BYTES if layout["selection"] == "shared" else 0)
+        total = total + _positive(kept - layout["sink_tokens"]) * per_token  # sinks are never evicted
+    return total
 
 
 def _key_bytes(bits: int, tokens: int, groups: int, head_dim: int, dtype_bytes: int) -> int:

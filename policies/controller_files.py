@@ -42,6 +42,9 @@ class ControllerConfig:
                 raise ValueError(f"model_shape.{key} must be a positive integer, got {self.model_shape.get(key)!r}")
         if len(self.layer_weights) != self.model_shape["num_layers"]:
             raise ValueError(f"layer_weights must have {self.model_shape['num_layers']} entries, got {len(self.layer_weights)}")
+        needed = sorted({o.share_feature for o in self.grid if o.allocation == "global"} - set(self.feature_names))
+        if needed:
+            raise ValueError(f"the grid's global options read features {needed}, missing from feature_names")
         if self.layout.get("scorer") not in TOKEN_SCORERS or self.layout.get("selection") not in SELECTIONS:
             raise ValueError(f"layout.scorer must be in {TOKEN_SCORERS} and layout.selection in {SELECTIONS}")
 

@@ -16,9 +16,10 @@ from adaptive_kv.policies.allocator import allocate
 from adaptive_kv.policies.base import Policy, check_fraction, check_layer, infeasible
 from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
 from adaptive_kv.policies.controller_net import ControllerNet
-from adaptive_kv.policies.options import option_bytes
+from adaptive_kv.policies.options import keeps_nbytes, option_bytes, option_keeps, plan_from_keeps
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
+
 
 @functools.lru_cache(maxsize=256)
 def _option_bytes(grid, layout_items, seq_len: int, head_dim: int, dtype_bytes: int) -> tuple[int, ...]:
@@ -30,6 +31,12 @@ def _option_bytes(grid, layout_items, seq_len: int, head_dim: int, dtype_bytes: 
 def _option_budgets(grid, seq_len: int, floor: int) -> tuple:
     """HeadBudget of every option at `seq_len`, memoised (frozen, so shared by every plan)."""
     return tuple(option.budget(seq_len, floor) for option in grid)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_columns(grid, allocation: str) -> list[int]:
+    """Indices of a grid's options of one allocation, memoised."""
+    return [i for i, o in enumerate(grid) if o.allocation == allocation]
 
 
 @functools.lru_cache(maxsize=64)
@@ -85,7 +92,8 @@ class Learned(Policy):
     def stats_config(self) -> StatsConfig:
         """Reconstruction is read when the controller's scorer or features use it."""
         layout = self.config.layout
-        recon = layout["scorer"] == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.config.feature_names)
+        recon = (layout["scorer"] == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.config.feature_names)
+                 or any(o.allocation == "global" for o in self.config.grid))
         return StatsConfig(sink_tokens=layout["sink_tokens"], group_size=layout["group_size"], reconstruction=recon)
 
     def predict(self, stats: AttentionStats, first_layer: int = 0) -> torch.Tensor:
@@ -124,19 +132,34 @@ class Learned(Policy):
         layout, seq_len = self.layout(), stats.seq_len
         weights = np.asarray(self.config.layer_weights, dtype=np.float64)[first_layer : first_layer + stats.num_layers]
         cost = np.exp(self.predict(stats, first_layer).double().numpy()) * weights[:, None, None]  # (L, H, O)
-        per_option = np.asarray(_option_bytes(self.config.grid, tuple(sorted(layout.items())), seq_len, head_dim,
-                                              dtype_bytes), dtype=np.float64)
+        grid, floor = self.config.grid, layout["sink_tokens"] + layout["recent_window"]
         num_heads = stats.num_layers * stats.num_kv_heads
+        nbytes = np.empty((num_heads, len(grid)), dtype=np.float64)
+        uniform = self._columns("uniform")
+        nbytes[:, uniform] = _option_bytes(tuple(grid[c] for c in uniform), tuple(sorted(layout.items())), seq_len,
+                                           head_dim, dtype_bytes)
+        keeps = None
+        if len(uniform) < len(grid):
+            # global options: each head's keep (and so its bytes) comes from its share of the global top
+            keeps = option_keeps(grid, stats.features, stats.feature_names, seq_len, floor)  # (L, H, O)
+            flat = keeps.view(num_heads, -1).numpy()
+            columns = self._columns("global")
+            nbytes[:, columns] = keeps_nbytes(tuple(grid[c] for c in columns), flat[:, columns], layout, head_dim,
+                                              dtype_bytes)
         # a DynamicCache's bytes: keys and values of every head and token
         full = 2 * num_heads * seq_len * head_dim * dtype_bytes
         try:
-            choice = allocate(cost.reshape(num_heads, -1), np.broadcast_to(per_option, (num_heads, per_option.size)),
-                              budget * full)
+            choice = allocate(cost.reshape(num_heads, -1), nbytes, budget * full)
         except ValueError:
-            minimum = per_option.min() * num_heads / full
+            minimum = nbytes.min(-1).sum() / full
             raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None
-        floor = layout["sink_tokens"] + layout["recent_window"]
-        options = _option_budgets(self.config.grid, seq_len, floor)
-        budgets = [options[c] for c in choice.tolist()]
-        rows = [tuple(budgets[i * stats.num_kv_heads : (i + 1) * stats.num_kv_heads]) for i in range(stats.num_layers)]
-        return Plan(tuple(rows), **layout)
+        choice = choice.reshape(stats.num_layers, stats.num_kv_heads)
+        if keeps is not None:
+            return plan_from_keeps(grid, choice, keeps, seq_len, layout)
+        options = _option_budgets(grid, seq_len, floor)
+        rows = tuple(tuple(options[c] for c in row) for row in choice.tolist())
+        return Plan(rows, **layout)
+
+    def _columns(self, allocation: str) -> list[int]:
+        """Indices of the grid's options of one allocation ("uniform" or "global")."""
+        return _grid_columns(self.config.grid, allocation)

@@ -108,3 +108,19 @@ def test_bytes_after_decode_flushes_and_evictions(dtype):
             held = torch.stack([layer.head_tokens() for layer in cache.layers])
             assert held.tolist()[0][0] <= 40 + 4 + 1 and held.tolist()[1][0] <= 61 + 4 + 1
             assert any((b.group_len < LAYOUT["group_size"]).any() for layer in cache.layers for b in layer.buckets.values())
+
+
+def test_byte_formula_on_arrays_equals_it_per_head():
+    """The learned controller prices candidate keeps as arrays; each entry must equal Plan.head_nbytes."""
+    import numpy as np
+
+    from adaptive_kv.plan import HeadBudget, Plan, kept_nbytes
+
+    keeps = np.array([16, 17, 31, 32, 33, 47, 48, 49, 60, 61, 299, 300])  # around group edges (floor 16, group 16)
+    for selection in ("per_head", "shared"):
+        layout = dict(sink_tokens=4, recent_window=12, group_size=16, scorer="snapkv", selection=selection)
+        for kb, vb in ((16, 16), (8, 8), (4, 2), (2, 2)):
+            got = kept_nbytes(keeps, kb, vb, layout, 64, 2, tracks_scores=True)
+            for keep, value in zip(keeps.tolist(), got.tolist()):
+                plan = Plan(((HeadBudget(keep, kb, vb),),), **layout)
+                assert value == plan.head_nbytes(0, 0, 300, 64, 2), (selection, kb, vb, keep)

@@ -114,3 +114,91 @@ def test_calibration_seeds_are_disjoint_from_evaluation(tiny_tokenizer):
 
     held_out = {s.context_ids for s in make_samples("passkey", tiny_tokenizer, 200, 2, 0)}
     assert not held_out & {r.context_ids for r in train}
+
+
+# ---------------------------------------------------------------- global options (KVzip's per-head counts)
+def _global_config(layers=2, heads=2, head_dim=16) -> ControllerConfig:
+    from adaptive_kv.stats import GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES
+
+    grid = option_grid(global_keeps=GLOBAL_SHARE_FRACTIONS)
+    return ControllerConfig(
+        model_shape=dict(num_layers=layers, num_kv_heads=heads, head_dim=head_dim),
+        feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES, grid=grid, layout=LAYOUT,
+        layer_weights=(1.0,) * layers, hidden=16, layers=1,
+    )
+
+
+def _global_stats(config: ControllerConfig, seq_len: int = 300) -> AttentionStats:
+    gen = torch.Generator().manual_seed(1)
+    features = torch.rand(2, 2, len(config.feature_names), generator=gen)
+    return AttentionStats(features, {}, seq_len, config.feature_names)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.2, 0.1, 0.07])
+def test_global_options_keep_each_heads_share_and_meet_the_budget(budget):
+    torch.manual_seed(0)
+    config = _global_config()
+    net = config.build()
+    stats = _global_stats(config)
+    policy = Learned.from_parts(config, net)
+    plan = policy.plan(stats, budget, head_dim=16, dtype_bytes=4)
+    assert plan.nbytes(300, 16, 4) <= budget * plan.full_nbytes(300, 16, 4)
+    # the allocator's choice, recomputed: every head's keep is its option's (global: its own share x 300)
+    cost = torch.exp(policy.predict(stats)).reshape(4, -1)
+    floor = LAYOUT["sink_tokens"] + LAYOUT["recent_window"]
+    for l in range(2):
+        for h in range(2):
+            budget_lh = plan.heads[l][h]
+            kept = 300 if budget_lh.keep is None else budget_lh.keep
+            candidates = []
+            for option in config.grid:
+                if (option.key_bits, option.value_bits) != (budget_lh.key_bits, budget_lh.value_bits):
+                    continue
+                if option.allocation == "global":
+                    share = float(stats.feature(option.share_feature)[l, h])
+                    candidates.append(min(300, max(floor, round(share * 300))))
+                else:
+                    candidates.append(300 if option.keep_fraction is None else max(floor, round(option.keep_fraction * 300)))
+            assert kept in candidates
+    assert cost.shape == (4, len(config.grid))
+
+
+def test_global_options_are_chosen_when_predicted_cheaper():
+    """With predictions favouring global options, heads hold their own shares (different keeps)."""
+    config = _global_config()
+    net = config.build()
+    stats = _global_stats(config)
+    policy = Learned.from_parts(config, net)
+    # global options predicted best, the more bytes the better: the allocator fills each budget up
+    favour = torch.tensor([-(o.keep_fraction * (o.key_bits + o.value_bits)) if o.allocation == "global" else 5.0
+                           for o in config.grid])
+    object.__setattr__(policy, "predict", lambda s, first_layer=0: favour.expand(2, 2, -1).clone())
+    for budget in torch.linspace(0.12, 0.9, 27).tolist():  # every plan within its budget (bytes counted exactly)
+        tight = policy.plan(stats, budget, head_dim=16, dtype_bytes=4)
+        assert tight.nbytes(300, 16, 4) <= budget * tight.full_nbytes(300, 16, 4), budget
+    plan = policy.plan(stats, 0.5, head_dim=16, dtype_bytes=4)
+    floor = LAYOUT["sink_tokens"] + LAYOUT["recent_window"]
+    allowed = {(l, h): {min(300, max(floor, round(float(stats.feature(f)[l, h]) * 300))) for f in
+                        ("recon_global_top40", "recon_global_top20", "recon_global_top10", "recon_global_top5")}
+               for l in range(2) for h in range(2)}
+    for l in range(2):
+        for h in range(2):
+            kept = plan.heads[l][h].keep
+            assert (300 if kept is None else kept) in allowed[(l, h)]
+    assert plan.nbytes(300, 16, 4) <= 0.5 * plan.full_nbytes(300, 16, 4)
+
+
+def test_global_grid_round_trips_and_bad_global_options_are_refused(tmp_path):
+    config = _global_config()
+    save_controller(tmp_path / "g", config, config.build())
+    loaded, _ = load_controller(tmp_path / "g")
+    assert loaded.grid == config.grid and sum(o.allocation == "global" for o in loaded.grid) == 20
+    from adaptive_kv.policies.options import HeadOption
+
+    with pytest.raises(ValueError, match=r"global option's keep_fraction must be one of \(0.4, 0.2, 0.1, 0.05\)"):
+        HeadOption(0.3, 4, 4, "global")
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        HeadOption(0.2, 4, 4, "random")
+    with pytest.raises(ValueError, match=r"global options read features \['recon_global_top10'"):
+        ControllerConfig(model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES,
+                         grid=option_grid(global_keeps=(0.1, 0.05)), layout=LAYOUT, layer_weights=(1.0, 1.0))

@@ -10,7 +10,7 @@ import torch
 from adaptive_kv.policies.options import HeadOption
 from adaptive_kv.stats import StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
-from adaptive_kv.training.labels import collect_labels, load_labels, save_labels
+from adaptive_kv.training.labels import LabelTarget, collect_labels, load_labels, save_labels
 from conftest import build_tiny_model
 
 LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=16, scorer="snapkv", selection="shared")
@@ -39,13 +39,32 @@ def _layer0_outputs(model, ids: list[int], follow: list[int], kept: set[int] | N
     return captured["x"][0, n:].view(q, heads, -1).transpose(0, 1)  # (H_q, Q, D)
 
 
-def test_labels_equal_a_direct_computation():
+def _direct_distortion(model, got: torch.Tensor, reference: torch.Tensor, target: LabelTarget, rows: slice) -> torch.Tensor:
+    """Per KV head distortion from layer 0's pre-o_proj outputs (H_q, Q, D), computed the plain way: the
+    residual error runs the model's own o_proj on the reference with one KV head's query heads swapped."""
+    got, reference = got[:, rows], reference[:, rows]
+    if target.error == "relative":
+        per_head, ref = got.view(2, 2, *got.shape[1:]), reference.view(2, 2, *reference.shape[1:])  # (H_kv, G, Q, D)
+        return (per_head - ref).pow(2).sum((1, 2, 3)) / ref.pow(2).sum((1, 2, 3))
+    o_proj = model.model.layers[0].self_attn.o_proj
+    flat = lambda x: x.transpose(0, 1).reshape(x.shape[1], -1)  # noqa: E731  (Q, H_q*D), as attention hands it over
+    full = o_proj(flat(reference))
+    out = []
+    for kv_head in range(2):
+        swapped = reference.clone()
+        swapped[2 * kv_head : 2 * kv_head + 2] = got[2 * kv_head : 2 * kv_head + 2]
+        out.append((o_proj(flat(swapped)) - full).pow(2).sum() / full.pow(2).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("target", [LabelTarget("all", "relative"), LabelTarget("answer", "residual")])
+def test_labels_equal_a_direct_computation(target):
     model = build_tiny_model("llama_gqa")
     ids = torch.randint(0, 1000, (120,), generator=torch.Generator().manual_seed(2)).tolist()
     follow = list(range(300, 316))
     request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(follow), 4, 10_000, 0)
     grid = (HeadOption(None, 16, 16), HeadOption(0.25, 16, 16), HeadOption(0.0, 16, 16), HeadOption(None, 4, 4))
-    labels = collect_labels(model, None, request, grid, LAYOUT, StatsConfig(sink_tokens=4, group_size=16))
+    labels = collect_labels(model, None, request, grid, LAYOUT, StatsConfig(sink_tokens=4, group_size=16), target)
     assert labels.distortion.shape == (2, 2, 4)
     assert torch.all(labels.distortion[..., 0] == 0)  # keep all, 16 bit: nothing changes
     assert torch.all(labels.distortion[..., 3] > 0)  # 4-bit keeps everything but is not exact
@@ -56,17 +75,39 @@ def test_labels_equal_a_direct_computation():
     captured = CompressedCache(model, capture=True, stats_config=StatsConfig(sink_tokens=4, group_size=16))
     with torch.no_grad():
         model(torch.tensor([ids]), cache=captured)
+    rows = slice(None) if target.rows == "all" else slice(-5, -1)  # the 4 answer tokens are predicted by rows -5..-2
     for o in (1, 2):  # eviction only: layer 0's distortion equals masking the evicted positions
         fork = captured.fork(option_plan(grid[o], 2, 2, 120, LAYOUT))
         layer = fork.layers[0]
         kept = set(range(4)) | {int(p) for p in layer.residual.positions}
         kept |= {int(p) for b in layer.buckets.values() for p in b.positions}
         got = _layer0_outputs(model, ids, follow, kept)
-        per_head = got.view(2, 2, *got.shape[1:])  # (H_kv, G, Q, D)
-        ref = reference.view(2, 2, *reference.shape[1:])
-        direct = (per_head - ref).pow(2).sum((1, 2, 3)) / ref.pow(2).sum((1, 2, 3))
+        with torch.no_grad():
+            direct = _direct_distortion(model, got, reference, target, rows)
         torch.testing.assert_close(labels.distortion[0, :, o], direct, atol=DISTORTION_ATOL, rtol=1e-4)
         assert direct.min() > 0
+
+
+def test_global_option_labels_equal_each_heads_uniform_label(tiny_tokenizer):
+    """A global option gives each head its own keep (its share of the global top); with per-head
+    selection a head's tokens depend only on its own keep, so each head's label must equal its label
+    under the uniform option of that keep (whose labels the test above checks directly)."""
+    from adaptive_kv.policies.options import option_keeps
+
+    model = build_tiny_model("llama_gqa")
+    ids = torch.randint(0, 1000, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(range(300, 316)), 4, 10_000, 0)
+    layout = {**LAYOUT, "selection": "per_head"}
+    stats_config = StatsConfig(sink_tokens=4, group_size=16, reconstruction=True)
+    option = HeadOption(0.2, 4, 4, "global")
+    labels = collect_labels(model, tiny_tokenizer, request, (option,), layout, stats_config)
+    keeps = option_keeps((option,), labels.features, labels.feature_names, 200, 12)[..., 0]
+    assert len(set(keeps.flatten().tolist())) > 1  # the heads really hold different counts
+    for l in range(2):
+        for h in range(2):
+            uniform = HeadOption(int(keeps[l, h]) / 200, 4, 4) if keeps[l, h] < 200 else HeadOption(None, 4, 4)
+            alone = collect_labels(model, tiny_tokenizer, request, (uniform,), layout, stats_config)
+            torch.testing.assert_close(labels.distortion[l, h], alone.distortion[l, h], atol=1e-7, rtol=1e-5)
 
 
 def test_validation_answer_score_equals_a_direct_computation():

@@ -5,8 +5,16 @@ runtime) and one forward of the ids that follow it over an uncompressed fork, re
 queries. For every option the captured prefill is forked with that option on every head (the
 cache's own selection and quantisation: no second implementation); since a head's attention
 output depends only on its own keys and values, each head's distortion under "only this head
-compressed" is read from that one fork. Distortion = ||o' - o||^2 / ||o||^2 of the attention
-outputs of the following queries (mean over the GQA group and the queries).
+compressed" is read from that one fork. A global option gives each head its own keep (its share of
+the request's global allocation), so its fork holds heads of different lengths.
+
+Distortion (`LabelTarget`) is measured on the queries that predict the answer (task requests; all
+following queries for natural text) or on every following query, and either relative to the
+head's own output, ||o' - o||^2 / ||o||^2, or in the residual stream: the head's part of the
+output projection, ||W_h (o'_h - o_h)||^2 / ||W o||^2, so a head weighs by what it adds to its
+layer's output. Measured on the 1k calibration requests, the answer rows in the residual stream
+are where a global allocation (KVzip's per-head counts) beats uniform keeps at equal bytes on NIAH,
+as it does on the answers; the relative error over every following query ranks them the other way.
 """
 
 from __future__ import annotations
@@ -19,10 +27,34 @@ import torch
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import Plan
-from adaptive_kv.policies.options import HeadOption
+from adaptive_kv.policies.options import HeadOption, option_keeps, plan_from_keeps
 from adaptive_kv.reconstruction import ReconstructionRequest
-from adaptive_kv.stats import StatsConfig
+from adaptive_kv.stats import AttentionStats, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
+
+
+LABEL_ROWS: tuple[str, ...] = ("answer", "all")
+LABEL_ERRORS: tuple[str, ...] = ("residual", "relative")
+
+
+@dataclass(frozen=True)
+class LabelTarget:
+    """Which queries the distortion is measured on, and how it is normalised (see the module docstring)."""
+
+    rows: str = "answer"
+    error: str = "residual"
+
+    def __post_init__(self) -> None:
+        if self.rows not in LABEL_ROWS:
+            raise ValueError(f"label rows must be one of {LABEL_ROWS}, got {self.rows!r}")
+        if self.error not in LABEL_ERRORS:
+            raise ValueError(f"label error must be one of {LABEL_ERRORS}, got {self.error!r}")
+
+    def row_slice(self, request: CalibrationRequest) -> slice:
+        """The following queries measured: those predicting the answer tokens, or all."""
+        if self.rows == "all" or request.answer_tokens == 0:
+            return slice(None)
+        return slice(-request.answer_tokens - 1, -1)
 
 
 @dataclass(frozen=True)
@@ -38,9 +70,15 @@ class RequestLabels:
     distortion: torch.Tensor
 
 
-def option_plan(option: HeadOption, num_layers: int, num_heads: int, seq_len: int, layout: dict[str, Any]) -> Plan:
-    """The plan giving every head `option`."""
+def option_plan(option: HeadOption, num_layers: int, num_heads: int, seq_len: int, layout: dict[str, Any],
+                stats: AttentionStats | None = None) -> Plan:
+    """The plan giving every head `option` (a global option's keeps come from the request's `stats`)."""
     floor = layout["sink_tokens"] + layout["recent_window"]
+    if option.allocation == "global":
+        if stats is None:
+            raise ValueError("a global option's plan needs the request's statistics")
+        keeps = option_keeps((option,), stats.features, stats.feature_names, seq_len, floor)
+        return plan_from_keeps((option,), torch.zeros(num_layers, num_heads, dtype=torch.long), keeps, seq_len, layout)
     budget = option.budget(seq_len, floor)
     return Plan(tuple((budget,) * num_heads for _ in range(num_layers)), **layout)
 
@@ -82,7 +120,7 @@ def capture(model, tokenizer, context_ids: tuple[int, ...], stats_config: StatsC
 
 @torch.inference_mode()
 def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[HeadOption, ...],
-                   layout: dict[str, Any], stats_config: StatsConfig) -> RequestLabels:
+                   layout: dict[str, Any], stats_config: StatsConfig, target: LabelTarget = LabelTarget()) -> RequestLabels:
     """Distortion of every (layer, head, option) for one request."""
     captured, _ = capture(model, tokenizer, request.context_ids, stats_config)
     num_layers, num_heads, seq_len = captured.num_layers, captured.num_kv_heads, captured.layers[0].seen_tokens
@@ -90,21 +128,56 @@ def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[He
     identity = captured.fork(Plan.full(num_layers, num_heads, **layout))
     model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity, kv_recorder=recorder)
     kernels = get_backend(model.device)
-    reference = [_outputs(captured.layers[l].prefill, recorder.layers[l], recorder.scaling) for l in range(num_layers)]
+    rows = target.row_slice(request)
+    measure = _residual_error(model, num_heads) if target.error == "residual" else _relative_error
+    reference = [_outputs(captured.layers[l].prefill, recorder.layers[l], recorder.scaling)[:, :, rows]
+                 for l in range(num_layers)]
     distortion = torch.zeros(num_layers, num_heads, len(grid))
     for o, option in enumerate(grid):
-        # every head of a layer holds the same number of tokens under a uniform option: one batched call
-        fork = captured.fork(option_plan(option, num_layers, num_heads, seq_len, layout))
+        fork = captured.fork(option_plan(option, num_layers, num_heads, seq_len, layout, captured.stats))
         for l, layer in enumerate(fork.layers):
-            states = layer.head_states(kernels, torch.float32)
-            keys = torch.stack([k for k, _ in states])
-            values = torch.stack([v for _, v in states])
-            out = _outputs((keys, values), recorder.layers[l], recorder.scaling)
-            err = (out - reference[l]).pow(2).sum((1, 2, 3))
-            distortion[l, :, o] = err / reference[l].pow(2).sum((1, 2, 3)).clamp_min(1e-12)
+            out = _head_outputs(layer.head_states(kernels, torch.float32), recorder.layers[l], recorder.scaling)
+            distortion[l, :, o] = measure(l, out[:, :, rows], reference[l])
     stats = captured.stats
     return RequestLabels(request.key, request.task, request.protocol, seq_len, stats.features.clone(),
                          stats.feature_names, distortion)
+
+
+def _relative_error(layer_idx: int, out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """||o' - o||^2 / ||o||^2 per KV head (outputs (H_kv, G, Q, D))."""
+    return (out - reference).pow(2).sum((1, 2, 3)) / reference.pow(2).sum((1, 2, 3)).clamp_min(1e-12)
+
+
+def _residual_error(model, num_kv_heads: int):
+    """||W_h (o'_h - o_h)||^2 / ||W o||^2 per KV head, W = the layer's output projection."""
+    try:
+        weights = [layer.self_attn.o_proj.weight for layer in model.model.layers]
+    except AttributeError:
+        raise ValueError("label error 'residual' needs model.model.layers[i].self_attn.o_proj (Llama-style); "
+                         "use 'relative' for this model") from None
+
+    def project(layer_idx: int, out: torch.Tensor) -> torch.Tensor:
+        # GQA groups are contiguous: KV head h owns query heads h*G .. h*G+G-1, i.e. a block of o_proj's columns
+        heads, group, queries, dim = out.shape
+        w = weights[layer_idx].float().view(-1, heads, group * dim)  # (hidden, H_kv, G*D)
+        return torch.einsum("hqk,nhk->hqn", out.permute(0, 2, 1, 3).reshape(heads, queries, group * dim), w)
+
+    def error(layer_idx: int, out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        full = project(layer_idx, reference).sum(0).pow(2).sum().clamp_min(1e-12)
+        return project(layer_idx, out - reference).pow(2).sum((1, 2)) / full
+
+    return error
+
+
+def _head_outputs(states: list[tuple[torch.Tensor, torch.Tensor]], recorded, scaling: float) -> torch.Tensor:
+    """Outputs (H_kv, G, Q, D) over each head's own keys/values (N_h, D): one batched call when the
+    heads hold equal counts (every uniform option), else head by head."""
+    if len({k.shape[0] for k, _ in states}) == 1:
+        return _outputs((torch.stack([k for k, _ in states]), torch.stack([v for _, v in states])), recorded, scaling)
+    query, new_keys, new_values = recorded
+    group = query.shape[0] // len(states)
+    return torch.cat([attend(query[h * group : (h + 1) * group], k[None], v[None], new_keys[h : h + 1],
+                             new_values[h : h + 1], scaling) for h, (k, v) in enumerate(states)])
 
 
 def _outputs(context, recorded, scaling: float) -> torch.Tensor:

@@ -24,15 +24,18 @@ from adaptive_kv.plan import Plan
 from adaptive_kv.policies.controller_files import ControllerConfig
 from adaptive_kv.policies.learned import Learned
 from adaptive_kv.policies.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
-from adaptive_kv.stats import FEATURE_NAMES, RECONSTRUCTION_FEATURES, StatsConfig
+from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.fit import FitConfig, fit
-from adaptive_kv.training.labels import RequestLabels, capture
+from adaptive_kv.training.labels import LabelTarget, RequestLabels, capture
 
-GRIDS: dict[str, tuple[tuple, tuple]] = {
+# option_grid arguments: uniform keeps, their bits[, global keeps, their bits]
+GRIDS: dict[str, tuple] = {
     "default": (DEFAULT_KEEPS, DEFAULT_BITS),
     "fine": ((None, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625, 0.0), DEFAULT_BITS),
     "no8bit": (DEFAULT_KEEPS, ((16, 16), (4, 4), (4, 2), (2, 2))),
+    # the default grid plus a global allocation's keeps (KVzip's per-head counts) at every bit pair
+    "global": (DEFAULT_KEEPS, DEFAULT_BITS, GLOBAL_SHARE_FRACTIONS, DEFAULT_BITS),
 }
 
 
@@ -50,11 +53,18 @@ class TrialConfig:
     layers: int = 2
     embedding: int = 8
     layer_weight_slope: float = 0.0  # > 0 weighs early layers' distortion more (their errors propagate), < 0 later ones
+    label_rows: str = "answer"
+    label_error: str = "residual"
     fit: FitConfig = field(default_factory=FitConfig)
 
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {self.grid!r}")
+        self.label_target()  # validates label_rows and label_error
+
+    def label_target(self) -> LabelTarget:
+        """What the labels measure."""
+        return LabelTarget(rows=self.label_rows, error=self.label_error)
 
     def layout(self) -> dict[str, Any]:
         """Plan layout keywords."""
@@ -62,8 +72,9 @@ class TrialConfig:
                     scorer=self.scorer, selection=self.selection)
 
     def layout_key(self) -> str:
-        """Labels depend on layout + grid only; trials sharing them share labels."""
-        return f"s{self.sink_tokens}-w{self.recent_window}-g{self.group_size}-{self.scorer}-{self.selection}-{self.grid}"
+        """Labels depend on layout, grid and label target only; trials sharing them share labels."""
+        return (f"s{self.sink_tokens}-w{self.recent_window}-g{self.group_size}-{self.scorer}-{self.selection}-{self.grid}"
+                f"-{self.label_rows}-{self.label_error}")
 
     def stats_config(self) -> StatsConfig:
         """What the cache reads: reconstruction always (its features help every scorer)."""
@@ -71,8 +82,7 @@ class TrialConfig:
 
     def options(self):
         """The option grid."""
-        keeps, bits = GRIDS[self.grid]
-        return option_grid(keeps, bits)
+        return option_grid(*GRIDS[self.grid])
 
     def to_params(self) -> dict[str, Any]:
         """Flat parameters for logging."""

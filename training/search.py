@@ -23,18 +23,20 @@ class SearchSpace:
     recent_window: tuple[int, ...] = (16, 32)
     scorer: tuple[str, ...] = ("reconstruction", "snapkv")
     selection: tuple[str, ...] = ("per_head", "shared")
-    grid: tuple[str, ...] = ("default", "no8bit")
+    grid: tuple[str, ...] = ("global", "default")
+    label_rows: tuple[str, ...] = ("answer",)
+    label_error: tuple[str, ...] = ("residual",)
 
     @classmethod
     def network(cls) -> "SearchSpace":
-        """The cache layout fixed at its measured best (reconstruction scores, per-head, window 32, default
-        grid): one label set, so every trial costs a fit and a validation only."""
-        return cls(recent_window=(32,), scorer=("reconstruction",), selection=("per_head",), grid=("default",))
+        """The cache layout fixed at its measured best (reconstruction scores, per-head, window 32, the
+        grid with global options): one label set, so every trial costs a fit and a validation only."""
+        return cls(recent_window=(32,), scorer=("reconstruction",), selection=("per_head",), grid=("global",))
 
     @classmethod
     def network_and_selection(cls) -> "SearchSpace":
         """'network' plus per-head vs shared token selection (two label sets)."""
-        return cls(recent_window=(32,), scorer=("reconstruction",), grid=("default",))
+        return cls(recent_window=(32,), scorer=("reconstruction",), grid=("global",))
 
     @classmethod
     def named(cls, name: str) -> "SearchSpace":
@@ -71,6 +73,8 @@ def suggest(trial, space: SearchSpace, group_size: int, seed: int) -> TrialConfi
         hidden=pick("hidden", space.hidden),
         layers=pick("layers", space.layers),
         layer_weight_slope=trial.suggest_float("layer_weight_slope", *space.layer_weight_slope),
+        label_rows=pick("label_rows", space.label_rows),
+        label_error=pick("label_error", space.label_error),
         fit=fit,
     )
 

@@ -28,7 +28,8 @@ class TrainingWorker:
 
     def labels(self, requests: list[CalibrationRequest], trial: TrialConfig) -> list[RequestLabels]:
         """Labels of `requests` under the trial's layout and grid."""
-        return [collect_labels(self.model, self.tokenizer, r, trial.options(), trial.layout(), trial.stats_config())
+        return [collect_labels(self.model, self.tokenizer, r, trial.options(), trial.layout(), trial.stats_config(),
+                               trial.label_target())
                 for r in requests]
 
     def _items(self, requests: list[CalibrationRequest], trial: TrialConfig) -> list[ValidationItem]:
