@@ -11,32 +11,48 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptive_kv.plan import Plan
+from adaptive_kv.plan import HeadBudget, Plan
 from adaptive_kv.policies.allocator import allocate
 from adaptive_kv.policies.base import Policy, check_fraction, check_layer, infeasible
 from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
 from adaptive_kv.policies.controller_net import ControllerNet
-from adaptive_kv.policies.options import keeps_nbytes, option_bytes, option_keeps, plan_from_keeps
+from adaptive_kv.policies.options import global_keeps_from_share, keeps_nbytes, option_bytes
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
 
 
-@functools.lru_cache(maxsize=256)
-def _option_bytes(grid, layout_items, seq_len: int, head_dim: int, dtype_bytes: int) -> tuple[int, ...]:
-    """Bytes per option, memoised: the same few context lengths come back on every request."""
-    return tuple(option_bytes(grid, dict(layout_items), seq_len, head_dim, dtype_bytes))
-
-
-@functools.lru_cache(maxsize=256)
 def _option_budgets(grid, seq_len: int, floor: int) -> tuple:
-    """HeadBudget of every option at `seq_len`, memoised (frozen, so shared by every plan)."""
-    return tuple(option.budget(seq_len, floor) for option in grid)
+    """HeadBudget of every uniform option at `seq_len` (None for global ones)."""
+    return tuple(option.budget(seq_len, floor) if option.allocation == "uniform" else None for option in grid)
 
 
-@functools.lru_cache(maxsize=64)
-def _grid_columns(grid, allocation: str) -> list[int]:
-    """Indices of a grid's options of one allocation, memoised."""
-    return [i for i, o in enumerate(grid) if o.allocation == allocation]
+@functools.lru_cache(maxsize=4096)
+def _head_budget(keep: int, key_bits: int, value_bits: int, seq_len: int) -> HeadBudget:
+    """A head's budget for a global option's keep, memoised (the same counts recur)."""
+    return HeadBudget(None if keep >= seq_len else keep, key_bits, value_bits)
+
+
+@dataclass(frozen=True)
+class _GridParts:
+    """A grid's uniform and global options, their columns, and per context length the uniform
+    options' bytes and budgets (memoised per policy: the same few lengths come back)."""
+
+    uniform: list[int]
+    glob: list[int]
+    uniform_grid: tuple
+    global_grid: tuple
+    share_features: tuple[str, ...]
+    column: dict[int, int]  # grid index of a global option -> its column among the global ones
+    uniform_bytes: dict[tuple[int, int, int], list[int]]
+    budgets: dict[tuple[int, int], tuple]
+
+    @classmethod
+    def of(cls, grid) -> "_GridParts":
+        """Split `grid`."""
+        uniform = [i for i, o in enumerate(grid) if o.allocation == "uniform"]
+        glob = [i for i, o in enumerate(grid) if o.allocation == "global"]
+        return cls(uniform, glob, tuple(grid[c] for c in uniform), tuple(grid[c] for c in glob),
+                   tuple(grid[c].share_feature for c in glob), {c: i for i, c in enumerate(glob)}, {}, {})
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,33 +149,38 @@ class Learned(Policy):
         weights = np.asarray(self.config.layer_weights, dtype=np.float64)[first_layer : first_layer + stats.num_layers]
         cost = np.exp(self.predict(stats, first_layer).double().numpy()) * weights[:, None, None]  # (L, H, O)
         grid, floor = self.config.grid, layout["sink_tokens"] + layout["recent_window"]
+        parts = self._grid_parts
         num_heads = stats.num_layers * stats.num_kv_heads
         nbytes = np.empty((num_heads, len(grid)), dtype=np.float64)
-        uniform = self._columns("uniform")
-        nbytes[:, uniform] = _option_bytes(tuple(grid[c] for c in uniform), tuple(sorted(layout.items())), seq_len,
-                                           head_dim, dtype_bytes)
+        memo = (seq_len, head_dim, dtype_bytes)
+        if memo not in parts.uniform_bytes:  # the same few context lengths come back on every request
+            parts.uniform_bytes[memo] = option_bytes(parts.uniform_grid, layout, seq_len, head_dim, dtype_bytes)
+        nbytes[:, parts.uniform] = parts.uniform_bytes[memo]
         keeps = None
-        if len(uniform) < len(grid):
+        if parts.glob:
             # global options: each head's keep (and so its bytes) comes from its share of the global top
-            keeps = option_keeps(grid, stats.features, stats.feature_names, seq_len, floor)  # (L, H, O)
-            flat = keeps.view(num_heads, -1).numpy()
-            columns = self._columns("global")
-            nbytes[:, columns] = keeps_nbytes(tuple(grid[c] for c in columns), flat[:, columns], layout, head_dim,
-                                              dtype_bytes)
+            share = stats.features[..., _feature_index(tuple(stats.feature_names), parts.share_features)]
+            keeps = global_keeps_from_share(share, seq_len, floor).reshape(num_heads, len(parts.glob)).numpy()
+            nbytes[:, parts.glob] = keeps_nbytes(parts.global_grid, keeps, layout, head_dim, dtype_bytes)
         # a DynamicCache's bytes: keys and values of every head and token
         full = 2 * num_heads * seq_len * head_dim * dtype_bytes
         try:
-            choice = allocate(cost.reshape(num_heads, -1), nbytes, budget * full)
+            choice = allocate(cost.reshape(num_heads, -1), nbytes, budget * full).tolist()
         except ValueError:
             minimum = nbytes.min(-1).sum() / full
             raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None
-        choice = choice.reshape(stats.num_layers, stats.num_kv_heads)
-        if keeps is not None:
-            return plan_from_keeps(grid, choice, keeps, seq_len, layout)
-        options = _option_budgets(grid, seq_len, floor)
-        rows = tuple(tuple(options[c] for c in row) for row in choice.tolist())
-        return Plan(rows, **layout)
+        if (seq_len, floor) not in parts.budgets:
+            parts.budgets[(seq_len, floor)] = _option_budgets(grid, seq_len, floor)
+        options = parts.budgets[(seq_len, floor)]  # None for global options
+        picked = [options[c] for c in choice]
+        if parts.glob:
+            for n, c in enumerate(choice):
+                if picked[n] is None:
+                    picked[n] = _head_budget(int(keeps[n, parts.column[c]]), grid[c].key_bits, grid[c].value_bits, seq_len)
+        heads = stats.num_kv_heads
+        return Plan(tuple(tuple(picked[l * heads : (l + 1) * heads]) for l in range(stats.num_layers)), **layout)
 
-    def _columns(self, allocation: str) -> list[int]:
-        """Indices of the grid's options of one allocation ("uniform" or "global")."""
-        return _grid_columns(self.config.grid, allocation)
+    @functools.cached_property
+    def _grid_parts(self) -> "_GridParts":
+        """The grid split once into uniform and global options (hashing 45 options per call costs)."""
+        return _GridParts.of(self.config.grid)

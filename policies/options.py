@@ -11,6 +11,7 @@ the cache holds) exactly what the allocator counted.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -118,10 +119,19 @@ def keeps_nbytes(grid: tuple[HeadOption, ...], keeps: np.ndarray, layout: dict[s
                  dtype_bytes: int) -> np.ndarray:
     """Bytes (N, O) of heads holding keeps (N, O) under each option's bits, scores tracked (a plan that evicts)."""
     out = np.empty(keeps.shape, dtype=np.int64)
-    for o, option in enumerate(grid):
-        out[:, o] = kept_nbytes(keeps[:, o], option.key_bits, option.value_bits, layout, head_dim, dtype_bytes,
-                                tracks_scores=True)
+    for (key_bits, value_bits), columns in _bit_columns(grid):
+        out[:, columns] = kept_nbytes(keeps[:, columns], key_bits, value_bits, layout, head_dim, dtype_bytes,
+                                      tracks_scores=True)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _bit_columns(grid: tuple[HeadOption, ...]) -> tuple[tuple[tuple[int, int], list[int]], ...]:
+    """The grid's columns grouped by (key bits, value bits): one vectorised byte count per pair."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for o, option in enumerate(grid):
+        groups.setdefault((option.key_bits, option.value_bits), []).append(o)
+    return tuple(groups.items())
 
 
 def plan_from_keeps(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, seq_len: int,
