@@ -30,7 +30,7 @@ def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -
     start = time.perf_counter()
     out = Path(output)
     space = SearchSpace(hidden=(32, 64), layers=(2, 3), epochs=(30, 80), recent_window=(32,),
-                        scorer=("reconstruction",), selection=("per_head",), grid=("default",))
+                        scorer=("reconstruction",), selection=("per_head",), grid=("global",))
     train = TrainConfig(model=model, budgets=BUDGETS, trials=3, workers=2, output=str(out / "train"),
                         study="quickstart", tasks=("passkey", "fidelity"), context_length=512,
                         train_per_task=2, valid_per_task=1, space=space)

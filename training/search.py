@@ -51,7 +51,7 @@ class SearchSpace:
     def smoke(cls) -> "SearchSpace":
         """A space whose every trial shares one label set (seconds per trial)."""
         return cls(hidden=(16, 32), layers=(1, 2), epochs=(3, 6), recent_window=(8,), scorer=("reconstruction",),
-                   selection=("per_head",), grid=("default",))
+                   selection=("per_head",), grid=("global",))
 
 
 def suggest(trial, space: SearchSpace, group_size: int, seed: int) -> TrialConfig:
