@@ -1,7 +1,8 @@
 """How long the learned controller takes to decide, and what the reconstruction pass costs.
 
 Embedded SmolLM2-135M (fp32, CPU). Decision = `Learned.plan(stats, budget)` on one request's real
-statistics (network + knapsack over 30 x 3 heads, 25 options), median of 200 calls per budget.
+statistics (network + knapsack over 30 x 3 heads and every option of its grid: 45 for the shipped one,
+25 uniform + 20 global), median of 200 calls per budget.
 Prefill = capturing prefill of a 1k / 2k-token context without and with reconstruction scores
 (median of 3). Prints a table and writes benchmarks/results/controller_decision.json.
 """
