@@ -21,6 +21,9 @@ from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
 
 
+MEMO_LENGTHS = 256  # context lengths whose option bytes and budgets a policy keeps
+
+
 def _option_budgets(grid, seq_len: int, floor: int) -> tuple:
     """HeadBudget of every uniform option at `seq_len` (None for global ones)."""
     return tuple(option.budget(seq_len, floor) if option.allocation == "uniform" else None for option in grid)
@@ -154,6 +157,8 @@ class Learned(Policy):
         nbytes = np.empty((num_heads, len(grid)), dtype=np.float64)
         memo = (seq_len, head_dim, dtype_bytes)
         if memo not in parts.uniform_bytes:  # the same few context lengths come back on every request
+            if len(parts.uniform_bytes) >= MEMO_LENGTHS:  # a server sees any length: stay bounded
+                parts.uniform_bytes.clear()
             parts.uniform_bytes[memo] = option_bytes(parts.uniform_grid, layout, seq_len, head_dim, dtype_bytes)
         nbytes[:, parts.uniform] = parts.uniform_bytes[memo]
         keeps = None
@@ -170,6 +175,8 @@ class Learned(Policy):
             minimum = nbytes.min(-1).sum() / full
             raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None
         if (seq_len, floor) not in parts.budgets:
+            if len(parts.budgets) >= MEMO_LENGTHS:
+                parts.budgets.clear()
             parts.budgets[(seq_len, floor)] = _option_budgets(grid, seq_len, floor)
         options = parts.budgets[(seq_len, floor)]  # None for global options
         picked = [options[c] for c in choice]
