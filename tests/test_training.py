@@ -19,34 +19,42 @@ DISTORTION_ATOL = 1e-5
 
 
 @torch.no_grad()
-def _layer0_outputs(model, ids: list[int], follow: list[int], kept: set[int] | None) -> torch.Tensor:
-    """Layer 0's attention outputs (before o_proj) for the `follow` positions, with eager attention and a
-    4-D mask that hides context positions outside `kept` from the follow queries."""
+def _layer_outputs(model, ids: list[int], follow: list[int], kept: set[int] | None, layer: int = 0) -> torch.Tensor:
+    """Layer `layer`'s attention outputs (before o_proj) for the `follow` positions, with eager attention
+    and a 4-D mask that hides context positions outside `kept` from the follow queries in that layer
+    only (the other layers see everything, so its inputs are the uncompressed ones, as in the labels)."""
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     n, q = len(ids), len(follow)
-    allowed = torch.tril(torch.ones(n + q, n + q, dtype=torch.bool))
+    causal = torch.tril(torch.ones(n + q, n + q, dtype=torch.bool))
+    allowed = causal.clone()
     if kept is not None:
         hidden = torch.tensor([p not in kept for p in range(n)])
         allowed[n:, :n] &= ~hidden
-    mask = torch.zeros(1, 1, n + q, n + q).masked_fill(~allowed, float("-inf"))
+    as_mask = lambda ok: torch.zeros(1, 1, n + q, n + q).masked_fill(~ok, float("-inf"))  # noqa: E731
+    full, masked = as_mask(causal), as_mask(allowed)
+    hooks = [attn.register_forward_pre_hook(lambda module, args, kwargs, m=(masked if i == layer else full):
+                                            (args, {**kwargs, "attention_mask": m}), with_kwargs=True)
+             for i, attn in enumerate(l.self_attn for l in eager.model.layers)]
     captured = {}
-    hook = eager.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
-        lambda module, args: captured.setdefault("x", args[0]))
-    eager(torch.tensor([ids + follow]), attention_mask=mask)
-    hook.remove()
+    hooks.append(eager.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+        lambda module, args: captured.setdefault("x", args[0])))
+    eager(torch.tensor([ids + follow]), attention_mask=full)
+    for hook in hooks:
+        hook.remove()
     heads = eager.config.num_attention_heads
     return captured["x"][0, n:].view(q, heads, -1).transpose(0, 1)  # (H_q, Q, D)
 
 
-def _direct_distortion(model, got: torch.Tensor, reference: torch.Tensor, target: LabelTarget, rows: slice) -> torch.Tensor:
-    """Per KV head distortion from layer 0's pre-o_proj outputs (H_q, Q, D), computed the plain way: the
+def _direct_distortion(model, got: torch.Tensor, reference: torch.Tensor, target: LabelTarget, rows: slice,
+                       layer: int) -> torch.Tensor:
+    """Per KV head distortion from a layer's pre-o_proj outputs (H_q, Q, D), computed the plain way: the
     residual error runs the model's own o_proj on the reference with one KV head's query heads swapped."""
     got, reference = got[:, rows], reference[:, rows]
     if target.error == "relative":
         per_head, ref = got.view(2, 2, *got.shape[1:]), reference.view(2, 2, *reference.shape[1:])  # (H_kv, G, Q, D)
         return (per_head - ref).pow(2).sum((1, 2, 3)) / ref.pow(2).sum((1, 2, 3))
-    o_proj = model.model.layers[0].self_attn.o_proj
+    o_proj = model.model.layers[layer].self_attn.o_proj
     flat = lambda x: x.transpose(0, 1).reshape(x.shape[1], -1)  # noqa: E731  (Q, H_q*D), as attention hands it over
     full = o_proj(flat(reference))
     out = []
@@ -68,7 +76,6 @@ def test_labels_equal_a_direct_computation(target):
     assert labels.distortion.shape == (2, 2, 4)
     assert torch.all(labels.distortion[..., 0] == 0)  # keep all, 16 bit: nothing changes
     assert torch.all(labels.distortion[..., 3] > 0)  # 4-bit keeps everything but is not exact
-    reference = _layer0_outputs(model, ids, follow, None)
     from adaptive_kv.cache import CompressedCache
     from adaptive_kv.training.labels import option_plan
 
@@ -76,16 +83,18 @@ def test_labels_equal_a_direct_computation(target):
     with torch.no_grad():
         model(torch.tensor([ids]), cache=captured)
     rows = slice(None) if target.rows == "all" else slice(-5, -1)  # the 4 answer tokens are predicted by rows -5..-2
-    for o in (1, 2):  # eviction only: layer 0's distortion equals masking the evicted positions
-        fork = captured.fork(option_plan(grid[o], 2, 2, 120, LAYOUT))
-        layer = fork.layers[0]
-        kept = set(range(4)) | {int(p) for p in layer.residual.positions}
-        kept |= {int(p) for b in layer.buckets.values() for p in b.positions}
-        got = _layer0_outputs(model, ids, follow, kept)
-        with torch.no_grad():
-            direct = _direct_distortion(model, got, reference, target, rows)
-        torch.testing.assert_close(labels.distortion[0, :, o], direct, atol=DISTORTION_ATOL, rtol=1e-4)
-        assert direct.min() > 0
+    for layer_idx in (0, 1):
+        reference = _layer_outputs(model, ids, follow, None, layer_idx)
+        for o in (1, 2):  # eviction only: a layer's distortion equals masking its evicted positions
+            fork = captured.fork(option_plan(grid[o], 2, 2, 120, LAYOUT))
+            layer = fork.layers[layer_idx]
+            kept = set(range(4)) | {int(p) for p in layer.residual.positions}
+            kept |= {int(p) for b in layer.buckets.values() for p in b.positions}
+            got = _layer_outputs(model, ids, follow, kept, layer_idx)
+            with torch.no_grad():
+                direct = _direct_distortion(model, got, reference, target, rows, layer_idx)
+            torch.testing.assert_close(labels.distortion[layer_idx, :, o], direct, atol=DISTORTION_ATOL, rtol=1e-4)
+            assert direct.min() > 0
 
 
 def test_global_option_labels_equal_each_heads_uniform_label(tiny_tokenizer):

@@ -129,9 +129,9 @@ def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[He
     model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity, kv_recorder=recorder)
     kernels = get_backend(model.device)
     rows = target.row_slice(request)
-    measure = _residual_error(model, num_heads) if target.error == "residual" else _relative_error
     reference = [_outputs(captured.layers[l].prefill, recorder.layers[l], recorder.scaling)[:, :, rows]
                  for l in range(num_layers)]
+    measure = _residual_error(model, reference) if target.error == "residual" else _relative_error
     distortion = torch.zeros(num_layers, num_heads, len(grid))
     for o, option in enumerate(grid):
         fork = captured.fork(option_plan(option, num_layers, num_heads, seq_len, layout, captured.stats))
@@ -148,8 +148,9 @@ def _relative_error(layer_idx: int, out: torch.Tensor, reference: torch.Tensor) 
     return (out - reference).pow(2).sum((1, 2, 3)) / reference.pow(2).sum((1, 2, 3)).clamp_min(1e-12)
 
 
-def _residual_error(model, num_kv_heads: int):
-    """||W_h (o'_h - o_h)||^2 / ||W o||^2 per KV head, W = the layer's output projection."""
+def _residual_error(model, reference: list[torch.Tensor]):
+    """||W_h (o'_h - o_h)||^2 / ||W o||^2 per KV head, W = the layer's output projection (||W o||^2 of
+    each layer's `reference` outputs computed once, not per option)."""
     try:
         weights = [layer.self_attn.o_proj.weight for layer in model.model.layers]
     except AttributeError:
@@ -162,9 +163,10 @@ def _residual_error(model, num_kv_heads: int):
         w = weights[layer_idx].float().view(-1, heads, group * dim)  # (hidden, H_kv, G*D)
         return torch.einsum("hqk,nhk->hqn", out.permute(0, 2, 1, 3).reshape(heads, queries, group * dim), w)
 
-    def error(layer_idx: int, out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        full = project(layer_idx, reference).sum(0).pow(2).sum().clamp_min(1e-12)
-        return project(layer_idx, out - reference).pow(2).sum((1, 2)) / full
+    norms = [project(l, ref).sum(0).pow(2).sum().clamp_min(1e-12) for l, ref in enumerate(reference)]
+
+    def error(layer_idx: int, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return project(layer_idx, out - ref).pow(2).sum((1, 2)) / norms[layer_idx]
 
     return error
 
