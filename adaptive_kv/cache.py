@@ -4,7 +4,11 @@ Life of one request (ARCHITECTURE.md): prefill stores full precision and reads A
 at the end of the prefill forward the plan provider is asked once and the Plan is applied: each
 head keeps its sinks, recent window and top-scored tokens, quantised and packed (see `store`).
 Decode appends to a full-precision residual, flushes full windows into packed groups and evicts
-the lowest accumulated-attention tokens (H2O) of heads that outgrow their budget.
+the lowest accumulated-attention tokens (H2O) of heads that outgrow their budget. Accumulated
+attention is the "window" scorer's own measure, so under that scorer every packed token competes;
+under any other scorer the middle tokens the plan selected are the plan's decision (a reconstruction
+score cannot be compared with attention mass gathered later) and stay: only the prefill's recent
+window and the tokens that come after it are evicted.
 
 Batch size is 1: one cache holds one request, since every head of every request keeps its own
 tokens. Attention runs in `adaptive_kv.attention`, which hands each layer's step back here.
@@ -37,6 +41,12 @@ WORKING_DTYPES = ("auto", "model")
 # many tokens per head that costs more than the halved reads save (benchmarks/cache_overhead.py:
 # 3-6 % slower at 1k, about 25 % faster at 8k on the embedded model)
 BF16_MIN_TOKENS = 2048
+# H2O score floor of the middle tokens a plan's (non-"window") scorer selected: decode-time eviction
+# never picks a token at or above it. Measured (benchmarks/results/eval_learned): with the prefill's
+# window mass as their score instead, the first eviction after a query-agnostic question dropped the
+# reconstruction-selected needle, and niah_single at 1/4 fell from 60 (the full cache) to 20.
+PROTECTED_SCORE = 1e30
+RUNNING_SCORERS = ("window",)  # scorers whose measure decode-time attention mass continues
 
 
 def _native_bf16(device: torch.device) -> bool:
@@ -149,7 +159,9 @@ class CompressedCache(Cache):
     each layer is planned from its own statistics and compressed as soon as its forward ends, so
     the prefill's peak is one layer at full precision plus the compressed rest;
     `prefill_peak_nbytes` records it). `eviction_slack` tokens (default: one group) may accumulate above a head's budget
-    before decode-time eviction runs, so eviction is amortised. `assembled` keeps each layer's
+    before decode-time eviction runs, so eviction is amortised (under a non-"window" scorer, whose
+    selected middle tokens stay, a head may also sit up to one group over its budget while its newest
+    tokens wait in the full-precision residual). `assembled` keeps each layer's
     decode operands dequantised between steps (`AssembledView`: fast, but a working copy of the
     kept tokens, `working_nbytes()`); None uses it on CPU only, False dequantises from the packed
     store at every step (least memory; the fused kernel on CUDA). `working_dtype="auto"` holds a
@@ -428,6 +440,7 @@ class CompressedCache(Cache):
                 )
             residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len, device=keys.device)]))
         track_positions = plan.layer_tracks_scores(row) and plan.selection == "shared"
+        floor = PROTECTED_SCORE if plan.scorer not in RUNNING_SCORERS else 0.0  # every packed token is middle
         kernels = self._kernels(keys.device)
         layer.buckets = {}
         for bits, parts in grouped.items():
@@ -435,14 +448,14 @@ class CompressedCache(Cache):
             index = torch.cat([idx for _, idx in parts])  # (G_n, G)
             layer.buckets[bits] = quantize_groups(
                 kernels, keys[heads[:, None], index], values[heads[:, None], index], heads, *bits,
-                None if acc is None else acc[heads[:, None], index], index if track_positions else None,
+                None if acc is None else acc[heads[:, None], index] + floor, index if track_positions else None,
             )
         lengths = torch.tensor([idx.numel() for idx in residual_idx], dtype=torch.long, device=keys.device)
         head_of = torch.arange(num_heads, device=keys.device).repeat_interleave(lengths)
         flat_idx = torch.cat(residual_idx)
         layer.residual = Residual(
             keys[head_of, flat_idx].clone(), values[head_of, flat_idx].clone(), lengths,
-            None if acc is None else acc[head_of, flat_idx].float().clone(),
+            None if acc is None else acc[head_of, flat_idx].float() + floor * (flat_idx < recent_start),
             flat_idx.to(torch.int32) if track_positions else None,
         )
         layer.sinks = (keys[:, :sinks].clone(), values[:, :sinks].clone())
@@ -507,7 +520,7 @@ class CompressedCache(Cache):
             scores = bucket.scores if shared is None else shared[bucket.positions.long()]
             keep = torch.ones(bucket.num_tokens, dtype=torch.bool, device=heads.device)
             for head, excess in over:
-                mine = torch.nonzero(heads == head).flatten()
+                mine = torch.nonzero((heads == head) & (bucket.scores < PROTECTED_SCORE)).flatten()
                 excess = min(excess, mine.numel())
                 if excess > 0:
                     keep[mine[scores[mine].topk(excess, largest=False).indices]] = False
@@ -524,17 +537,19 @@ class CompressedCache(Cache):
         """One H2O score per position for the whole layer: (seen_tokens,) fp32.
 
         Each head's accumulated scores are normalised to a distribution over its evictable tokens,
-        then a position scores the mean over the heads that hold it, so every head of the layer
+        then a position scores the mean over the heads that may evict it, so every head of the layer
         ranks a position the same way and equal budgets keep equal positions.
         """
         parts = [(b.token_heads(), b.scores, b.positions) for b in layer.buckets.values()]
         parts.append((layer.residual.token_heads(), layer.residual.scores, layer.residual.positions))
         heads, scores, positions = (torch.cat(x) for x in zip(*parts))
         num_heads = layer.residual.lengths.numel()
+        free = scores < PROTECTED_SCORE  # protected tokens are never evicted: they neither rank nor normalise
+        scores = scores * free
         per_head = scores.new_zeros(num_heads).index_add_(0, heads, scores)
         share = scores / per_head.clamp_min(1e-30)[heads]
         total = share.new_zeros(layer.seen_tokens).index_add_(0, positions.long(), share)
-        count = share.new_zeros(layer.seen_tokens).index_add_(0, positions.long(), torch.ones_like(share))
+        count = share.new_zeros(layer.seen_tokens).index_add_(0, positions.long(), free.to(share.dtype))
         return total / count.clamp_min(1)
 
     # --------------------------------------------------------------- attention

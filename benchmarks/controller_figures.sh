@@ -6,6 +6,7 @@
 #        RERUN=learned bash benchmarks/controller_figures.sh 10   (a retrained controller: only its rows
 #        are re-evaluated, on the same samples, and replace the committed ones; the old rows stay in
 #        results.json under previous_rows)
+#        OUT_ROOT=outputs/figs bash benchmarks/controller_figures.sh 10   (every policy, into another folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 samples="${1:-10}"; shift || true
@@ -17,7 +18,7 @@ for task in ${tasks[@]}; do
     [ "$task" = fidelity ] && [ "$protocol" = query_aware ] && continue  # no question: one protocol
     extra=""
     [ "$task" = passkey ] && extra=",$shared"  # per-head vs shared selection, side by side
-    out="benchmarks/results/eval_learned/${task}_${protocol}"
+    out="${OUT_ROOT:-benchmarks/results/eval_learned}/${task}_${protocol}"
     if [ -n "${RERUN:-}" ]; then
       fresh="${RERUN_DIR:-outputs/rerun_${RERUN}}/${task}_${protocol}"
       [ -f "$fresh/results.json" ] || adaptive-kv eval --policies "$RERUN" --budgets 0.25,0.125,0.0625 --tasks "$task" \

@@ -18,6 +18,9 @@ from conftest import build_tiny_model
 
 LAYOUT = dict(recent_window=8, group_size=16, sink_tokens=4)
 HEAD_DIM = 64  # llama_hd64: 2 layers, 2 KV heads
+# tokens a head may hold over its budget during decode: the slack (4 here), or up to one group while
+# its newest tokens wait in the residual (the scorer's selected middle tokens are never evicted), + the new one
+OVER_BUDGET = max(4, LAYOUT["group_size"]) + 1
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -103,10 +106,10 @@ def test_bytes_after_decode_flushes_and_evictions(dtype):
             assert sum(len(layer.buckets) for layer in cache.layers) == 2
         elif plan is one_layer_evicting:  # the keep-all layer carries no scores; the other evicts
             assert cache.layers[0].residual.scores is None and cache.layers[1].residual.scores is not None
-            assert int(cache.layers[1].head_tokens()[0]) <= 45 + 4 + 1
+            assert int(cache.layers[1].head_tokens()[0]) <= 45 + OVER_BUDGET
         else:  # evicted tokens are freed: partial groups, fewer bytes than keeping everything
             held = torch.stack([layer.head_tokens() for layer in cache.layers])
-            assert held.tolist()[0][0] <= 40 + 4 + 1 and held.tolist()[1][0] <= 61 + 4 + 1
+            assert held.tolist()[0][0] <= 40 + OVER_BUDGET and held.tolist()[1][0] <= 61 + OVER_BUDGET
             assert any((b.group_len < LAYOUT["group_size"]).any() for layer in cache.layers for b in layer.buckets.values())
 
 

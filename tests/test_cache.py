@@ -25,7 +25,8 @@ def _heads(model) -> tuple[int, int]:
 
 
 def _greedy(model, ids, cache, steps=16):
-    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
+    # min_new_tokens: a random tiny model may emit EOS anywhere; every test decodes exactly `steps` tokens
+    out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, cache=cache)
     return out.sequences, torch.stack(out.logits)
 
