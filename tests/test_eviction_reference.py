@@ -235,3 +235,44 @@ def test_h2o_evicts_lowest_accumulated_attention(scorer):
     bound = keep + slack + 1 if scorer == "window" else keep + LAYOUT["group_size"] + LAYOUT["recent_window"]
     for layer in cache.layers:
         assert (layer.head_tokens() <= bound).all()
+
+
+def test_shared_ranking_normalises_over_evictable_tokens_only():
+    """Shared selection under a non-window scorer: a position's decode-time score is the mean, over
+    the heads that may evict it, of its H2O mass over that head's evictable mass (recomputed here
+    from the stored scores); protected positions take no part."""
+    from conftest import build_tiny_model
+
+    from adaptive_kv.cache import PROTECTED_SCORE
+
+    model = build_tiny_model("llama_gqa")
+    num_layers, num_kv = _heads(model)
+    ids, new = _ids(SEQ_LEN, 12), _ids(12, 13)
+    gen = torch.Generator().manual_seed(14)
+    select, window = torch.rand(num_layers, num_kv, SEQ_LEN, generator=gen), torch.rand(num_layers, num_kv, SEQ_LEN, generator=gen)
+    # unequal keeps: the heads protect different numbers of tokens, so a wrong normaliser shows
+    plan = Plan(((HeadBudget(41), HeadBudget(73)),) * num_layers, selection="shared", **LAYOUT)
+    cache = _fork_with_scores(model, ids, plan, select, window, eviction_slack=1000)
+    with torch.no_grad():
+        for i in range(new.shape[1]):
+            model(new[:, i : i + 1], cache=cache)
+    cache.sync()
+    for layer in cache.layers:
+        parts = [(b.token_heads(), b.scores, b.positions) for b in layer.buckets.values()]
+        parts.append((layer.residual.token_heads(), layer.residual.scores, layer.residual.positions))
+        entries = {h: [] for h in range(num_kv)}
+        for heads, scores, positions in parts:
+            for h, s, p in zip(heads.tolist(), scores.tolist(), positions.tolist()):
+                entries[h].append((p, s))
+        shares: dict[int, list[float]] = {}
+        protected = 0
+        for h, items in entries.items():
+            free = [(p, s) for p, s in items if s < PROTECTED_SCORE]
+            protected += len(items) - len(free)
+            total = sum(s for _, s in free)
+            for p, s in free:
+                shares.setdefault(p, []).append(s / total)
+        assert protected > 0 and shares
+        got = type(cache)._shared_scores(layer)
+        for p, values in shares.items():
+            assert abs(float(got[p]) - sum(values) / len(values)) < 1e-6
