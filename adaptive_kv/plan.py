@@ -287,9 +287,10 @@ def _positive(x):
     return x * (x > 0)
 
 
-def kept_nbytes(kept, key_bits: int, value_bits: int, layout: dict[str, Any], head_dim: int, dtype_bytes: int,
+def kept_nbytes(kept, key_bits, value_bits, layout: dict[str, Any], head_dim: int, dtype_bytes: int,
                 tracks_scores: bool):
-    """Bytes of a head holding `kept` tokens (an int, or an integer NumPy array of counts) at these bits.
+    """Bytes of a head holding `kept` tokens (an int, or an integer NumPy array of counts) at these bits
+    (ints, or integer arrays broadcasting against `kept`).
 
     The one byte formula: `Plan.head_nbytes` calls it per head, the learned controller on arrays of
     candidate keeps. Sinks and the recent window stay full precision; the middle is cut into whole
@@ -310,18 +311,20 @@ def kept_nbytes(kept, key_bits: int, value_bits: int, layout: dict[str, Any], he
     return total
 
 
-def _key_bytes(bits: int, tokens: int, groups: int, head_dim: int, dtype_bytes: int) -> int:
-    if bits == 16:
-        return tokens * head_dim * dtype_bytes
+# Branch-free in `bits` (16 = stored as is), so one call prices every option of a grid at once:
+# bits may be an int or an integer array broadcasting against the token counts.
+def _key_bytes(bits, tokens, groups, head_dim: int, dtype_bytes: int):
+    whole = bits == 16
     # codes + one (scale, zero) pair per channel per group
-    return tokens * head_dim * bits // 8 + groups * head_dim * 2 * SCALE_BYTES
+    packed = tokens * head_dim * bits // 8 + groups * head_dim * 2 * SCALE_BYTES
+    return whole * (tokens * head_dim * dtype_bytes) + (1 - whole) * packed
 
 
-def _value_bytes(bits: int, tokens: int, head_dim: int, group_size: int, dtype_bytes: int) -> int:
-    if bits == 16:
-        return tokens * head_dim * dtype_bytes
+def _value_bytes(bits, tokens, head_dim: int, group_size: int, dtype_bytes: int):
+    whole = bits == 16
     channel_groups = math.ceil(head_dim / value_group_size(group_size, head_dim))
-    return tokens * head_dim * bits // 8 + tokens * channel_groups * 2 * SCALE_BYTES
+    packed = tokens * head_dim * bits // 8 + tokens * channel_groups * 2 * SCALE_BYTES
+    return whole * (tokens * head_dim * dtype_bytes) + (1 - whole) * packed
 
 
 def iter_heads(plan: Plan) -> Iterable[tuple[int, int, HeadBudget]]:

@@ -118,20 +118,14 @@ def option_keeps(grid: tuple[HeadOption, ...], features: torch.Tensor, feature_n
 def keeps_nbytes(grid: tuple[HeadOption, ...], keeps: np.ndarray, layout: dict[str, Any], head_dim: int,
                  dtype_bytes: int) -> np.ndarray:
     """Bytes (N, O) of heads holding keeps (N, O) under each option's bits, scores tracked (a plan that evicts)."""
-    out = np.empty(keeps.shape, dtype=np.int64)
-    for (key_bits, value_bits), columns in _bit_columns(grid):
-        out[:, columns] = kept_nbytes(keeps[:, columns], key_bits, value_bits, layout, head_dim, dtype_bytes,
-                                      tracks_scores=True)
-    return out
+    key_bits, value_bits = _grid_bits(grid)
+    return kept_nbytes(keeps, key_bits, value_bits, layout, head_dim, dtype_bytes, tracks_scores=True)
 
 
 @functools.lru_cache(maxsize=64)
-def _bit_columns(grid: tuple[HeadOption, ...]) -> tuple[tuple[tuple[int, int], list[int]], ...]:
-    """The grid's columns grouped by (key bits, value bits): one vectorised byte count per pair."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for o, option in enumerate(grid):
-        groups.setdefault((option.key_bits, option.value_bits), []).append(o)
-    return tuple(groups.items())
+def _grid_bits(grid: tuple[HeadOption, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Key and value bits (O,) of the grid's options: one vectorised byte count for every column."""
+    return (np.array([o.key_bits for o in grid], dtype=np.int64), np.array([o.value_bits for o in grid], dtype=np.int64))
 
 
 def plan_from_keeps(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, seq_len: int,

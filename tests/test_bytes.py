@@ -127,3 +127,10 @@ def test_byte_formula_on_arrays_equals_it_per_head():
             for keep, value in zip(keeps.tolist(), got.tolist()):
                 plan = Plan(((HeadBudget(keep, kb, vb),),), **layout)
                 assert value == plan.head_nbytes(0, 0, 300, 64, 2), (selection, kb, vb, keep)
+        # every bit pair in one call (bits as arrays over columns), as the controller prices its grid
+        pairs = ((16, 16), (8, 8), (8, 4), (4, 2), (2, 2), (16, 2))
+        key_bits, value_bits = (np.array([p[i] for p in pairs]) for i in (0, 1))
+        table = kept_nbytes(keeps[:, None], key_bits[None, :], value_bits[None, :], layout, 64, 2, tracks_scores=True)
+        for (keep, (kb, vb)), value in zip([(k, p) for k in keeps.tolist() for p in pairs], table.reshape(-1).tolist()):
+            plan = Plan(((HeadBudget(keep, kb, vb),),), **layout)
+            assert value == plan.head_nbytes(0, 0, 300, 64, 2), (selection, kb, vb, keep)
