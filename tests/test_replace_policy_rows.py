@@ -33,3 +33,12 @@ def test_rows_are_replaced_and_the_old_ones_kept():
 def test_other_samples_are_refused(fresh, message):
     with pytest.raises(ValueError, match=message):
         replace_policy_rows.replace_rows(_results(20.0), fresh, "learned", "before")
+
+
+def test_every_policy_is_replaced_with_star():
+    committed, fresh = _results(20.0), _results(50.0)
+    fresh["records"][1] = {**fresh["records"][1], "score": 40.0}
+    out = replace_policy_rows.replace_rows(committed, fresh, "*", "old_cache")
+    scores = {(r["policy"], r["budget"]): r["score"] for r in out["records"]}
+    assert scores == {("full", 1.0): 60.0, ("kvzip", 0.125): 40.0, ("learned", 0.125): 50.0}
+    assert sorted(r["score"] for r in out["previous_rows"]["old_cache"]) == [20.0, 30.0]
