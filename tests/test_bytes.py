@@ -134,3 +134,23 @@ def test_byte_formula_on_arrays_equals_it_per_head():
         for (keep, (kb, vb)), value in zip([(k, p) for k in keeps.tolist() for p in pairs], table.reshape(-1).tolist()):
             plan = Plan(((HeadBudget(keep, kb, vb),),), **layout)
             assert value == plan.head_nbytes(0, 0, 300, 64, 2), (selection, kb, vb, keep)
+
+
+def test_grid_pricing_equals_plan_bytes_per_option():
+    """`keeps_nbytes` (the controller's one-call pricing of a whole grid) equals Plan.head_nbytes of
+    each (keep, option) priced alone, asymmetric bit pairs included (16 on one side only: a swap of key and value bits shows)."""
+    import numpy as np
+
+    from adaptive_kv.policies.options import HeadOption, keeps_nbytes
+
+    grid = tuple(HeadOption(f, kb, vb, "global") for f in (0.4, 0.1) for kb, vb in ((16, 16), (8, 4), (16, 2), (4, 16)))
+    # group 128 > head_dim 64: key scales (per channel per group) and value scales (per token, one
+    # group of channels) then cost differently, so swapped key/value bits change the bytes
+    layout = dict(sink_tokens=4, recent_window=12, group_size=128, scorer="snapkv", selection="per_head")
+    keeps = np.array([[16, 17, 144, 145, 271, 272, 299, 300], [300, 143, 16, 273, 65, 290, 31, 200]])
+    got = keeps_nbytes(grid, keeps, layout, 64, 2)
+    for n in range(keeps.shape[0]):
+        for o, option in enumerate(grid):
+            # a second, evicting head: scores are tracked as in any plan that evicts
+            plan = Plan(((HeadBudget(int(keeps[n, o]), option.key_bits, option.value_bits), HeadBudget(16)),), **layout)
+            assert got[n, o] == plan.head_nbytes(0, 0, 300, 64, 2), (n, option)
