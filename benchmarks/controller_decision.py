@@ -2,7 +2,8 @@
 
 Embedded SmolLM2-135M (fp32, CPU). Decision = `Learned.plan(stats, budget)` on one request's real
 statistics (network + knapsack over 30 x 3 heads and every option of its grid: 45 for the shipped one,
-25 uniform + 20 global), median of 200 calls per budget.
+25 uniform + 20 global), median of 200 calls per budget; beside it its parts: the option tables
+(network + bytes of every option), the compiled knapsack and, for comparison, its NumPy reference.
 Prefill = capturing prefill of a 1k / 2k-token context without and with reconstruction scores
 (median of 3). Prints a table and writes benchmarks/results/controller_decision.json.
 """
@@ -19,6 +20,7 @@ import torch
 from adaptive_kv import load_model
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.policies import get_policy
+from adaptive_kv.policies.allocator import allocate, allocate_reference
 from adaptive_kv.reconstruction import ReconstructionRequest
 from adaptive_kv.tasks import make_samples
 
@@ -32,6 +34,18 @@ def _prefill(model, tokenizer, ids, reconstruct: bool) -> tuple[float, Compresse
     with torch.inference_mode():
         model(torch.tensor([list(ids)]), cache=cache)
     return time.perf_counter() - start, cache
+
+
+def _median_ms(call, repeats: int = 200) -> tuple[float, float]:
+    """Median and p95 wall time of `call` in ms, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return round(1e3 * statistics.median(times), 3), round(1e3 * times[int(0.95 * repeats) - 1], 3)
 
 
 def main() -> None:
@@ -48,18 +62,19 @@ def main() -> None:
         prefill.append({"context": length, "prefill_s": round(plain, 3), "with_reconstruction_s": round(recon, 3),
                         "overhead": round(recon / plain, 2)})
         stats = timed[0][1].stats
+        cost, nbytes, _ = policy.option_tables(stats, 0, 64, 4)
+        full = 2 * nbytes.shape[0] * length * 64 * 4
         for budget in (0.25, 0.125, 0.0625):
-            policy.plan(stats, budget, head_dim=64, dtype_bytes=4)
-            times = []
-            for _ in range(200):
-                start = time.perf_counter()
-                policy.plan(stats, budget, head_dim=64, dtype_bytes=4)
-                times.append(time.perf_counter() - start)
-            rows.append({"context": length, "budget": budget, "median_ms": round(1e3 * statistics.median(times), 3),
-                         "p95_ms": round(1e3 * sorted(times)[189], 3)})
-    print("| context | budget | decision median ms | p95 ms |\n|---|---|---|---|")
+            median, p95 = _median_ms(lambda: policy.plan(stats, budget, head_dim=64, dtype_bytes=4))
+            rows.append({"context": length, "budget": budget, "median_ms": median, "p95_ms": p95,
+                         "option_tables_ms": _median_ms(lambda: policy.option_tables(stats, 0, 64, 4))[0],
+                         "knapsack_ms": _median_ms(lambda: allocate(cost, nbytes, budget * full))[0],
+                         "knapsack_numpy_ms": _median_ms(lambda: allocate_reference(cost, nbytes, budget * full))[0]})
+    print("| context | budget | decision median ms | p95 ms | option tables ms | knapsack ms | knapsack (NumPy) ms |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['budget']} | {r['median_ms']} | {r['p95_ms']} |")
+        print(f"| {r['context']} | {r['budget']} | {r['median_ms']} | {r['p95_ms']} | {r['option_tables_ms']} "
+              f"| {r['knapsack_ms']} | {r['knapsack_numpy_ms']} |")
     print("\n| context | prefill s | with reconstruction s | x |\n|---|---|---|---|")
     for r in prefill:
         print(f"| {r['context']} | {r['prefill_s']} | {r['with_reconstruction_s']} | {r['overhead']} |")

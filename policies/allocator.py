@@ -5,12 +5,20 @@ Each head's options are reduced to the lower convex hull of (bytes, cost); the h
 ratio while they fit: the integral part of the LP relaxation's optimum (the greedy for the
 multiple-choice knapsack, Sinha and Zoltners 1979). Bytes still left then go to the best upgrades
 that fit, hull or not. Small cases are checked against brute force and dynamic programming in the
-tests. NumPy, not torch, and no loop over heads: a decision for 90 heads must take well under 1 ms.
+tests.
+
+`allocate` runs the Numba-compiled walk (`allocator_numba`); `allocate_reference` is the same greedy in
+NumPy, kept beside it as the readable reference the compiled one is tested against (a decision for
+90 heads must take well under 1 ms, and NumPy's per-call overhead alone is over half of that).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+from adaptive_kv.policies.allocator_numba import allocate_numba
 
 
 def _hull_steps(cost: np.ndarray, nbytes: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -34,16 +42,34 @@ def _hull_steps(cost: np.ndarray, nbytes: np.ndarray, start: np.ndarray) -> tupl
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
+def _checked(cost, nbytes, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both tables as float64 (N, O) arrays; ValueError when even the smallest options do not fit."""
+    cost, nbytes = np.ascontiguousarray(cost, dtype=np.float64), np.ascontiguousarray(nbytes, dtype=np.float64)
+    smallest = nbytes.min(-1).sum()
+    if smallest > limit:
+        raise ValueError(f"the smallest options need {int(smallest)} bytes, over the limit of {int(limit)}")
+    return cost, nbytes
+
+
 def allocate(cost, nbytes, limit: float) -> np.ndarray:
     """Option per head (N,) minimising sum cost[n, choice] with sum nbytes[n, choice] <= limit.
 
     cost, nbytes: (N, O) arrays (NumPy or torch). Raises ValueError when even the smallest options do not fit.
     """
-    cost, nbytes = np.asarray(cost, dtype=np.float64), np.asarray(nbytes, dtype=np.float64)
+    cost, nbytes = _checked(cost, nbytes, limit)
+    return allocate_numba(cost, nbytes, float(limit))
+
+
+@functools.cache
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the allocator once, so no request pays for it."""
+    allocate(np.zeros((1, 2)), np.array([[1.0, 2.0]]), 2.0)
+
+
+def allocate_reference(cost, nbytes, limit: float) -> np.ndarray:
+    """`allocate` in NumPy: the reference the compiled walk must equal."""
+    cost, nbytes = _checked(cost, nbytes, limit)
     rows = np.arange(cost.shape[0])
-    smallest = nbytes.min(-1).sum()
-    if smallest > limit:
-        raise ValueError(f"the smallest options need {int(smallest)} bytes, over the limit of {int(limit)}")
     # start from each head's smallest option, the cheapest of equal size
     choice = np.where(nbytes == nbytes.min(-1, keepdims=True), cost, np.inf).argmin(-1)
     ratio, head, src, dst, extra = _hull_steps(cost, nbytes, choice)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from adaptive_kv.plan import HeadBudget, Plan
-from adaptive_kv.policies.allocator import allocate
+from adaptive_kv.policies.allocator import allocate, warm_up
 from adaptive_kv.policies.base import Policy, check_fraction, check_layer, infeasible
 from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
 from adaptive_kv.policies.controller_net import ControllerNet
@@ -92,6 +92,7 @@ class Learned(Policy):
         config, net = load_controller(folder)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "net", net)
+        warm_up()
 
     @classmethod
     def from_parts(cls, config: ControllerConfig, net: ControllerNet) -> "Learned":
@@ -102,6 +103,7 @@ class Learned(Policy):
                 object.__setattr__(policy, f.name, f.default)
         object.__setattr__(policy, "config", config)
         object.__setattr__(policy, "net", net.eval())
+        warm_up()
         return policy
 
     def layout(self, **overrides: Any) -> dict[str, Any]:
@@ -144,8 +146,10 @@ class Learned(Policy):
         check_layer(stats, layer_idx, num_layers)
         return self._decide(stats, layer_idx, budget, head_dim, dtype_bytes)
 
-    def _decide(self, stats: AttentionStats, first_layer: int, budget: float, head_dim: int, dtype_bytes: int) -> Plan:
-        check_fraction("budget", budget)
+    def option_tables(self, stats: AttentionStats, first_layer: int, head_dim: int,
+                      dtype_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The knapsack's input: weighted predicted distortion and bytes (N, O) of every head's options,
+        and the global options' keeps (N, G) (None without global options)."""
         if head_dim != self.config.model_shape["head_dim"]:
             raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
         layout, seq_len = self.layout(), stats.seq_len
@@ -167,10 +171,17 @@ class Learned(Policy):
             share = stats.features[..., _feature_index(tuple(stats.feature_names), parts.share_features)]
             keeps = global_keeps_from_share(share, seq_len, floor).reshape(num_heads, len(parts.glob)).numpy()
             nbytes[:, parts.glob] = keeps_nbytes(parts.global_grid, keeps, layout, head_dim, dtype_bytes)
+        return cost.reshape(num_heads, -1), nbytes, keeps
+
+    def _decide(self, stats: AttentionStats, first_layer: int, budget: float, head_dim: int, dtype_bytes: int) -> Plan:
+        check_fraction("budget", budget)
+        cost, nbytes, keeps = self.option_tables(stats, first_layer, head_dim, dtype_bytes)
+        layout, seq_len, grid, parts = self.layout(), stats.seq_len, self.config.grid, self._grid_parts
+        floor, num_heads = layout["sink_tokens"] + layout["recent_window"], cost.shape[0]
         # a DynamicCache's bytes: keys and values of every head and token
         full = 2 * num_heads * seq_len * head_dim * dtype_bytes
         try:
-            choice = allocate(cost.reshape(num_heads, -1), nbytes, budget * full).tolist()
+            choice = allocate(cost, nbytes, budget * full).tolist()
         except ValueError:
             minimum = nbytes.min(-1).sum() / full
             raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None

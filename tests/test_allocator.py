@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from adaptive_kv.plan import HeadBudget, Plan
-from adaptive_kv.policies.allocator import allocate
+import numpy as np
+
+from adaptive_kv.policies.allocator import allocate, allocate_reference
 from adaptive_kv.policies.options import HeadOption, option_bytes, option_grid
 
 
@@ -74,9 +76,36 @@ def test_many_heads_with_convex_costs_are_near_optimal():
         assert cost[rows, choice].sum().item() <= _dynamic_programming(cost, nbytes, limit) * 1.02 + 1e-9
 
 
+def _tables(rng, heads, options):
+    """Random cost and byte tables, some with integer costs (ties) and shared byte counts (equal sizes)."""
+    cost = rng.random((heads, options)) * 10
+    nbytes = rng.integers(10, 100, (heads, options)).astype(float)
+    if rng.random() < 0.3:
+        cost = np.round(cost)
+    if rng.random() < 0.3:
+        nbytes = np.round(nbytes / 30) * 30
+    return cost, nbytes
+
+
+def test_compiled_allocator_equals_numpy_reference():
+    # the same greedy in compiled loops and in NumPy: every choice, including how ties fall
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        cost, nbytes = _tables(rng, int(rng.integers(1, 10)), int(rng.integers(1, 12)))
+        limit = nbytes.min(1).sum() + rng.random() * nbytes.sum() / 2
+        assert allocate(cost, nbytes, limit).tolist() == allocate_reference(cost, nbytes, limit).tolist()
+    # the controller's size: 90 heads x 45 options, costs falling with bytes as distortion does
+    nbytes = np.sort(rng.integers(1_000, 500_000, (90, 45)), axis=1)[:, ::-1].astype(float)
+    cost = np.exp(np.sort(rng.normal(size=(90, 45)) * 3, axis=1) + rng.normal(size=(90, 45)))
+    for limit in np.linspace(nbytes.min(1).sum(), nbytes.max(1).sum(), 40):
+        assert allocate(cost, nbytes, limit).tolist() == allocate_reference(cost, nbytes, limit).tolist()
+
+
 def test_infeasible_limit_raises():
     with pytest.raises(ValueError, match="smallest options need 40 bytes"):
         allocate(torch.zeros(2, 2), torch.tensor([[30.0, 20.0], [30.0, 20.0]]), 39)
+    with pytest.raises(ValueError, match="smallest options need 40 bytes"):
+        allocate_reference(torch.zeros(2, 2), torch.tensor([[30.0, 20.0], [30.0, 20.0]]), 39)
 
 
 def test_option_bytes_equal_plan_prediction():
