@@ -34,6 +34,31 @@ class ControllerNet(nn.Module):
         x = (features - self.feature_mean) / self.feature_std
         return self.mlp(torch.cat([x, self.head_embedding(head_ids)], dim=-1))
 
+    @torch.no_grad()
+    def folded(self) -> "FoldedNet":
+        """The same function for inference, with the normalisation and the head embedding folded into
+        the first layer (a per-head bias): one matrix product instead of five small operations."""
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        first, features = linears[0], self.feature_mean.numel()
+        weight = first.weight[:, :features] / self.feature_std
+        bias = first.bias + self.head_embedding.weight @ first.weight[:, features:].T - weight @ self.feature_mean
+        return FoldedNet(weight.T.contiguous(), bias.contiguous(),
+                         tuple((m.weight.detach().T.contiguous(), m.bias.detach()) for m in linears[1:]))
+
     def num_parameters(self) -> int:
         """Trainable parameters."""
         return sum(p.numel() for p in self.parameters())
+
+
+class FoldedNet:
+    """`ControllerNet.folded()`: heads are a contiguous run of identities [first, first + N)."""
+
+    def __init__(self, weight: torch.Tensor, head_bias: torch.Tensor, rest: tuple) -> None:
+        self.weight, self.head_bias, self.rest = weight, head_bias, rest
+
+    def __call__(self, features: torch.Tensor, first: int) -> torch.Tensor:
+        """features (N, F) raw -> (N, O) predicted log-distortion of heads first .. first + N - 1."""
+        x = torch.addmm(self.head_bias[first : first + features.shape[0]], features, self.weight)
+        for weight, bias in self.rest:
+            x = torch.addmm(bias, torch.nn.functional.gelu(x), weight)
+        return x

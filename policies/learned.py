@@ -15,7 +15,7 @@ from adaptive_kv.plan import HeadBudget, Plan
 from adaptive_kv.policies.allocator import allocate, warm_up
 from adaptive_kv.policies.base import Policy, check_fraction, check_layer, infeasible
 from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
-from adaptive_kv.policies.controller_net import ControllerNet
+from adaptive_kv.policies.controller_net import ControllerNet, FoldedNet
 from adaptive_kv.policies.options import global_keeps_from_share, keeps_nbytes, option_bytes
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
@@ -133,7 +133,7 @@ class Learned(Policy):
         features = stats.features[..., idx].float().reshape(-1, len(idx))
         first = first_layer * stats.num_kv_heads  # head identities: layer * H + head
         with torch.inference_mode():
-            pred = self.net(features, torch.arange(first, first + features.shape[0]))
+            pred = self._folded(features, first)
         return pred.view(stats.num_layers, stats.num_kv_heads, -1)
 
     def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
@@ -153,7 +153,7 @@ class Learned(Policy):
         if head_dim != self.config.model_shape["head_dim"]:
             raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
         layout, seq_len = self.layout(), stats.seq_len
-        weights = np.asarray(self.config.layer_weights, dtype=np.float64)[first_layer : first_layer + stats.num_layers]
+        weights = self._layer_weights[first_layer : first_layer + stats.num_layers]
         cost = np.exp(self.predict(stats, first_layer).double().numpy()) * weights[:, None, None]  # (L, H, O)
         grid, floor = self.config.grid, layout["sink_tokens"] + layout["recent_window"]
         parts = self._grid_parts
@@ -197,6 +197,16 @@ class Learned(Policy):
                     picked[n] = _head_budget(int(keeps[n, parts.column[c]]), grid[c].key_bits, grid[c].value_bits, seq_len)
         heads = stats.num_kv_heads
         return Plan(tuple(tuple(picked[l * heads : (l + 1) * heads]) for l in range(stats.num_layers)), **layout)
+
+    @functools.cached_property
+    def _folded(self) -> FoldedNet:
+        """The network in its folded inference form (computed once; the weights never change after loading)."""
+        return self.net.folded()
+
+    @functools.cached_property
+    def _layer_weights(self) -> np.ndarray:
+        """The controller's per-layer distortion weights as an array."""
+        return np.asarray(self.config.layer_weights, dtype=np.float64)
 
     @functools.cached_property
     def _grid_parts(self) -> "_GridParts":

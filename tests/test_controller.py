@@ -49,6 +49,26 @@ def test_round_trip_gives_the_same_plans(controller):
     assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.pt"))
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_folded_network_equals_the_module(layers):
+    # the decision path runs the folded form; it must compute the module's function (normalisation,
+    # head embedding and every layer), for any run of head identities
+    torch.manual_seed(layers)
+    config = ControllerConfig(
+        model_shape=dict(num_layers=4, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES, grid=option_grid(),
+        layout=LAYOUT, layer_weights=(1.0,) * 4, hidden=16, layers=layers)
+    net = config.build().eval()
+    with torch.no_grad():
+        net.feature_mean.normal_()
+        net.feature_std.uniform_(0.5, 2.0)
+    features = torch.randn(4, len(FEATURE_NAMES))
+    folded = net.folded()
+    with torch.no_grad():
+        for first in (0, 2, 4):
+            expected = net(features, torch.arange(first, first + 4))
+            torch.testing.assert_close(folded(features, first), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("budget", [0.6, 0.3, 0.15, 0.1])
 def test_learned_plans_meet_the_budget(controller, budget):
     folder, _, _ = controller
