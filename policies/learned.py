@@ -152,7 +152,7 @@ class Learned(Policy):
         and the global options' keeps (N, G) (None without global options)."""
         if head_dim != self.config.model_shape["head_dim"]:
             raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
-        layout, seq_len = self.layout(), stats.seq_len
+        layout, seq_len = self._layout, stats.seq_len
         weights = self._layer_weights[first_layer : first_layer + stats.num_layers]
         cost = np.exp(self.predict(stats, first_layer).double().numpy()) * weights[:, None, None]  # (L, H, O)
         grid, floor = self.config.grid, layout["sink_tokens"] + layout["recent_window"]
@@ -176,7 +176,7 @@ class Learned(Policy):
     def _decide(self, stats: AttentionStats, first_layer: int, budget: float, head_dim: int, dtype_bytes: int) -> Plan:
         check_fraction("budget", budget)
         cost, nbytes, keeps = self.option_tables(stats, first_layer, head_dim, dtype_bytes)
-        layout, seq_len, grid, parts = self.layout(), stats.seq_len, self.config.grid, self._grid_parts
+        layout, seq_len, grid, parts = self._layout, stats.seq_len, self.config.grid, self._grid_parts
         floor, num_heads = layout["sink_tokens"] + layout["recent_window"], cost.shape[0]
         # a DynamicCache's bytes: keys and values of every head and token
         full = 2 * num_heads * seq_len * head_dim * dtype_bytes
@@ -202,6 +202,11 @@ class Learned(Policy):
     def _folded(self) -> FoldedNet:
         """The network in its folded inference form (computed once; the weights never change after loading)."""
         return self.net.folded()
+
+    @functools.cached_property
+    def _layout(self) -> dict[str, Any]:
+        """`layout()` built once: both halves of a decision read it (treated as read-only)."""
+        return self.layout()
 
     @functools.cached_property
     def _layer_weights(self) -> np.ndarray:
