@@ -26,6 +26,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from adaptive_kv.assembled import AssembledView
 from adaptive_kv.kernels import get_backend
+from adaptive_kv.kernels.layout import DecodeLayout
+from adaptive_kv.kernels.reference import Segment
 from adaptive_kv.plan import HeadBudget, Plan
 from adaptive_kv.reconstruction import ReconstructionRequest, reconstruction_scores
 from adaptive_kv.selection import kept_middle, layer_ranking
@@ -84,6 +86,9 @@ class CompressedLayer(CacheLayerMixin):
         self.budgets: tuple[HeadBudget, ...] | None = None
         self.observation: LayerObservation | None = None
         self.view: AssembledView | None = None  # decode operands kept between steps (assembled.py)
+        # where a decode step reads the packed store from (kernels/layout.py); rebuilt after any change
+        # to the sinks or buckets (their tensors or scores), never per step
+        self.decode_layout: DecodeLayout | None = None
         # Python mirrors of residual lengths and tokens held per head: the per-step checks for a
         # flush or an eviction then cost no tensor op (they run for every layer of every token)
         self.residual_lengths: list[int] = []
@@ -275,7 +280,8 @@ class CompressedCache(Cache):
             if layer.view is not None and (key_states.shape[2] > 1 or self._store_changes_due(layer)):
                 self._sync_scores(layer)  # the store's scores are read or rebuilt below
             self._maintain(layer)
-            layer.residual = layer.residual.append(key_states[0], value_states[0], layer.seen_tokens)
+            layer.residual = layer.residual.append(key_states[0], value_states[0], layer.seen_tokens,
+                                                   sizes=layer.residual_lengths)
             q = key_states.shape[2]
             layer.residual_lengths = [n + q for n in layer.residual_lengths]
             layer.held = [n + q for n in layer.held]
@@ -462,6 +468,7 @@ class CompressedCache(Cache):
         layer.budgets = budgets
         layer.prefill = None
         layer.view = None
+        layer.decode_layout = None
         layer.residual_lengths, layer.held = lengths.tolist(), layer.head_tokens().tolist()
 
     # --------------------------------------------------------------- decode
@@ -487,6 +494,7 @@ class CompressedCache(Cache):
                     layer.view.flush(ready[rows].tolist(), group, *new.dequantize(kernels, layer.dtype),
                                      insert_at=self._bucket_end(layer, bits))
                 layer.buckets[bits] = concat_buckets(layer.buckets.get(bits), new)
+                layer.decode_layout = None
             layer.residual = rest
             layer.residual_lengths = rest.lengths.tolist()
         self._evict(layer)
@@ -527,6 +535,7 @@ class CompressedCache(Cache):
             kept.append(keep)
             if not keep.all():
                 layer.buckets[bits] = bucket.select(keep)
+                layer.decode_layout = None
         kept = torch.cat(kept)
         if layer.view is not None and not bool(kept.all()):  # compact the view's rows: no dequantisation
             layer.view.drop(kept)
@@ -557,23 +566,26 @@ class CompressedCache(Cache):
         """Attention of query (1, H_q, q, D) over this layer's compressed store: (1, q, H_q, D)."""
         layer = self.layers[step.layer_idx]
         kernels = self._kernels(query.device)
-        num_heads, sinks, _ = layer.sinks[0].shape
-        buckets = list(layer.buckets.values())
         need_mass = self.plan.layer_tracks_scores(step.layer_idx)
         if query.shape[2] == 1 and self._uses_view(query.device):
             if layer.view is None:
-                layer.view = AssembledView.build(layer.sinks, buckets, layer.residual, kernels, query.dtype,
-                                                 *self._working_dtypes(layer, query))
+                layer.view = AssembledView.build(layer.sinks, list(layer.buckets.values()), layer.residual, kernels,
+                                                 query.dtype, *self._working_dtypes(layer, query))
+            # H2O mass accumulates in the view; _sync_scores writes it back
             out = layer.view.attend(query[0], scaling, self._mass_heads(layer) if need_mass else None)
-            token_mass = None  # accumulated in the view; written back by _sync_scores
         else:
-            # one decode query without H2O runs fused on the triton backend (packed codes read directly)
-            out, token_mass = kernels.decode_attention(
-                query[0], layer.sinks, buckets, layer.residual, num_heads, scaling, need_mass=need_mass
-            )
-        if token_mass is not None:
-            self._accumulate(layer, buckets, token_mass, num_heads * sinks)
+            # the triton backend runs one decode query fused, H2O scores included, without host syncs
+            if layer.decode_layout is None:
+                layer.decode_layout = self._decode_layout(layer)
+            out = kernels.layout_decode(query[0], layer.decode_layout, layer.residual, scaling, accumulate_mass=need_mass)
         return out.transpose(0, 1).unsqueeze(0)  # (1, q, H_q, D)
+
+    def _decode_layout(self, layer: CompressedLayer) -> DecodeLayout:
+        num_heads, sinks, head_dim = layer.sinks[0].shape
+        lengths = torch.full((num_heads,), sinks, dtype=torch.long, device=layer.sinks[0].device)
+        sink_segment = Segment.full_precision(layer.sinks[0].reshape(-1, head_dim), layer.sinks[1].reshape(-1, head_dim),
+                                              lengths)
+        return DecodeLayout.build([[sink_segment, *layer.buckets.values()]], num_heads, self.plan.group_size)
 
     def _slack(self) -> int:
         """Tokens a head may hold above its budget before decode-time eviction runs."""
@@ -593,6 +605,7 @@ class CompressedCache(Cache):
         if layer.view is None or layer.view.scores is None:
             return
         scores = layer.view.store_scores(layer.sinks[0].shape[0] * layer.sinks[0].shape[1])
+        layer.decode_layout = None  # it holds the replaced score tensors' addresses
         offset = 0
         for bucket in layer.buckets.values():
             bucket.scores = scores[offset : offset + bucket.num_tokens].clone()
@@ -631,13 +644,6 @@ class CompressedCache(Cache):
         """Bytes of the assembled decode operands (a dequantised working copy, on top of `nbytes`)."""
         return sum(layer.view.nbytes() for layer in self.layers if layer.view is not None)
 
-    @staticmethod
-    def _accumulate(layer: CompressedLayer, buckets: list[Bucket], mass: torch.Tensor, offset: int) -> None:
-        """Add this step's attention mass (N_total,) to the H2O scores of buckets and residual."""
-        for bucket in buckets:
-            bucket.scores += mass[offset : offset + bucket.num_tokens]
-            offset += bucket.num_tokens
-        layer.residual.scores += mass[offset:]
 
     # --------------------------------------------------------------- reports
     def nbytes(self) -> int:

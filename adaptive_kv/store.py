@@ -167,10 +167,13 @@ class Residual:
         """Head of every token: (N_r,) int64."""
         return torch.arange(self.lengths.numel(), device=self.lengths.device).repeat_interleave(self.lengths, output_size=self.keys.shape[0])
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> "Residual":
-        """Append q new tokens at positions start.. to every head: keys/values (H, q, D). New scores start at 0."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0, sizes: list[int] | None = None) -> "Residual":
+        """Append q new tokens at positions start.. to every head: keys/values (H, q, D). New scores start at 0.
+
+        `sizes`, the caller's copy of `lengths`, spares reading them back from the device (a sync per step).
+        """
         num_heads, q, head_dim = keys.shape
-        sizes = self.lengths.tolist()
+        sizes = self.lengths.tolist() if sizes is None else sizes
 
         def interleave(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             # each head's run, then its q new tokens (one cat; this runs for every layer of every step)

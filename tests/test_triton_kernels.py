@@ -21,6 +21,7 @@ from adaptive_kv import CompressedCache, HeadBudget, Plan  # noqa: E402
 from adaptive_kv.kernels import dispatch, get_backend  # noqa: E402
 from adaptive_kv.kernels import reference as ref  # noqa: E402
 from adaptive_kv.kernels import triton_backend as tb  # noqa: E402
+from adaptive_kv.kernels.layout import DecodeLayout  # noqa: E402
 from adaptive_kv.stats import StatsConfig, observe_layer  # noqa: E402
 from adaptive_kv.store import Residual, quantize_groups  # noqa: E402
 from conftest import build_tiny_model  # noqa: E402
@@ -181,56 +182,116 @@ def _decode_store(head_dim, rep, bits_list, dtype=torch.float32, seed=0):
     return query, sinks, buckets, residual, num_kv, head_dim**-0.5
 
 
+def _layout(sinks, buckets, num_kv, group=16, tokens_per_item=None):
+    lengths = torch.full((num_kv,), sinks[0].shape[1], device=DEVICE)
+    sink_segment = ref.Segment.full_precision(sinks[0].reshape(-1, sinks[0].shape[2]), sinks[1].reshape(-1, sinks[1].shape[2]), lengths)
+    return DecodeLayout.build([[sink_segment, *buckets]], num_kv, group, tokens_per_item)
+
+
+def _with_scores(store):
+    """The store with fresh H2O scores on every bucket and the residual (a copy per backend)."""
+    query, sinks, buckets, residual, num_kv, scaling = store
+    torch.manual_seed(7)
+    buckets = [dataclasses.replace(b, scores=torch.rand(b.num_tokens, device=DEVICE)) for b in buckets]
+    residual = dataclasses.replace(residual, scores=torch.rand(residual.keys.shape[0], device=DEVICE))
+    return query, sinks, buckets, residual, num_kv, scaling
+
+
 @pytest.mark.parametrize("bits", DECODE_BITS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("rep", [1, 3, 4])
-def test_partial_attention_matches_reference(bits, head_dim, rep):
-    query, _, (bucket,), _, num_kv, scaling = _decode_store(head_dim, rep, [bits])
-    got = tb.partial_attention(query[:, 0], bucket, num_kv, scaling)
-    want = ref.partial_attention(query[:, 0], bucket, num_kv, scaling)
-    assert torch.equal(torch.isinf(got[0]), torch.isinf(want[0]))  # head 2 holds nothing here
-    for g, w in zip(got, want):  # max, sum, weighted values
-        _close(g, w, "attention_fp32")
+def test_layout_decode_matches_reference(bits, head_dim, rep):
+    query, sinks, buckets, residual, num_kv, scaling = _decode_store(head_dim, rep, [bits], seed=rep)
+    layout = _layout(sinks, buckets, num_kv)
+    out = tb.layout_decode(query, layout, residual, scaling)
+    _close(out, ref.layout_decode(query, layout, residual, scaling), "attention_fp32")
 
 
-def test_partial_attention_splits_merge():
-    query, _, (bucket,), _, num_kv, scaling = _decode_store(64, 4, [(4, 2)])
-    want = ref.partial_attention(query[:, 0], bucket, num_kv, scaling)
-    for g, w in zip(tb.partial_attention(query[:, 0], bucket, num_kv, scaling, num_splits=3), want):
-        _close(g, w, "attention_fp32")
+@pytest.mark.parametrize("tokens_per_item", [16, 32, None])
+def test_layout_decode_splits_and_mixed_bits(tokens_per_item):
+    # heads split over many items (merged by log-sum-exp), one launch over every bit pair
+    query, sinks, buckets, residual, num_kv, scaling = _decode_store(64, 4, DECODE_BITS, seed=3)
+    layout = _layout(sinks, buckets, num_kv, tokens_per_item=tokens_per_item)
+    want, _ = ref.decode_attention(query, sinks, buckets, residual, num_kv, scaling)  # independent of the layout
+    _close(tb.layout_decode(query, layout, residual, scaling), want, "attention_fp32")
 
 
-def test_merged_partials_are_decode_attention():
-    # the reference's two halves agree: merging per-segment partials is attention over the store
-    query, sinks, buckets, residual, num_kv, scaling = _decode_store(64, 3, [(2, 8), (16, 4)])
-    parts = [ref.partial_attention(query[:, 0], s, num_kv, scaling) for s in ref.decode_segments(sinks, buckets, residual)]
-    _, total, acc = ref.merge_partials(*(torch.stack(t) for t in zip(*parts)))
-    want, _ = ref.decode_attention(query, sinks, buckets, residual, num_kv, scaling)
-    _close((acc / total[:, None])[:, None], want, "attention_fp32")
+@pytest.mark.parametrize("bits", [(4, 4), (2, 8)])
+def test_layout_decode_joined_groups(bits):
+    # a head's full groups stored one after another (as a plan lays them out) form one range whose
+    # tiles each read their own group's key scales
+    query, sinks, _, residual, num_kv, scaling = _decode_store(64, 2, [], seed=6)
+    heads = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 3, 2])
+    keys = torch.randn(10, 16, 64) * torch.linspace(0.2, 3, 64) + torch.randn(10, 1, 64) * 4  # groups differ in range
+    bucket = quantize_groups(ref, keys, torch.randn(10, 16, 64), heads, *bits, None)
+    bucket = dataclasses.replace(bucket, **{f.name: _on(getattr(bucket, f.name), DEVICE) for f in dataclasses.fields(bucket)})
+    layout = _layout(sinks, [bucket], num_kv, tokens_per_item=64)
+    assert layout.items[:, 3].max() == 64  # four groups joined
+    want, _ = ref.decode_attention(query, sinks, [bucket], residual, num_kv, scaling)
+    _close(tb.layout_decode(query, layout, residual, scaling), want, "attention_fp32")
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("rep", [1, 3, 4])
-def test_decode_attention_matches_reference(head_dim, rep):
-    args = _decode_store(head_dim, rep, [(2, 8), (4, 4), (16, 4)], seed=rep)
-    out, mass = tb.decode_attention(*args)
-    assert mass is None
-    _close(out, ref.decode_attention(*args)[0], "attention_fp32")
-
-
-def test_decode_attention_fp16():
-    args = _decode_store(64, 4, [(4, 2), (8, 16)], dtype=torch.float16)
-    out, _ = tb.decode_attention(*args)
+def test_layout_decode_fp16():
+    query, sinks, buckets, residual, num_kv, scaling = _decode_store(64, 4, [(4, 2), (8, 16)], dtype=torch.float16)
+    layout = _layout(sinks, buckets, num_kv)
+    out = tb.layout_decode(query, layout, residual, scaling)
     assert out.dtype == torch.float16
-    _close(out, ref.decode_attention(*args)[0], "attention_fp16")
+    _close(out, ref.layout_decode(query, layout, residual, scaling), "attention_fp16")
 
 
-def test_decode_attention_mass_path():
-    args = _decode_store(64, 4, [(4, 2), (8, 16)])
-    out, mass = tb.decode_attention(*args, need_mass=True)  # unfused: dequantise + varlen_attention
-    want_out, want_mass = ref.decode_attention(*args, need_mass=True)
-    _close(out, want_out, "attention_fp32")
-    _close(mass, want_mass, "mass")
+@pytest.mark.parametrize("rep", [1, 4])
+def test_layout_decode_accumulates_mass_in_place(rep):
+    store = _decode_store(64, rep, [(4, 2), (8, 16), (16, 16)], seed=5)
+    got_q, got_sinks, got_buckets, got_residual, num_kv, scaling = _with_scores(store)
+    _, sinks, want_buckets, want_residual, _, _ = _with_scores(store)
+    before = [b.scores.clone() for b in want_buckets] + [want_residual.scores.clone()]
+    out = tb.layout_decode(got_q, _layout(got_sinks, got_buckets, num_kv, tokens_per_item=16), got_residual, scaling,
+                           accumulate_mass=True)
+    want = ref.layout_decode(got_q, _layout(sinks, want_buckets, num_kv), want_residual, scaling, accumulate_mass=True)
+    _close(out, want, "attention_fp32")
+    # independent: the mass of one decode query over the whole store, from the dequantised reference
+    _, mass = ref.decode_attention(got_q, sinks, store[2], store[3], num_kv, scaling, need_mass=True)
+    got = torch.cat([b.scores for b in got_buckets] + [got_residual.scores]) - torch.cat(before)
+    _close(got, mass[num_kv * sinks[0].shape[1]:], "mass")
+    for g, w in zip(got_buckets + [got_residual], want_buckets + [want_residual]):
+        _close(g.scores, w.scores, "mass")
+
+
+def test_layout_decode_batch_of_stores():
+    # two sequences' stores in one layout: rows b * H + h, one launch for both
+    first = _decode_store(64, 2, [(4, 4)], seed=1)
+    second = _decode_store(64, 2, [(2, 8), (16, 4)], seed=2)
+    num_kv, scaling = first[4], first[5]
+    segs = []
+    for _, sinks, buckets, _, _, _ in (first, second):
+        lengths = torch.full((num_kv,), sinks[0].shape[1], device=DEVICE)
+        segs.append([ref.Segment.full_precision(sinks[0].reshape(-1, 64), sinks[1].reshape(-1, 64), lengths), *buckets])
+    layout = DecodeLayout.build(segs, num_kv, 16, 32)
+    residual = Residual(torch.cat([first[3].keys, second[3].keys]), torch.cat([first[3].values, second[3].values]),
+                        torch.cat([first[3].lengths, second[3].lengths]).to(DEVICE), None)
+    out = tb.layout_decode(torch.cat([first[0], second[0]]), layout, residual, scaling)
+    for i, (query, sinks, buckets, res, _, _) in enumerate((first, second)):
+        want, _ = ref.decode_attention(query, sinks, buckets, res, num_kv, scaling)
+        _close(out[i * query.shape[0] : (i + 1) * query.shape[0]], want, "attention_fp32")
+
+
+def test_layout_ranges_cover_every_token_once():
+    # independent of the kernels: every stored token lies in exactly one item of its own head's row
+    _, sinks, buckets, _, num_kv, _ = _decode_store(64, 1, DECODE_BITS, seed=4)
+    layout = _layout(sinks, buckets, num_kv, tokens_per_item=32)
+    items = layout.items.cpu()
+    for index, seg in enumerate(layout.stores[0]):
+        heads = seg.group_head.long().repeat_interleave(seg.group_len.long()).cpu()
+        covered = torch.zeros(seg.keys.shape[0], dtype=torch.long)
+        for item in items[items[:, 0] == index].tolist():
+            _, row, start, count, _ = item
+            assert count <= 32 or index == 0
+            covered[start : start + count] += 1
+            assert (heads[start : start + count] == row).all()
+        assert (covered == 1).all()
+    ranges = layout.item_ranges.cpu()
+    for row in range(num_kv):
+        assert (items[ranges[row] : ranges[row + 1], 1] == row).all()
 
 
 # --------------------------------------------------------------------------- prefill statistics
@@ -281,20 +342,21 @@ def test_importing_adaptive_kv_does_not_import_triton():
 def test_generation_matches_torch_backend(evict, monkeypatch):
     model = build_tiny_model("llama_gqa").to(DEVICE)  # head_dim 16, 4 query / 2 KV heads
     layout = dict(recent_window=8, group_size=16, sink_tokens=4)
-    # mixed bits per head; with H2O eviction (exercises need_mass: unfused decode) or without (fused decode)
+    # mixed bits per head; with H2O eviction (the fused mass pass adds to the scores) or without
     keep = (40, 50) if evict else (None, None)
     plan = Plan(((HeadBudget(keep[0], 2, 8), HeadBudget(None, 4, 4)), (HeadBudget(keep[1], 8, 2), HeadBudget(None, 16, 16))), **layout)
-    fused_launches = []
-    launch = tb._segment_partials
-    monkeypatch.setattr(tb, "_segment_partials", lambda *a: fused_launches.append(1) or launch(*a))
+    mass_passes = []
+    launch = tb.K.layout_mass_kernel
+    monkeypatch.setattr(tb.K, "layout_mass_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: mass_passes.append(1) or launch[grid]})())
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, 77), device=DEVICE)
     sequences = {}
     for backend in ("torch", "triton"):
-        # assembled=False: decode through each backend's decode_attention (the CPU default keeps
-        # assembled operands instead, which would leave the fused kernel unused)
+        # assembled=False: decode through each backend's layout_decode (the CPU default keeps
+        # assembled operands instead, which would leave the fused kernels unused)
         cache = CompressedCache(model, plan=plan, backend=backend, assembled=False)
         sequences[backend] = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache)
     assert sequences["triton"].shape[1] == 77 + 8
     assert torch.equal(sequences["triton"], sequences["torch"])
-    assert bool(fused_launches) != evict
+    assert bool(mass_passes) == evict

@@ -9,6 +9,7 @@ bytes as they are.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -214,39 +215,6 @@ def segment_tokens(segment, dtype: torch.dtype, kernels=None) -> tuple[torch.Ten
     return keys, values, heads
 
 
-def partial_attention(
-    query: torch.Tensor, segment, num_kv_heads: int, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unnormalised softmax state of one decode query (H_q, D) over one segment's tokens.
-
-    Returns per query head the max logit (H_q,), the sum of exp(logit - max) (H_q,) and the
-    exp-weighted sum of values (H_q, D), all fp32; a head without tokens here has (-inf, 0, 0).
-    Keys and values are dequantised to the query's dtype first, as `decode_attention` does.
-    """
-    num_q, head_dim = query.shape
-    rep = num_q // num_kv_heads
-    keys, values, heads = segment_tokens(segment, query.dtype)
-    q = query.float().view(num_kv_heads, rep, head_dim)  # query head h*rep + r -> KV head h
-    logits = torch.einsum("nrd,nd->nr", q[heads], keys.float()) * scaling  # (N, rep)
-    top = torch.full((num_kv_heads, rep), -torch.inf, device=query.device)
-    top = top.scatter_reduce(0, heads[:, None].expand(-1, rep), logits, "amax")
-    probs = torch.exp(logits - top[heads])  # a head with tokens has a finite max
-    total = torch.zeros(num_kv_heads, rep, device=query.device).index_add_(0, heads, probs)
-    acc = torch.zeros(num_kv_heads, rep, head_dim, device=query.device)
-    acc.index_add_(0, heads, probs[..., None] * values.float()[:, None])
-    return top.view(num_q), total.view(num_q), acc.view(num_q, head_dim)
-
-
-def merge_partials(
-    top: torch.Tensor, total: torch.Tensor, acc: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge P partial states (P, R), (P, R), (P, R, D) into one (R,), (R,), (R, D) (log-sum-exp)."""
-    merged = top.amax(0)
-    safe = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)  # no token anywhere
-    weight = torch.exp(top - safe)  # (P, R); a part that saw no token has weight 0
-    return merged, (weight * total).sum(0), (weight[..., None] * acc).sum(0)
-
-
 def decode_attention(
     query: torch.Tensor,
     sinks: tuple[torch.Tensor, torch.Tensor],
@@ -265,6 +233,45 @@ def decode_attention(
     parts = [segment_tokens(s, query.dtype) for s in decode_segments(sinks, buckets, residual)]
     keys, values, heads = (torch.cat(t) for t in zip(*parts))
     return varlen_attention(query, keys, values, heads, num_kv_heads, scaling, query.shape[1], need_mass)
+
+
+def layout_decode(
+    query: torch.Tensor, layout, residual, scaling: float, accumulate_mass: bool = False, kernels=None
+) -> torch.Tensor:
+    """Attention of query (R*rep, q, D) over a `DecodeLayout`'s stores and their residual: (R*rep, q, D).
+
+    Row r = b * H + h is KV head h of sequence b; `residual` holds the newest tokens of every row
+    (sorted by row, `lengths` (R,)), the q new ones last, seen causally. With `accumulate_mass`
+    each token's attention mass (summed over queries, averaged over the GQA group) is added in
+    place to its score tensor (`Bucket.scores`, `residual.scores`; segments without one are
+    skipped). Reference: each sequence's store dequantised (with `kernels`, default this module),
+    then `varlen_attention`.
+    """
+    kernels = kernels or sys.modules[__name__]
+    heads = layout.num_kv_heads
+    rep = query.shape[0] // layout.num_rows
+    counts = residual.lengths.tolist()
+    outs, offset = [], 0
+    for seq, store in enumerate(layout.stores):
+        tokens = sum(counts[seq * heads : (seq + 1) * heads])
+        mine = slice(offset, offset + tokens)
+        last = Segment.full_precision(residual.keys[mine], residual.values[mine], residual.lengths[seq * heads : (seq + 1) * heads])
+        parts = [segment_tokens(s, query.dtype, kernels=kernels) for s in (*store, last)]
+        keys, values, token_heads = (torch.cat(t) for t in zip(*parts))
+        rows = slice(seq * heads * rep, (seq + 1) * heads * rep)
+        out, mass = kernels.varlen_attention(query[rows], keys, values, token_heads, heads, scaling, query.shape[1],
+                                             accumulate_mass)
+        outs.append(out)
+        if accumulate_mass:
+            start = 0
+            for seg in store:
+                if getattr(seg, "scores", None) is not None:
+                    seg.scores += mass[start : start + seg.keys.shape[0]]
+                start += seg.keys.shape[0]
+            if residual.scores is not None:
+                residual.scores[mine] += mass[start:]
+        offset += tokens
+    return torch.cat(outs)
 
 
 # --------------------------------------------------------------------------- prefill statistics

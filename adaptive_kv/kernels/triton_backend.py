@@ -5,9 +5,9 @@ Same functions and signatures as `reference`, so the cache runs unchanged on eit
 Real kernels: quantize_keys, quantize_values (quantise + pack, codes bit-identical to the
 reference), dequantize_keys, dequantize_values (unpack + dequantise), varlen_attention (one
 launch over every KV head of a layer, optionally split over the sequence, flash-decoding style;
-`need_mass` runs a second kernel pass), decode_attention / partial_attention (fused decode: reads
-packed codes and dequantises in registers, one launch per store segment, splits merged by
-log-sum-exp; the mass pass and q > 1 dequantise and run varlen_attention), window_attention_scores
+`need_mass` runs a second kernel pass), layout_decode (fused decode over a `DecodeLayout`: reads
+packed codes and dequantises them in registers, a fixed set of launches per layer and step with
+no host synchronisation; q > 1 dequantises and runs varlen_attention), window_attention_scores
 (prefill statistics in two passes, never holding W x T). pack and unpack delegate to the
 reference (the kernels fuse them). Shapes the kernels do not cover (head_dim or channel group not
 a power of two, empty inputs) also delegate to the reference.
@@ -26,6 +26,7 @@ import triton
 
 from adaptive_kv.kernels import reference
 from adaptive_kv.kernels import triton_kernels as K
+from adaptive_kv.kernels.layout import DecodeLayout
 
 pack = reference.pack
 unpack = reference.unpack
@@ -36,6 +37,7 @@ _QUANT_BLOCK_N = 16  # tokens per program for value (de)quantisation and key deq
 _BLOCK_M = 16  # query rows per attention program (tl.dot needs >= 16)
 _BLOCK_N = 32  # tokens per attention inner step
 _TOKENS_PER_SPLIT = 512  # flash-decoding: a split below this is not worth its merge
+_BLOCK_N_DECODE = 64  # tokens per fused-decode tile (at most one key group)
 _NO_FMA = {"enable_fp_fusion": False}  # quantisers must round like torch (no fused multiply-add)
 
 
@@ -246,113 +248,81 @@ def _varlen_attention(query, keys, values, heads, num_kv_heads, scaling, need_ma
     return out, mass
 
 
-# --------------------------------------------------------------------------- fused decode
+# --------------------------------------------------------------------------- fused decode over a DecodeLayout
 Segment = reference.Segment
-merge_partials = reference.merge_partials
 
 
-def _fused_unsupported(query: torch.Tensor, segments, need_mass: bool) -> str | None:
-    """Why the fused decode kernel cannot run these inputs (None if it can)."""
+def _fused_unsupported(query: torch.Tensor, layout: DecodeLayout, residual) -> str | None:
+    """Why the fused decode kernels cannot run these inputs (None if they can)."""
     num_q, q_len, head_dim = query.shape
-    if q_len != 1 or need_mass:
-        return "only a single decode query without the mass pass is fused"
+    if q_len != 1:
+        return "only a single decode query is fused"
     if not _pow2(head_dim) or head_dim < 16:
         return f"head_dim={head_dim} is not a power of two >= 16"
-    for seg in segments:
-        if seg.value_bits != 16 and not _pow2(head_dim // seg.value_scale.shape[1]):
-            return f"value channel group {head_dim // seg.value_scale.shape[1]} is not a power of two"
+    if layout.group_size < 16:
+        return f"group_size={layout.group_size} is below the 16 tokens of a tile"
+    if not _pow2(layout.value_group):
+        return f"value channel group {layout.value_group} is not a power of two"
+    if layout.dtype not in (None, residual.keys.dtype) or query.dtype != residual.keys.dtype:
+        return f"stored 16-bit sides ({layout.dtype}), residual ({residual.keys.dtype}) and query ({query.dtype}) differ"
     return None
 
 
-def _segment_partials(query: torch.Tensor, segment, num_kv_heads: int, scaling: float, num_splits: int | None):
-    """Per-split softmax state of decode query (H_q, D) over one segment: (S, H_q), (S, H_q), (S, H_q, D)."""
-    num_q, head_dim = query.shape
-    rep = num_q // num_kv_heads
-    device = query.device
-    n = segment.keys.shape[0]
-    group_len = segment.group_len.to(device=device, dtype=torch.long)
-    heads = segment.group_head.to(device=device, dtype=torch.long).repeat_interleave(group_len, output_size=n)
-    order = torch.argsort(heads, stable=True).to(torch.int32)  # tokens grouped by head
-    counts = torch.bincount(heads, minlength=num_kv_heads)
-    starts = (torch.cumsum(counts, 0) - counts).to(torch.int32)
-    longest = int(counts.max())  # sync: the grid needs it
-    splits = num_splits or _default_splits(longest, num_kv_heads, device)
-    split_len = _BLOCK_N * triton.cdiv(triton.cdiv(longest, splits), _BLOCK_N)
-    splits = triton.cdiv(longest, split_len)
-    keys, values = segment.keys.contiguous(), segment.values.contiguous()
-    token_group = order
-    if segment.key_bits != 16:  # token -> its key group (scale/zero row)
-        token_group = torch.arange(group_len.numel(), device=device, dtype=torch.int32).repeat_interleave(
-            group_len, output_size=n
-        )
-    k_scale, k_zero = (keys, keys) if segment.key_bits == 16 else (segment.key_scale, segment.key_zero)
-    v_scale, v_zero = (values, values) if segment.value_bits == 16 else (segment.value_scale, segment.value_zero)
-    value_cg = 1 if segment.value_bits == 16 else head_dim // v_scale.shape[1]
-    acc = torch.empty(splits, num_q, head_dim, dtype=torch.float32, device=device)
-    top = torch.empty(splits, num_q, dtype=torch.float32, device=device)
-    total = torch.empty_like(top)
-    K.packed_decode_kernel[(num_kv_heads, splits)](
-        query.contiguous(), keys, values, k_scale.contiguous(), k_zero.contiguous(), v_scale.contiguous(),
-        v_zero.contiguous(), token_group, order, starts, counts.to(torch.int32), acc, top, total,
-        float(scaling), rep, split_len,
-        D=head_dim, KEY_BITS=segment.key_bits, VALUE_BITS=segment.value_bits, VALUE_CG=value_cg,
-        BLOCK_M=max(16, triton.next_power_of_2(rep)), BLOCK_N=_BLOCK_N,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-    )
-    return top, total, acc
+def layout_decode(
+    query: torch.Tensor, layout: DecodeLayout, residual, scaling: float, accumulate_mass: bool = False
+) -> torch.Tensor:
+    """As `reference.layout_decode`: output (R*rep, q, D) of query (R*rep, q, D) over `layout` + `residual`.
 
-
-def partial_attention(
-    query: torch.Tensor, segment, num_kv_heads: int, scaling: float, num_splits: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As `reference.partial_attention`: (max (H_q,), sum (H_q,), acc (H_q, D)) of query (H_q, D) over `segment`.
-
-    Keys and values are read packed and dequantised in registers; `num_splits` (default: fill the
-    GPU) splits the segment's sequence, and the splits are merged before returning.
+    One decode query runs fused in a fixed set of launches whatever the heads, segments and bits:
+    one program per work item and per row's residual reads packed codes and dequantises them in
+    registers, one merge per row, and with `accumulate_mass` one pass that adds each token's
+    attention mass to its H2O score in place. No host synchronisation: the grid comes from the
+    layout, which is built when the store changes. Several query tokens (q > 1) dequantise the
+    store and run `varlen_attention`.
     """
-    if query.dim() != 2 or query.shape[0] % num_kv_heads:
-        raise ValueError(f"query must be (H_q, D) with H_q a multiple of {num_kv_heads}, got {tuple(query.shape)}")
-    why = _fused_unsupported(query[:, None], [segment], need_mass=False)
-    if why or segment.keys.shape[0] == 0:
-        if why:
-            _fallback("partial_attention", why)
-        return reference.partial_attention(query, segment, num_kv_heads, scaling)
-    return merge_partials(*_segment_partials(query, segment, num_kv_heads, scaling, num_splits))
-
-
-def decode_attention(
-    query: torch.Tensor,
-    sinks: tuple[torch.Tensor, torch.Tensor],
-    buckets,
-    residual,
-    num_kv_heads: int,
-    scaling: float,
-    need_mass: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """As `reference.decode_attention`: output (H_q, q, D) and, if `need_mass`, mass (N_total,).
-
-    One decode query without the mass pass runs fused: one kernel launch per segment (sinks, each
-    packed bucket, residual) reads codes and dequantises in registers, then one merge. Otherwise
-    the store is dequantised and `varlen_attention` runs (its mass pass needs flat tokens).
-    """
-    if query.dim() != 3 or num_kv_heads < 1 or query.shape[0] % num_kv_heads:
-        raise ValueError(f"query must be (H_q, q, D) with H_q a multiple of {num_kv_heads}, got {tuple(query.shape)}")
-    segments = reference.decode_segments(sinks, buckets, residual)
-    num_q, q_len, head_dim = query.shape
-    why = _fused_unsupported(query, segments, need_mass)
+    _check_layout_query(query, layout)
+    why = _fused_unsupported(query, layout, residual)
     if why:
-        if q_len == 1 and not need_mass:
-            _fallback("decode_attention", why)
-        this = sys.modules[__name__]  # dequantise with this backend's kernels
-        parts = [reference.segment_tokens(seg, query.dtype, kernels=this) for seg in segments]
-        keys, values, heads = (torch.cat(t) for t in zip(*parts))
-        return varlen_attention(query, keys, values, heads, num_kv_heads, scaling, q_len, need_mass)
-    parts = [
-        _segment_partials(query[:, 0], seg, num_kv_heads, scaling, None) for seg in segments if seg.keys.shape[0]
-    ]
-    top, total, acc = merge_partials(*(torch.cat(t) for t in zip(*parts)))
-    out = acc / total.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    return out.to(query.dtype).view(num_q, 1, head_dim), None
+        if query.shape[1] == 1:
+            _fallback("layout_decode", why)
+        return reference.layout_decode(query, layout, residual, scaling, accumulate_mass, kernels=sys.modules[__name__])
+    num_q, _, head_dim = query.shape
+    rows = layout.num_rows
+    rep = num_q // rows
+    programs = layout.num_items + rows
+    device = query.device
+    q = query.reshape(num_q, head_dim).contiguous()
+    keys, values = residual.keys.contiguous(), residual.values.contiguous()
+    acc = torch.empty(programs, rep, head_dim, dtype=torch.float32, device=device)
+    top = torch.empty(programs, rep, dtype=torch.float32, device=device)
+    total = torch.empty_like(top)
+    block_m = max(16, triton.next_power_of_2(rep))
+    block_n = min(layout.group_size, _BLOCK_N_DECODE)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    K.layout_decode_kernel[(programs,)](
+        q, layout.table, layout.items, keys, values, residual.lengths, acc, top, total,
+        float(scaling), layout.num_items, rep,
+        D=head_dim, VALUE_CG=layout.value_group, GROUP=layout.group_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
+    )
+    out = torch.empty_like(q)
+    lse = torch.empty(num_q, dtype=torch.float32, device=device)
+    K.layout_merge_kernel[(rows,)](acc, top, total, layout.item_ranges, out, lse, layout.num_items, rep,
+                                   D=head_dim, BLOCK_M=block_m)
+    if accumulate_mass:
+        scores = residual.scores
+        K.layout_mass_kernel[(programs,)](
+            q, layout.table, layout.items, keys, residual.lengths, keys if scores is None else scores, lse,
+            float(scaling), 1.0 / rep, layout.num_items, rep,
+            D=head_dim, GROUP=layout.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_PRECISION=precision, RESIDUAL_SCORES=scores is not None,
+        )
+    return out.view(num_q, 1, head_dim)
+
+
+def _check_layout_query(query: torch.Tensor, layout: DecodeLayout) -> None:
+    if query.dim() != 3 or query.shape[0] % layout.num_rows:
+        raise ValueError(f"query must be (R*rep, q, D) with R={layout.num_rows} rows, got {tuple(query.shape)}")
 
 
 # --------------------------------------------------------------------------- prefill statistics
@@ -394,5 +364,5 @@ def window_attention_scores(query: torch.Tensor, keys: torch.Tensor, scaling: fl
 
 __all__ = [
     "pack", "unpack", "quantize_keys", "dequantize_keys", "quantize_values", "dequantize_values", "varlen_attention",
-    "Segment", "partial_attention", "merge_partials", "decode_attention", "window_attention_scores",
+    "Segment", "layout_decode", "window_attention_scores",
 ]

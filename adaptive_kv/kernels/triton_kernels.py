@@ -255,7 +255,7 @@ def token_mass_kernel(
     tl.store(mass_ptr + idx, total * inv_rep, mask=col_ok)
 
 
-# --------------------------------------------------------------------------- fused decode over packed tokens
+# --------------------------------------------------------------------------- fused decode over a DecodeLayout
 @triton.jit
 def _dequant_rows(
     data_ptr, scale_ptr, zero_ptr, rows, sz_rows, row_ok, dims,
@@ -280,56 +280,261 @@ def _dequant_rows(
 
 
 @triton.jit
-def packed_decode_kernel(
-    q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, token_group_ptr,
-    order_ptr, starts_ptr, counts_ptr, acc_ptr, max_ptr, sum_ptr,
-    scaling, rep, split_len,
-    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_CG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Partial decode attention of one (KV head, sequence split) over one segment's tokens.
+def _typed(address, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """A stored side's pointer from its address: the model's dtype at 16 bits, packed bytes below."""
+    if BITS == 16:
+        ptr = address.to(tl.pointer_type(DTYPE))
+    else:
+        ptr = address.to(tl.pointer_type(tl.uint8))
+    return ptr
 
-    Grid (H_kv, splits). The rep query heads of the KV head share each load; keys and values are
-    read as packed codes and dequantised in registers (flash-decoding: each split writes its
-    unnormalised output, max and sum; the host merges splits and segments). A decode query sees
-    every stored token, so there is no causal mask. Outputs are (splits, H_kv * rep[, D]).
+
+@triton.jit
+def _range_tiles(
+    q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+    start, count, scale_row, scaling, dims,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_CG: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of the query rows over tokens start .. start + count of one segment.
+
+    The range is whole groups, all full but the last, and BLOCK_N divides GROUP: each tile reads
+    one key scale row. Keys and values are dequantised in registers and rounded to the query's
+    dtype, as the reference dequantises them.
     """
-    head = tl.program_id(0)
-    split = tl.program_id(1)
-    start = tl.load(starts_ptr + head)
-    count = tl.load(counts_ptr + head)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < rep
-    dims = tl.arange(0, D)
-    q_rows = head * rep + rows
-    q = tl.load(q_ptr + q_rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, count)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        idx = tl.load(order_ptr + start + cols, mask=col_ok, other=0).to(tl.int64)
-        if KEY_BITS == 16:
-            grp = idx
-        else:
-            grp = tl.load(token_group_ptr + idx, mask=col_ok, other=0).to(tl.int64)
-        k = _dequant_rows(k_ptr, k_scale_ptr, k_zero_ptr, idx, grp, col_ok, dims, D, KEY_BITS, 1).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling  # (BLOCK_M, BLOCK_N)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step has >= 1 token
+    for n0 in range(0, count, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        ok = offs < count
+        tok = start + offs
+        group_row = tl.zeros_like(tok) + scale_row + n0 // GROUP
+        k = _dequant_rows(k_ptr, k_scale_ptr, k_zero_ptr, tok, group_row, ok, dims, D, KEY_BITS, 1).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds >= 1 token
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _dequant_rows(v_ptr, v_scale_ptr, v_zero_ptr, idx, idx, col_ok, dims, D, VALUE_BITS, VALUE_CG).to(q.dtype)
+        v = _dequant_rows(v_ptr, v_scale_ptr, v_zero_ptr, tok, tok, ok, dims, D, VALUE_BITS, VALUE_CG).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
         m_i = m_new
-    out_rows = (split * tl.num_programs(0) + head) * rep + rows
-    tl.store(acc_ptr + out_rows[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
-    tl.store(max_ptr + out_rows, m_i, mask=row_ok)
-    tl.store(sum_ptr + out_rows, l_i, mask=row_ok)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _segment_tiles(
+    q, m_i, l_i, acc, seg, start, count, scale_row, scaling, dims,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_CG: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """`_range_tiles` over a segment-table row `seg` (pointer to its SEGMENT_FIELDS int64 entries)."""
+    return _range_tiles(
+        q, m_i, l_i, acc,
+        _typed(tl.load(seg + 2), KEY_BITS, DTYPE), _typed(tl.load(seg + 3), VALUE_BITS, DTYPE),
+        tl.load(seg + 4).to(tl.pointer_type(tl.float16)), tl.load(seg + 5).to(tl.pointer_type(tl.float16)),
+        tl.load(seg + 6).to(tl.pointer_type(tl.float16)), tl.load(seg + 7).to(tl.pointer_type(tl.float16)),
+        start, count, scale_row, scaling, dims, D, KEY_BITS, VALUE_BITS, VALUE_CG, GROUP, BLOCK_N, DOT_PRECISION,
+    )
+
+
+@triton.jit
+def _segment_by_value_bits(
+    q, m_i, l_i, acc, seg, start, count, scale_row, scaling, dims,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_CG: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Branch on the segment's value bits (read at run time) to the loop compiled for them."""
+    value_bits = tl.load(seg + 1)
+    if value_bits == 16:
+        m_i, l_i, acc = _segment_tiles(q, m_i, l_i, acc, seg, start, count, scale_row, scaling, dims,
+                                       D, KEY_BITS, 16, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+    elif value_bits == 8:
+        m_i, l_i, acc = _segment_tiles(q, m_i, l_i, acc, seg, start, count, scale_row, scaling, dims,
+                                       D, KEY_BITS, 8, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+    elif value_bits == 4:
+        m_i, l_i, acc = _segment_tiles(q, m_i, l_i, acc, seg, start, count, scale_row, scaling, dims,
+                                       D, KEY_BITS, 4, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+    else:
+        m_i, l_i, acc = _segment_tiles(q, m_i, l_i, acc, seg, start, count, scale_row, scaling, dims,
+                                       D, KEY_BITS, 2, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _item(item_ptr, res_len_ptr, num_items, pid):
+    """(segment, row, first token, tokens, scale row) of work item `pid`; past the table, a row's residual."""
+    if pid < num_items:
+        base = item_ptr + pid * 5
+        seg = tl.load(base)
+        row = tl.load(base + 1)
+        start = tl.load(base + 2)
+        count = tl.load(base + 3)
+        scale_row = tl.load(base + 4)
+    else:  # the residual of row pid - num_items: its tokens follow the earlier rows' (sorted by row)
+        row = (pid - num_items).to(tl.int64)
+        seg = row * 0 - 1
+        start = row * 0
+        for r in range(0, row):
+            start += tl.load(res_len_ptr + r)
+        count = tl.load(res_len_ptr + row)
+        scale_row = row * 0
+    return seg, row, start, count, scale_row
+
+
+@triton.jit
+def layout_decode_kernel(
+    q_ptr, seg_ptr, item_ptr, res_k_ptr, res_v_ptr, res_len_ptr, acc_ptr, max_ptr, sum_ptr,
+    scaling, num_items, rep,
+    D: tl.constexpr, VALUE_CG: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Partial decode attention of one work item; grid (items + rows,).
+
+    Items come from a `DecodeLayout` (one contiguous token range of one head in one segment, the
+    segment's bits and tensor addresses read from the table); the last `rows` programs read each
+    row's residual. The rep query heads of a KV head share every load. Writes the unnormalised
+    output, max and sum per (program, query head) for `layout_merge_kernel`. Nothing here depends
+    on the host: the grid is fixed by the layout.
+    """
+    pid = tl.program_id(0)
+    seg, row, start, count, scale_row = _item(item_ptr, res_len_ptr, num_items, pid)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < rep
+    dims = tl.arange(0, D)
+    q = tl.load(q_ptr + (row * rep + rows)[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    DTYPE: tl.constexpr = res_k_ptr.dtype.element_ty
+    if pid < num_items:
+        entry = seg_ptr + seg * 9
+        key_bits = tl.load(entry)
+        if key_bits == 16:
+            m_i, l_i, acc = _segment_by_value_bits(q, m_i, l_i, acc, entry, start, count, scale_row, scaling, dims,
+                                                   D, 16, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+        elif key_bits == 8:
+            m_i, l_i, acc = _segment_by_value_bits(q, m_i, l_i, acc, entry, start, count, scale_row, scaling, dims,
+                                                   D, 8, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+        elif key_bits == 4:
+            m_i, l_i, acc = _segment_by_value_bits(q, m_i, l_i, acc, entry, start, count, scale_row, scaling, dims,
+                                                   D, 4, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+        else:
+            m_i, l_i, acc = _segment_by_value_bits(q, m_i, l_i, acc, entry, start, count, scale_row, scaling, dims,
+                                                   D, 2, VALUE_CG, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+    else:
+        m_i, l_i, acc = _range_tiles(q, m_i, l_i, acc, res_k_ptr, res_v_ptr, res_k_ptr, res_k_ptr, res_k_ptr,
+                                     res_k_ptr, start, count, scale_row, scaling, dims,
+                                     D, 16, 16, VALUE_CG, GROUP, BLOCK_N, DOT_PRECISION)
+    out = pid * rep + rows
+    tl.store(acc_ptr + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(max_ptr + out, m_i, mask=row_ok)
+    tl.store(sum_ptr + out, l_i, mask=row_ok)
+
+
+@triton.jit
+def layout_merge_kernel(
+    acc_ptr, max_ptr, sum_ptr, ranges_ptr, out_ptr, lse_ptr, num_items, rep,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge one row's partials (its items, then its residual) by log-sum-exp; grid (rows,).
+
+    Writes the normalised output in the query's dtype and each query head's log-sum-exp (fp32),
+    which the mass pass reads.
+    """
+    row = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < rep
+    dims = tl.arange(0, D)
+    part = (num_items + row) * rep + rows
+    m_i = tl.load(max_ptr + part, mask=row_ok, other=float("-inf"))
+    l_i = tl.load(sum_ptr + part, mask=row_ok, other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    for i in range(tl.load(ranges_ptr + row), tl.load(ranges_ptr + row + 1)):
+        part = i * rep + rows
+        m_p = tl.load(max_ptr + part, mask=row_ok, other=float("-inf"))
+        m_new = tl.maximum(m_i, m_p)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        mine, theirs = tl.exp(m_i - safe), tl.exp(m_p - safe)
+        l_i = l_i * mine + tl.load(sum_ptr + part, mask=row_ok, other=0.0) * theirs
+        acc_p = tl.load(acc_ptr + part[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        acc = acc * mine[:, None] + acc_p * theirs[:, None]
+        m_i = m_new
+    out = row * rep + rows
+    total = tl.maximum(l_i, 1.1754943508222875e-38)
+    tl.store(out_ptr + out[:, None] * D + dims[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + out, m_i + tl.log(total), mask=row_ok)
+
+
+@triton.jit
+def _mass_tiles(
+    q, lse, row_ok, k_ptr, k_scale_ptr, k_zero_ptr, scores_ptr, start, count, scale_row, scaling, inv_rep, dims,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Add each token's attention mass (probabilities summed over the rows / rep) to its H2O score."""
+    for n0 in range(0, count, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        ok = offs < count
+        tok = start + offs
+        group_row = tl.zeros_like(tok) + scale_row + n0 // GROUP
+        k = _dequant_rows(k_ptr, k_scale_ptr, k_zero_ptr, tok, group_row, ok, dims, D, KEY_BITS, 1).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scaling
+        p = tl.where(row_ok[:, None] & ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        old = tl.load(scores_ptr + tok, mask=ok, other=0.0)
+        tl.store(scores_ptr + tok, old + tl.sum(p, axis=0) * inv_rep, mask=ok)
+
+
+@triton.jit
+def _segment_mass(
+    q, lse, row_ok, seg, start, count, scale_row, scaling, inv_rep, dims,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    _mass_tiles(q, lse, row_ok, _typed(tl.load(seg + 2), KEY_BITS, DTYPE),
+                tl.load(seg + 4).to(tl.pointer_type(tl.float16)), tl.load(seg + 5).to(tl.pointer_type(tl.float16)),
+                tl.load(seg + 8).to(tl.pointer_type(tl.float32)), start, count, scale_row, scaling, inv_rep, dims,
+                D, KEY_BITS, GROUP, BLOCK_N, DOT_PRECISION)
+
+
+@triton.jit
+def layout_mass_kernel(
+    q_ptr, seg_ptr, item_ptr, res_k_ptr, res_len_ptr, res_scores_ptr, lse_ptr,
+    scaling, inv_rep, num_items, rep,
+    D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RESIDUAL_SCORES: tl.constexpr,
+):
+    """H2O pass after the merge; grid (items + rows,) as `layout_decode_kernel`.
+
+    Recomputes each token's logits against its rows' final log-sum-exp and adds the mass to the
+    token's score in place (a segment whose table entry has no score tensor is skipped), so no
+    (rows, tokens) matrix is stored and nothing returns to the host.
+    """
+    pid = tl.program_id(0)
+    seg, row, start, count, scale_row = _item(item_ptr, res_len_ptr, num_items, pid)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < rep
+    dims = tl.arange(0, D)
+    q = tl.load(q_ptr + (row * rep + rows)[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + row * rep + rows, mask=row_ok, other=float("inf"))
+    DTYPE: tl.constexpr = res_k_ptr.dtype.element_ty
+    if pid < num_items:
+        entry = seg_ptr + seg * 9
+        if tl.load(entry + 8) != 0:
+            key_bits = tl.load(entry)
+            if key_bits == 16:
+                _segment_mass(q, lse, row_ok, entry, start, count, scale_row, scaling, inv_rep, dims,
+                              D, 16, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+            elif key_bits == 8:
+                _segment_mass(q, lse, row_ok, entry, start, count, scale_row, scaling, inv_rep, dims,
+                              D, 8, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+            elif key_bits == 4:
+                _segment_mass(q, lse, row_ok, entry, start, count, scale_row, scaling, inv_rep, dims,
+                              D, 4, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+            else:
+                _segment_mass(q, lse, row_ok, entry, start, count, scale_row, scaling, inv_rep, dims,
+                              D, 2, GROUP, BLOCK_N, DTYPE, DOT_PRECISION)
+    elif RESIDUAL_SCORES:
+        _mass_tiles(q, lse, row_ok, res_k_ptr, res_k_ptr, res_k_ptr, res_scores_ptr, start, count, scale_row,
+                    scaling, inv_rep, dims, D, 16, GROUP, BLOCK_N, DOT_PRECISION)
 
 
 # --------------------------------------------------------------------------- prefill statistics
