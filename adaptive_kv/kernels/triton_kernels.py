@@ -449,13 +449,13 @@ def layout_merge_kernel(
     l_i = tl.load(sum_ptr + part, mask=row_ok, other=0.0)
     acc = tl.load(acc_ptr + part[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
     for i in range(tl.load(ranges_ptr + row), tl.load(ranges_ptr + row + 1)):
-        part = i * rep + rows
-        m_p = tl.load(max_ptr + part, mask=row_ok, other=float("-inf"))
+        item = i * rep + rows
+        m_p = tl.load(max_ptr + item, mask=row_ok, other=float("-inf"))
         m_new = tl.maximum(m_i, m_p)
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         mine, theirs = tl.exp(m_i - safe), tl.exp(m_p - safe)
-        l_i = l_i * mine + tl.load(sum_ptr + part, mask=row_ok, other=0.0) * theirs
-        acc_p = tl.load(acc_ptr + part[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        l_i = l_i * mine + tl.load(sum_ptr + item, mask=row_ok, other=0.0) * theirs
+        acc_p = tl.load(acc_ptr + item[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
         acc = acc * mine[:, None] + acc_p * theirs[:, None]
         m_i = m_new
     out = row * rep + rows
