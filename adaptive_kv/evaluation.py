@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from adaptive_kv.cache import CompressedCache
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
 from adaptive_kv.reconstruction import ReconstructionRequest
 from adaptive_kv.tasks import TASKS, TaskSample, kl_divergence, make_samples, perplexity, score_sample, top1_agreement
@@ -188,7 +189,7 @@ class Evaluator:
             tally.extra["prefill_s"].append(seconds if self.policies[policy].stats_config().reconstruction else plain)
             try:
                 cache = captured.fork(self._plan(policy, budget, captured))
-            except ValueError as exc:  # budget below what this policy can reach: recorded, not fatal
+            except InfeasibleBudget as exc:  # recorded, not fatal: the other budgets still run
                 tally.errors.append(str(exc))
                 self.progress()
                 continue

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan
 from adaptive_kv.stats import AttentionStats, StatsConfig
 
@@ -166,11 +167,6 @@ def max_keep(limit: float, layout: dict[str, Any], seq_len: int, head_dim: int, 
     return last_fitting(fits, start, min(start + group - 1, top))
 
 
-def infeasible(budget: float, minimum: float, seq_len: int, why: str) -> ValueError:
-    """The error for a budget below what a policy can reach."""
-    return ValueError(f"budget {budget} is below the minimum feasible {minimum:.4f} for seq_len={seq_len} ({why})")
-
-
 def floor_fraction(layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int) -> float:
     """Budget fraction of a head that keeps only its sinks and recent window."""
     floor = layout["sink_tokens"] + layout["recent_window"]
@@ -188,7 +184,7 @@ def tokens_for_budget(stats: AttentionStats, budget: float, layout: dict[str, An
     keep = max_keep(limit, layout, seq_len, head_dim, dtype_bytes, key_bits, value_bits)
     if keep is None:
         minimum = floor_fraction(layout, seq_len, head_dim, dtype_bytes)
-        raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+        raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
     return keep
 
 

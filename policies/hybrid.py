@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
 from adaptive_kv.policies.base import EvictionPolicy, check_fraction, tokens_for_budget
 from adaptive_kv.policies.registry import register
@@ -57,7 +58,7 @@ class Hybrid(EvictionPolicy):
             try:
                 keep = tokens_for_budget(stats, budget, layout, head_dim=head_dim, dtype_bytes=dtype_bytes,
                                          key_bits=bits, value_bits=bits)
-            except ValueError as exc:  # infeasible at these bits; another may still fit
+            except InfeasibleBudget as exc:  # another bit-width may still fit
                 error = exc
                 continue
             candidate = (estimated_error(stats, keep, bits, self.qerr_weight), keep, bits)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptive_kv.plan import Plan
-from adaptive_kv.policies.base import Policy, check_fraction, infeasible
+from adaptive_kv.errors import InfeasibleBudget
+from adaptive_kv.policies.base import Policy, check_fraction
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import AttentionStats
 
@@ -32,4 +33,4 @@ class KIVI(Policy):
             if plan.nbytes(seq_len, head_dim, dtype_bytes) <= budget * full:
                 return plan
         minimum = plan.nbytes(seq_len, head_dim, dtype_bytes) / full
-        raise infeasible(budget, minimum, seq_len, "2-bit keys and values, nothing evicted")
+        raise InfeasibleBudget(budget, minimum, seq_len, "2-bit keys and values, nothing evicted")

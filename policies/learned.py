@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import HeadBudget, Plan
 from adaptive_kv.policies.allocator import allocate, warm_up
-from adaptive_kv.policies.base import Policy, check_fraction, check_layer, infeasible
+from adaptive_kv.policies.base import Policy, check_fraction, check_layer
 from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
 from adaptive_kv.policies.controller_net import ControllerNet, FoldedNet
 from adaptive_kv.policies.options import global_keeps_from_share, keeps_nbytes, option_bytes
@@ -184,7 +185,7 @@ class Learned(Policy):
             choice = allocate(cost, nbytes, budget * full).tolist()
         except ValueError:
             minimum = nbytes.min(-1).sum() / full
-            raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None
+            raise InfeasibleBudget(budget, minimum, seq_len, "every head at its smallest option") from None
         if (seq_len, floor) not in parts.budgets:
             if len(parts.budgets) >= MEMO_LENGTHS:
                 parts.budgets.clear()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
 from adaptive_kv.policies.base import EvictionPolicy, check_fraction, check_layer, floor_fraction, head_bytes
-from adaptive_kv.policies.base import head_full_bytes, infeasible, max_keep, plan_from_keeps
+from adaptive_kv.policies.base import head_full_bytes, max_keep, plan_from_keeps
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import AttentionStats
 
@@ -56,7 +57,7 @@ class PyramidKV(EvictionPolicy):
         mean = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)
         if mean < floor_bytes:
             minimum = floor_fraction(layout, seq_len, head_dim, dtype_bytes)
-            raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+            raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
         keeps, spare = [], 0.0
         for weight in linear_weights(num_layers, self.beta):
             limit = floor_bytes + weight * (mean - floor_bytes) + spare

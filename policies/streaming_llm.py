@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
-from adaptive_kv.policies.base import Policy, check_fraction, floor_fraction, head_bytes, head_full_bytes
-from adaptive_kv.policies.base import infeasible, last_fitting
+from adaptive_kv.policies.base import (Policy, check_fraction, floor_fraction, head_bytes, head_full_bytes,
+                                       last_fitting)
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import AttentionStats
 
@@ -35,6 +36,6 @@ class StreamingLLM(Policy):
         window = last_fitting(fits, self.recent_window, max(self.recent_window, seq_len - sinks))
         if window < self.recent_window:
             minimum = floor_fraction(self.layout(), seq_len, head_dim, dtype_bytes)
-            raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+            raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
         layout = self.layout(recent_window=window)
         return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=sinks + window, **layout)

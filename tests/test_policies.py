@@ -1,12 +1,14 @@
 """Policies (tier 1): one matrix of every policy x budget on a tiny model, then unit checks."""
 
 import math
+import pickle
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from adaptive_kv import CompressedCache, Plan
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import TOKEN_SCORERS
 from adaptive_kv.reconstruction import ReconstructionRequest
 from adaptive_kv.policies import available_policies, get_policy, register, tokens_for_budget
@@ -132,6 +134,20 @@ def test_bad_budget_raises(budget):
 def test_budget_below_sinks_and_window_names_minimum(name):
     with pytest.raises(ValueError, match=r"budget 0.01 is below the minimum feasible 0\.0\d+"):
         get_policy(name).plan(_stats(), 0.01, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES)
+
+
+@pytest.mark.parametrize("name, floor", [
+    ("snapkv", dict(keep=36)), ("streaming_llm", dict(keep=36)), ("pyramidkv", dict(keep=36)),
+    ("ada_kv", dict(keep=36)), ("kivi", dict(keep=None, key_bits=2)),
+])
+def test_infeasible_budget_is_typed_and_carries_the_minimum(name, floor):
+    """The least plan each policy can make (sinks + window in full precision, or KIVI's 2-bit keep-all) sets the minimum."""
+    stats = _stats(seq_len=1000)
+    least = Plan.uniform(2, 2, **floor, **get_policy(name).layout())
+    with pytest.raises(InfeasibleBudget) as caught:
+        get_policy(name).plan(stats, 0.01, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES)
+    assert caught.value.minimum == pytest.approx(_fraction(least, 1000)) and caught.value.budget == 0.01
+    assert pickle.loads(pickle.dumps(caught.value)).minimum == caught.value.minimum  # crosses worker processes
 
 
 def test_full_rejects_compression():
