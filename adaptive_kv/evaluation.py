@@ -142,9 +142,6 @@ class Evaluator:
             self.policies[spec] = get_policy(name, **{**config.policy_options.get(spec, {}), **options})
         if REFERENCE_POLICY not in self.policies:
             self.policies[REFERENCE_POLICY] = get_policy(REFERENCE_POLICY)
-        cfg = model.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
         self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
         self.progress = progress or (lambda: None)
         # one reconstruction pass per prefill serves every policy that reads its scores
@@ -172,7 +169,7 @@ class Evaluator:
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
         policy_obj = self.policies[policy]
         make = policy_obj.plan_per_layer if self.planning.get(policy) == "per_layer" else policy_obj.plan
-        return make(cache.stats, budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+        return make(cache.stats, budget)
 
     def _prefill(self, ids: tuple[int, ...]) -> tuple[CompressedCache, torch.Tensor, float]:
         return _prefill(self.model, ids, self.tokenizer if self.reconstruct else None)

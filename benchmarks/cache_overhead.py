@@ -56,9 +56,7 @@ def _plans(model, stats) -> dict[str, Plan]:
     if "reconstruction" in stats.token_scores:
         from adaptive_kv.policies import get_policy
 
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        itemsize = torch.empty((), dtype=model.dtype).element_size()
-        plans["learned@0.125"] = get_policy("learned").plan(stats, BUDGET, head_dim=head_dim, dtype_bytes=itemsize)
+        plans["learned@0.125"] = get_policy("learned").plan(stats, BUDGET)
     return plans
 
 
@@ -154,14 +152,12 @@ def peak_child(length: int, mode: str) -> dict:
     ids = torch.tensor([list(make_samples("fidelity", tokenizer, length, 1, seed=0)[0].context_ids)])
     policy = get_policy("snapkv")
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
     if mode == "dynamic":
         cache = DynamicCache(config=cfg)
     elif mode == "end_of_prefill":
-        cache = CompressedCache(model, plan_provider=lambda s: policy.plan(s, BUDGET, head_dim=head_dim, dtype_bytes=4))
+        cache = CompressedCache(model, plan_provider=lambda s: policy.plan(s, BUDGET))
     else:
-        cache = CompressedCache(model, layer_plan_provider=lambda s, i: policy.plan_layer(
-            s, i, cfg.num_hidden_layers, BUDGET, head_dim=head_dim, dtype_bytes=4))
+        cache = CompressedCache(model, layer_plan_provider=lambda s, i: policy.plan_layer(s, i, cfg.num_hidden_layers, BUDGET))
     with torch.inference_mode():  # the first forward allocates once-only state: keep it out of the baseline
         model(ids[:, :16], cache=DynamicCache(config=cfg))
     peak, done = [0], threading.Event()

@@ -62,12 +62,12 @@ def main() -> None:
         prefill.append({"context": length, "prefill_s": round(plain, 3), "with_reconstruction_s": round(recon, 3),
                         "overhead": round(recon / plain, 2)})
         stats = timed[0][1].stats
-        cost, nbytes, _ = policy.option_tables(stats, 0, 64, 4)
-        full = 2 * nbytes.shape[0] * length * 64 * 4
+        cost, nbytes, _ = policy.option_tables(stats, 0)
+        full = 2 * nbytes.shape[0] * length * stats.head_dim * stats.dtype_bytes
         for budget in (0.25, 0.125, 0.0625):
-            median, p95 = _median_ms(lambda: policy.plan(stats, budget, head_dim=64, dtype_bytes=4))
+            median, p95 = _median_ms(lambda: policy.plan(stats, budget))
             rows.append({"context": length, "budget": budget, "median_ms": median, "p95_ms": p95,
-                         "option_tables_ms": _median_ms(lambda: policy.option_tables(stats, 0, 64, 4))[0],
+                         "option_tables_ms": _median_ms(lambda: policy.option_tables(stats, 0))[0],
                          "knapsack_ms": _median_ms(lambda: allocate(cost, nbytes, budget * full))[0],
                          "knapsack_numpy_ms": _median_ms(lambda: allocate_reference(cost, nbytes, budget * full))[0]})
     print("| context | budget | decision median ms | p95 ms | option tables ms | knapsack ms | knapsack (NumPy) ms |")

@@ -51,13 +51,12 @@ class Hybrid(EvictionPolicy):
         super().__post_init__()
         check_fraction("qerr_weight", self.qerr_weight, high=1e6, open_low=False)
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Uniform keep and bits with the lowest estimated error within the budget."""
         layout, best, error = self.layout(), None, None
         for bits in HYBRID_BITS:
             try:
-                keep = tokens_for_budget(stats, budget, layout, head_dim=head_dim, dtype_bytes=dtype_bytes,
-                                         key_bits=bits, value_bits=bits)
+                keep = tokens_for_budget(stats, budget, layout, key_bits=bits, value_bits=bits)
             except InfeasibleBudget as exc:  # another bit-width may still fit
                 error = exc
                 continue

@@ -38,15 +38,14 @@ class PyramidKV(EvictionPolicy):
         super().__post_init__()
         check_fraction("beta", self.beta, low=1.0, high=1e6, open_low=False)
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Per-layer keeps from linearly decreasing byte shares; heads of a layer keep alike."""
-        return self._plan(stats.num_layers, stats.num_kv_heads, stats.seq_len, budget, head_dim, dtype_bytes)
+        return self._plan(stats.num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
 
-    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float, *,
-                   head_dim: int, dtype_bytes: int) -> Plan:
+    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
         """Row `layer_idx` of the pyramid over `num_layers` layers: the schedule needs no other layer."""
         check_layer(stats, layer_idx, num_layers)
-        full = self._plan(num_layers, stats.num_kv_heads, stats.seq_len, budget, head_dim, dtype_bytes)
+        full = self._plan(num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
         return Plan((full.heads[layer_idx],), **full.layout())
 
     def _plan(self, num_layers: int, num_kv_heads: int, seq_len: int, budget: float, head_dim: int,

@@ -137,10 +137,7 @@ class Engine:
             # on a shared CPU, OpenMP threads spinning against other processes cost far more than they add
             torch.set_num_threads(self.config.threads)
         self.model, self.tokenizer = (self._loader or load_model)(self.config.model)
-        cfg = self.model.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.dtype_bytes = torch.empty((), dtype=self.model.dtype).element_size()
-        self.context = getattr(cfg, "max_position_embeddings", None)
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.eos = _eos_ids(self.model, self.tokenizer)
         self._check_policy(self._policy)  # a controller trained for another model fails here, not per request
         self._worker = threading.Thread(target=self._serve_forever, name="adaptive-kv-engine", daemon=True)
@@ -193,7 +190,7 @@ class Engine:
         cache = CompressedCache(self.model, capture=True, **self._cache_options(loaded.policy, ids))
         self.model(torch.tensor([list(ids)], device=self.model.device), cache=cache)
         try:
-            loaded.policy.plan(cache.stats, 1.0, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+            loaded.policy.plan(cache.stats, 1.0)
         except ValueError as exc:
             raise EngineError(f"policy {loaded.spec.describe()!r} cannot plan for model {self.config.model!r}: {exc}",
                               param="policy", code="policy_failed") from exc
@@ -336,8 +333,7 @@ class Engine:
 
     def _planner(self, name: str, policy: Any, budget: float | None, chosen: bool) -> RequestPlanner:
         """The plan provider of one request: `budget` (explicit) must be met; the default may fall back."""
-        return RequestPlanner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen,
-                        self.head_dim, self.dtype_bytes)
+        return RequestPlanner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen)
 
     @torch.inference_mode()
     def _generate(self, job: _Job, request: GenerationRequest) -> GenerationOutput:
@@ -389,10 +385,11 @@ class Engine:
         planner = self._planner(name, policy, budget, policy_name is not None)
         cache = CompressedCache(self.model, capture=True, **self._cache_options(policy, prompt_ids))
         self.model(torch.tensor([list(prompt_ids)], device=self.model.device), cache=cache)
-        plan = planner(cache.stats)
+        stats = cache.stats
+        plan = planner(stats)
         seq_len = len(prompt_ids)
-        full = plan.full_nbytes(seq_len, self.head_dim, self.dtype_bytes)
-        predicted = plan.nbytes(seq_len, self.head_dim, self.dtype_bytes)
+        full = plan.full_nbytes(seq_len, stats.head_dim, stats.dtype_bytes)
+        predicted = plan.nbytes(seq_len, stats.head_dim, stats.dtype_bytes)
         report = {"full_bytes": full, "bytes": predicted, "ratio": full / predicted if predicted else None,
                   "plan": plan.summary()}
         return PlanOutput(seq_len, plan.to_dict(), planner.info(report, name))

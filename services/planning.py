@@ -18,16 +18,14 @@ class RequestPlanner:
     full plan, reported as such.
     """
 
-    def __init__(self, name: str, policy: Any, budget: float, is_default: bool, chosen: bool, head_dim: int,
-                 dtype_bytes: int) -> None:
+    def __init__(self, name: str, policy: Any, budget: float, is_default: bool, chosen: bool) -> None:
         self.name, self.policy, self.budget, self.is_default, self.chosen = name, policy, budget, is_default, chosen
-        self.head_dim, self.dtype_bytes = head_dim, dtype_bytes
         self.fallback: str | None = None
 
     def __call__(self, stats: Any) -> Any:
         """The plan for this request's statistics."""
         try:
-            return self.policy.plan(stats, self.budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+            return self.policy.plan(stats, self.budget)
         except InfeasibleBudget as exc:
             if not self.is_default:
                 raise EngineError(str(exc), param="kv_budget", code="budget_infeasible") from exc

@@ -172,8 +172,8 @@ def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budg
             score = score_plan(model, item, plan)
             scores.append(score)
             out["by_task"].setdefault(f"{item.request.task}/{budget:g}", []).append(score)
-            head_dim, itemsize = item.captured.head_dim, item.captured.layers[0].prefill[0].element_size()
-            seq_len = item.captured.layers[0].seen_tokens
+            shape = item.captured.stats
+            seq_len, head_dim, itemsize = shape.seq_len, shape.head_dim, shape.dtype_bytes
             fractions.append(plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize))
         out["by_budget"][budget] = sum(scores) / len(scores)
         out["bytes_fraction"][budget] = sum(fractions) / len(fractions) if fractions else None
@@ -189,8 +189,6 @@ def run_trial(model, trial: TrialConfig, train: list[RequestLabels], valid: list
     config = controller_config(trial, model, model_name)
     net, fit_metrics = fit(config, trial.fit, train, valid, on_epoch)
     policy = Learned.from_parts(config, net)
-    head_dim = config.model_shape["head_dim"]
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    result = evaluate_policy(model, items, lambda s, b: policy.plan(s, b, head_dim=head_dim, dtype_bytes=itemsize), budgets)
+    result = evaluate_policy(model, items, policy.plan, budgets)
     result.update(fit_metrics)
     return config, net, result
