@@ -218,23 +218,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print (and optionally draw) the plan a policy chooses for a prompt."""
-    import torch
-
-    from adaptive_kv.cache import CompressedCache
     from adaptive_kv.generation import encode_prompt
     from adaptive_kv.models import load_model
-    from adaptive_kv.reconstruction import ReconstructionRequest
+    from adaptive_kv.prefill import capture, needs_of
 
     prompt = _read_prompt(args)
     policy = _policy(args)
     model, tokenizer = load_model(args.model)
     ids = encode_prompt(tokenizer, prompt, chat=False if args.raw else None)
-    stats_config = policy.stats_config()
-    request = ReconstructionRequest.for_prompt(tokenizer, ids) if stats_config.reconstruction else None
-    cache = CompressedCache(model, capture=True, stats_config=stats_config, reconstruction=request)
-    with torch.inference_mode():
-        model(torch.tensor([ids]), cache=cache)
-    stats = cache.stats
+    stats = capture(model, tokenizer, ids, needs_of([policy])).cache.stats
     plan = policy.plan(stats, args.budget)
     seq_len, head_dim, itemsize = len(ids), stats.head_dim, stats.dtype_bytes
     fraction = plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize)

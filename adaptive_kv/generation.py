@@ -9,7 +9,7 @@ import torch
 
 from adaptive_kv.cache import CompressedCache, PlanProvider
 from adaptive_kv.plan import Plan
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import cache_inputs
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,8 @@ def generate(
         raise ValueError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}"
         )
-    stats_config = cache_options.get("stats_config")
-    if stats_config is not None and stats_config.reconstruction and "reconstruction" not in cache_options:
-        cache_options["reconstruction"] = ReconstructionRequest.for_prompt(tokenizer, ids)
+    if "stats_config" in cache_options and "reconstruction" not in cache_options:
+        cache_options = {**cache_inputs(tokenizer, ids, cache_options["stats_config"]), **cache_options}
     cache = CompressedCache(model, plan=plan, plan_provider=plan_provider, **cache_options)
     input_ids = torch.tensor([ids], device=model.device)
     output = model.generate(

@@ -37,7 +37,8 @@ import torch
 from transformers import DynamicCache
 
 from adaptive_kv import CompressedCache, Plan, load_model
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import capture
+from adaptive_kv.stats import StatsConfig
 from adaptive_kv.tasks import make_samples
 
 BUDGET = 0.125
@@ -105,13 +106,9 @@ ROUND = 16  # steps per configuration per round: configurations take turns, so a
 def decode_rows(model, tokenizer, length: int, steps: int, with_learned: bool) -> list[dict]:
     """Every decode configuration at one context length, sharing one capturing prefill."""
     ids = make_samples("fidelity", tokenizer, length, 1, seed=0)[0].context_ids
-    request = ReconstructionRequest.for_prompt(tokenizer, ids) if with_learned else None
-    captured = CompressedCache(model, capture=True, reconstruction=request)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        logits = model(torch.tensor([list(ids)]), cache=captured).logits[:, -1]
-    prefill_s = time.perf_counter() - start
-    first = logits.argmax(-1, keepdim=True)
+    prefill = capture(model, tokenizer, ids, StatsConfig(reconstruction=with_learned))
+    captured, prefill_s = prefill.cache, prefill.seconds
+    first = prefill.last_logits.argmax(-1, keepdim=True)
     decoders = {("dynamic", "-"): _Decoder(model, _dynamic_from(captured, model), first)}
     for name, plan in _plans(model, captured.stats).items():
         for path in ("assembled_exact", "assembled", "packed"):

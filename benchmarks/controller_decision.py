@@ -21,19 +21,16 @@ from adaptive_kv import load_model
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.policies import get_policy
 from adaptive_kv.policies.allocator import allocate, allocate_reference
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import capture
+from adaptive_kv.stats import StatsConfig
 from adaptive_kv.tasks import make_samples
 
 OUT = Path(__file__).resolve().parent / "results" / "controller_decision.json"
 
 
 def _prefill(model, tokenizer, ids, reconstruct: bool) -> tuple[float, CompressedCache]:
-    request = ReconstructionRequest.for_prompt(tokenizer, ids) if reconstruct else None
-    cache = CompressedCache(model, capture=True, reconstruction=request)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(torch.tensor([list(ids)]), cache=cache)
-    return time.perf_counter() - start, cache
+    prefill = capture(model, tokenizer, ids, StatsConfig(reconstruction=reconstruct))
+    return prefill.seconds, prefill.cache
 
 
 def _median_ms(call, repeats: int = 200) -> tuple[float, float]:

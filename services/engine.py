@@ -184,13 +184,12 @@ class Engine:
     @torch.inference_mode()
     def _check_policy(self, loaded: LoadedPolicy) -> bool:
         """Plan one short prompt at budget 1 with `loaded`: EngineError when it cannot plan for this model."""
-        from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.prefill import capture, needs_of
 
         ids = tuple(i % self.model.config.vocab_size for i in range(_CHECK_TOKENS))
-        cache = CompressedCache(self.model, capture=True, **self._cache_options(loaded.policy, ids))
-        self.model(torch.tensor([list(ids)], device=self.model.device), cache=cache)
+        stats = capture(self.model, self.tokenizer, ids, needs_of([loaded.policy])).cache.stats
         try:
-            loaded.policy.plan(cache.stats, 1.0)
+            loaded.policy.plan(stats, 1.0)
         except ValueError as exc:
             raise EngineError(f"policy {loaded.spec.describe()!r} cannot plan for model {self.config.model!r}: {exc}",
                               param="policy", code="policy_failed") from exc
@@ -297,16 +296,6 @@ class Engine:
         finally:
             job.cancelled.set()  # client gone, timed out or done: the worker stops or skips it
 
-    def _cache_options(self, policy: Any, prompt_ids: tuple[int, ...]) -> dict[str, Any]:
-        """What the cache must read during prefill for `policy` (reconstruction scores need the context's ids)."""
-        from adaptive_kv.reconstruction import ReconstructionRequest
-
-        stats_config = policy.stats_config()
-        options: dict[str, Any] = {"stats_config": stats_config}
-        if stats_config.reconstruction:
-            options["reconstruction"] = ReconstructionRequest.for_prompt(self.tokenizer, list(prompt_ids))
-        return options
-
     def _timeout_error(self) -> EngineError:
         return EngineError(f"request timed out after {self.config.request_timeout:g}s", kind="timeout", code="timeout")
 
@@ -338,10 +327,12 @@ class Engine:
     @torch.inference_mode()
     def _generate(self, job: _Job, request: GenerationRequest) -> GenerationOutput:
         from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.prefill import cache_inputs, needs_of
 
         name, policy = self.policy_for(request.policy)
         planner = self._planner(name, policy, request.budget, request.policy is not None)
-        cache = CompressedCache(self.model, plan_provider=planner, **self._cache_options(policy, request.prompt_ids))
+        cache = CompressedCache(self.model, plan_provider=planner,
+                                **cache_inputs(self.tokenizer, request.prompt_ids, needs_of([policy])))
         start = time.perf_counter()
         logits = self.model(torch.tensor([list(request.prompt_ids)], device=self.model.device), cache=cache).logits[:, -1]
         prefill_s = time.perf_counter() - start
@@ -379,13 +370,11 @@ class Engine:
 
     @torch.inference_mode()
     def _plan(self, prompt_ids: tuple[int, ...], budget: float | None, policy_name: str | None) -> PlanOutput:
-        from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.prefill import capture, needs_of
 
         name, policy = self.policy_for(policy_name)
         planner = self._planner(name, policy, budget, policy_name is not None)
-        cache = CompressedCache(self.model, capture=True, **self._cache_options(policy, prompt_ids))
-        self.model(torch.tensor([list(prompt_ids)], device=self.model.device), cache=cache)
-        stats = cache.stats
+        stats = capture(self.model, self.tokenizer, prompt_ids, needs_of([policy])).cache.stats
         plan = planner(stats)
         seq_len = len(prompt_ids)
         full = plan.full_nbytes(seq_len, stats.head_dim, stats.dtype_bytes)

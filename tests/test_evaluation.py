@@ -170,7 +170,7 @@ def test_per_layer_planning_spec(llama_gqa, tiny_tokenizer):
     specs = ("snapkv", "snapkv:planning=per_layer", "hybrid", "hybrid:planning=per_layer")
     config = EvalConfig(policies=specs, budgets=(0.3,), tasks=("fidelity",), context_length=256, samples=1)
     evaluator = Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny")
-    captured, _, _ = evaluator._prefill(tuple(range(5, 261)))
+    captured = evaluator._prefill(tuple(range(5, 261))).cache
     plans = {spec: evaluator._plan(spec, 0.3, captured) for spec in specs}
     assert plans["snapkv"] == plans["snapkv:planning=per_layer"]
     assert plans["hybrid:planning=per_layer"] == evaluator.policies["hybrid"].plan_per_layer(

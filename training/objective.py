@@ -24,10 +24,11 @@ from adaptive_kv.plan import Plan
 from adaptive_kv.policies.controller_files import ControllerConfig
 from adaptive_kv.policies.learned import Learned
 from adaptive_kv.policies.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
+from adaptive_kv.prefill import capture
 from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.fit import FitConfig, fit
-from adaptive_kv.training.labels import LabelTarget, RequestLabels, capture
+from adaptive_kv.training.labels import LabelTarget, RequestLabels
 
 # option_grid arguments: uniform keeps, their bits[, global keeps, their bits]
 GRIDS: dict[str, tuple] = {
@@ -125,7 +126,8 @@ def prepare_validation(model, tokenizer, requests: list[CalibrationRequest], sta
     """Prefill every validation request once."""
     items = []
     for request in requests:
-        captured, last_logits = capture(model, tokenizer, request.context_ids, stats_config)
+        prefill = capture(model, tokenizer, request.context_ids, stats_config)
+        captured, last_logits = prefill.cache, prefill.last_logits
         identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout))
         reference = model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity).logits[0]
         items.append(ValidationItem(request, captured, last_logits, reference))
