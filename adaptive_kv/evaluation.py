@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from adaptive_kv.cache import CompressedCache
+from adaptive_kv.decode import decode
 from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
 from adaptive_kv.prefill import Captured, capture, needs_of
@@ -98,25 +99,6 @@ class _Tally:
     extra: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
-@torch.inference_mode()
-def _greedy(
-    model, cache: CompressedCache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int],
-    solved: Callable[[list[int]], bool] = lambda tokens: False,
-) -> list[int]:
-    """Greedy tokens from the last prefill logits (1, V), decoding over `cache`.
-
-    Stops early once `solved(tokens)`: containment scores cannot drop when more text follows, so
-    stopping at a perfect score changes no score and saves most of the decode time on CPU.
-    """
-    token = int(first_logits.argmax(-1))
-    out = [token]
-    while len(out) < max_new_tokens and token not in eos and not solved(out):
-        logits = model(torch.tensor([[token]], device=first_logits.device), cache=cache).logits[:, -1]
-        token = int(logits.argmax(-1))
-        out.append(token)
-    return out
-
-
 class Evaluator:
     """Runs an EvalConfig on one model; `run()` returns the results.json dict."""
 
@@ -192,6 +174,8 @@ class Evaluator:
         aware = self.config.protocol == "query_aware"
         prefill = self._prefill(sample.prompt_ids if aware else sample.context_ids)
         limit = min(sample.max_new_tokens, self.config.max_new_tokens or sample.max_new_tokens)
+        # containment scores cannot drop when more text follows: stopping at a perfect score changes
+        # no score and saves most of the decode time on CPU
         solved = lambda toks: score_sample(sample, self.tokenizer.decode(toks, skip_special_tokens=True)) >= 100  # noqa: E731
         for tally, cache in self._compressed(prefill, sample.task, tallies):
             first = prefill.last_logits
@@ -199,7 +183,7 @@ class Evaluator:
                 with torch.inference_mode():
                     question = torch.tensor([list(sample.question_ids)], device=self.model.device)
                     first = self.model(question, cache=cache).logits[:, -1]
-            tokens = _greedy(self.model, cache, first, limit, self.eos, solved)
+            tokens = decode(self.model, cache, first, limit, eos=self.eos, on_token=solved).tokens
             tally.scores.append(score_sample(sample, self.tokenizer.decode(tokens, skip_special_tokens=True)))
 
     def _run_fidelity(self, sample: TaskSample, tallies: dict) -> None:

@@ -130,6 +130,7 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Load the model and the policy (blocking: seconds), then start the worker."""
+        from adaptive_kv.decode import end_tokens
         from adaptive_kv.models import load_model
 
         self._policy = resolve_policy(self.config.policy)  # cheap, and fails before the slow model load
@@ -138,7 +139,7 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         self.model, self.tokenizer = (self._loader or load_model)(self.config.model)
         self.context = getattr(self.model.config, "max_position_embeddings", None)
-        self.eos = _eos_ids(self.model, self.tokenizer)
+        self.eos = end_tokens(self.model, self.tokenizer)
         self._check_policy(self._policy)  # a controller trained for another model fails here, not per request
         self._worker = threading.Thread(target=self._serve_forever, name="adaptive-kv-engine", daemon=True)
         self._worker.start()
@@ -327,6 +328,7 @@ class Engine:
     @torch.inference_mode()
     def _generate(self, job: _Job, request: GenerationRequest) -> GenerationOutput:
         from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.decode import decode
         from adaptive_kv.prefill import cache_inputs, needs_of
 
         name, policy = self.policy_for(request.policy)
@@ -341,22 +343,17 @@ class Engine:
         self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         self.metrics.observe_kv(kv["full_bytes"], kv["bytes"])
         decoder = TextAssembler(self.tokenizer, request.stop)
-        sampler = make_sampler(request.sampling)
-        finish, start = "length", time.perf_counter()
-        while len(decoder.tokens) < request.max_tokens and job.live:
-            token = sampler(logits)
-            if token in self.eos:
-                finish = "stop"
-                break
-            delta, stopped = decoder.add(token)
+
+        def stream(tokens: list[int]) -> bool:
+            delta, stopped = decoder.add(tokens[-1])
             if delta:
                 job.emit(TextDelta(delta))
-            if stopped:
-                finish = "stop"
-                break
-            if len(decoder.tokens) < request.max_tokens:
-                logits = self.model(torch.tensor([[token]], device=self.model.device), cache=cache).logits[:, -1]
-        if not job.live and finish == "length" and len(decoder.tokens) < request.max_tokens:
+            return stopped
+
+        start = time.perf_counter()
+        decoded = decode(self.model, cache, logits, request.max_tokens, eos=self.eos,
+                         pick=make_sampler(request.sampling), on_token=stream, live=lambda: job.live)
+        if decoded.finish == "cancelled":
             raise self._timeout_error()
         tail = decoder.flush()
         if tail:
@@ -366,7 +363,8 @@ class Engine:
         self.metrics.generated_tokens.inc(len(decoder.tokens))
         final = cache.report()
         kv.update(final_full_bytes=final["full_bytes"], final_bytes=final["bytes"])
-        return GenerationOutput(decoder.text, len(request.prompt_ids), len(decoder.tokens), finish, kv, prefill_s, decode_s)
+        return GenerationOutput(decoder.text, len(request.prompt_ids), len(decoder.tokens), decoded.finish, kv, prefill_s,
+                                decode_s)
 
     @torch.inference_mode()
     def _plan(self, prompt_ids: tuple[int, ...], budget: float | None, policy_name: str | None) -> PlanOutput:
@@ -390,11 +388,3 @@ def _push(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event: Any) ->
         loop.call_soon_threadsafe(events.put_nowait, event)
     except RuntimeError:  # the loop closed (server stopping): nobody is waiting for this event
         pass
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids from the tokenizer and the model's generation config."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return frozenset(i for i in ids if i is not None)
