@@ -330,7 +330,7 @@ class CompressedCache(Cache):
     def _apply_layer_plan(self, layer: CompressedLayer) -> None:
         """Bounded prefill: plan this layer from its own statistics and compress it right away."""
         seq_len = layer.prefill[0].shape[1]
-        stats = AttentionStats.stack([layer.observation], seq_len)
+        stats = self._stack([layer.observation], seq_len)
         plan = self.layer_plan_provider(stats, layer.layer_idx)
         if not isinstance(plan, Plan) or (plan.num_layers, plan.num_kv_heads) != (1, self.num_kv_heads):
             raise ValueError(f"layer_plan_provider must return a one-layer Plan of {self.num_kv_heads} KV heads, got {plan!r}")
@@ -347,7 +347,7 @@ class CompressedCache(Cache):
 
     def _finish_prefill(self) -> None:
         if self.layer_plan_provider is not None:
-            stats = AttentionStats.stack([layer.observation for layer in self.layers], self.layers[0].seen_tokens)
+            stats = self._stack([layer.observation for layer in self.layers], self.layers[0].seen_tokens)
             for layer in self.layers:
                 layer.observation = None
             self.plan = Plan.stack(self._layer_plans)
@@ -356,7 +356,7 @@ class CompressedCache(Cache):
         seq_len = self.layers[0].prefill[0].shape[1]
         stats = None
         if self.collects_stats:
-            stats = AttentionStats.stack([layer.observation for layer in self.layers], seq_len)
+            stats = self._stack([layer.observation for layer in self.layers], seq_len)
             for layer in self.layers:
                 layer.observation = None
             if self.reconstruction is not None:
@@ -367,6 +367,11 @@ class CompressedCache(Cache):
         plan = self.plan if self.plan_provider is None else self.plan_provider(stats)
         self._apply_plan(plan, stats)
         self.prefill_peak_nbytes = max(self.prefill_peak_nbytes, self.nbytes())
+
+    def _stack(self, observations: list[LayerObservation], seq_len: int) -> AttentionStats:
+        """The statistics of these layers, with the shape of the states they were read from."""
+        itemsize = torch.empty((), dtype=self.layers[0].dtype).element_size()
+        return AttentionStats.stack(observations, seq_len, head_dim=self.head_dim, dtype_bytes=itemsize)
 
     def _reconstruct(self) -> torch.Tensor:
         """Reconstruction scores (L, H_kv, T) over this prefill (a nested pass through the decoder, no cache)."""

@@ -76,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = {}
     provider = uniform
     if policy is not None:
-        provider, options = _provider(policy, args.budget, model), {"stats_config": policy.stats_config()}
+        provider, options = _provider(policy, args.budget), {"stats_config": policy.stats_config()}
     result = generate(model, tokenizer, ids, plan_provider=provider, max_new_tokens=args.max_new_tokens, **options)
     kv = result.kv
     if args.json:
@@ -104,14 +104,9 @@ def _policy(args: argparse.Namespace):
     return get_policy(args.policy, **options)
 
 
-def _provider(policy, budget: float, model):
-    """AttentionStats -> Plan for `policy` at `budget` on `model`."""
-    import torch
-
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return lambda stats: policy.plan(stats, budget, head_dim=head_dim, dtype_bytes=itemsize)
+def _provider(policy, budget: float):
+    """AttentionStats -> Plan for `policy` at `budget`."""
+    return lambda stats: policy.plan(stats, budget)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -223,25 +218,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print (and optionally draw) the plan a policy chooses for a prompt."""
-    import torch
-
-    from adaptive_kv.cache import CompressedCache
     from adaptive_kv.generation import encode_prompt
     from adaptive_kv.models import load_model
-    from adaptive_kv.reconstruction import ReconstructionRequest
+    from adaptive_kv.prefill import capture, needs_of
 
     prompt = _read_prompt(args)
     policy = _policy(args)
     model, tokenizer = load_model(args.model)
     ids = encode_prompt(tokenizer, prompt, chat=False if args.raw else None)
-    stats_config = policy.stats_config()
-    request = ReconstructionRequest.for_prompt(tokenizer, ids) if stats_config.reconstruction else None
-    cache = CompressedCache(model, capture=True, stats_config=stats_config, reconstruction=request)
-    with torch.inference_mode():
-        model(torch.tensor([ids]), cache=cache)
-    plan = _provider(policy, args.budget, model)(cache.stats)
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    seq_len, head_dim = len(ids), cache.head_dim
+    stats = capture(model, tokenizer, ids, needs_of([policy])).cache.stats
+    plan = policy.plan(stats, args.budget)
+    seq_len, head_dim, itemsize = len(ids), stats.head_dim, stats.dtype_bytes
     fraction = plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize)
     if args.png:
         from adaptive_kv.training.plots import plan_heatmap_png

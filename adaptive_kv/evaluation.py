@@ -16,8 +16,10 @@ from typing import Any, Callable
 import torch
 
 from adaptive_kv.cache import CompressedCache
+from adaptive_kv.decode import decode
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import Captured, capture, needs_of
 from adaptive_kv.tasks import TASKS, TaskSample, kl_divergence, make_samples, perplexity, score_sample, top1_agreement
 
 PROTOCOLS = ("query_aware", "query_agnostic")
@@ -97,35 +99,6 @@ class _Tally:
     extra: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
-@torch.inference_mode()
-def _greedy(
-    model, cache: CompressedCache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int],
-    solved: Callable[[list[int]], bool] = lambda tokens: False,
-) -> list[int]:
-    """Greedy tokens from the last prefill logits (1, V), decoding over `cache`.
-
-    Stops early once `solved(tokens)`: containment scores cannot drop when more text follows, so
-    stopping at a perfect score changes no score and saves most of the decode time on CPU.
-    """
-    token = int(first_logits.argmax(-1))
-    out = [token]
-    while len(out) < max_new_tokens and token not in eos and not solved(out):
-        logits = model(torch.tensor([[token]], device=first_logits.device), cache=cache).logits[:, -1]
-        token = int(logits.argmax(-1))
-        out.append(token)
-    return out
-
-
-@torch.inference_mode()
-def _prefill(model, ids: tuple[int, ...], tokenizer=None) -> tuple[CompressedCache, torch.Tensor, float]:
-    """A capturing prefill of `ids` (with reconstruction scores when a tokenizer is given): cache, last logits, seconds."""
-    start = time.perf_counter()
-    request = None if tokenizer is None else ReconstructionRequest.for_prompt(tokenizer, ids)
-    cache = CompressedCache(model, capture=True, reconstruction=request)
-    logits = model(torch.tensor([list(ids)], device=model.device), cache=cache).logits[:, -1]
-    return cache, logits, time.perf_counter() - start
-
-
 class Evaluator:
     """Runs an EvalConfig on one model; `run()` returns the results.json dict."""
 
@@ -141,13 +114,10 @@ class Evaluator:
             self.policies[spec] = get_policy(name, **{**config.policy_options.get(spec, {}), **options})
         if REFERENCE_POLICY not in self.policies:
             self.policies[REFERENCE_POLICY] = get_policy(REFERENCE_POLICY)
-        cfg = model.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
         self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
         self.progress = progress or (lambda: None)
-        # one reconstruction pass per prefill serves every policy that reads its scores
-        self.reconstruct = any(p.stats_config().reconstruction for p in self.policies.values())
+        # one prefill serves every policy: it reads what all of them need (one reconstruction pass at most)
+        self.needs = needs_of(self.policies.values())
 
     def combos(self) -> list[tuple[str, float]]:
         """(policy, budget) pairs run on every sample; the full cache once, at budget 1."""
@@ -171,24 +141,25 @@ class Evaluator:
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
         policy_obj = self.policies[policy]
         make = policy_obj.plan_per_layer if self.planning.get(policy) == "per_layer" else policy_obj.plan
-        return make(cache.stats, budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+        return make(cache.stats, budget)
 
-    def _prefill(self, ids: tuple[int, ...]) -> tuple[CompressedCache, torch.Tensor, float]:
-        return _prefill(self.model, ids, self.tokenizer if self.reconstruct else None)
+    def _prefill(self, ids: tuple[int, ...]) -> Captured:
+        return capture(self.model, self.tokenizer, ids, self.needs)
 
-    def _compressed(self, captured: CompressedCache, task: str, tallies: dict, seconds: float):
+    def _compressed(self, prefill: Captured, task: str, tallies: dict):
         """(tally, cache) for every feasible (policy, budget) fork of one prefill; infeasible ones are recorded.
 
         Each tally also records the prefill seconds its policy pays: the reconstruction pass only
         for the policies that read it.
         """
+        captured, seconds = prefill.cache, prefill.seconds
         plain = seconds - captured.reconstruction_seconds
         for policy, budget in self.combos():
             tally = tallies[(policy, budget, task)]
             tally.extra["prefill_s"].append(seconds if self.policies[policy].stats_config().reconstruction else plain)
             try:
                 cache = captured.fork(self._plan(policy, budget, captured))
-            except ValueError as exc:  # budget below what this policy can reach: recorded, not fatal
+            except InfeasibleBudget as exc:  # recorded, not fatal: the other budgets still run
                 tally.errors.append(str(exc))
                 self.progress()
                 continue
@@ -201,24 +172,26 @@ class Evaluator:
         if sample.task == "fidelity":
             return self._run_fidelity(sample, tallies)
         aware = self.config.protocol == "query_aware"
-        captured, logits, seconds = self._prefill(sample.prompt_ids if aware else sample.context_ids)
+        prefill = self._prefill(sample.prompt_ids if aware else sample.context_ids)
         limit = min(sample.max_new_tokens, self.config.max_new_tokens or sample.max_new_tokens)
+        # containment scores cannot drop when more text follows: stopping at a perfect score changes
+        # no score and saves most of the decode time on CPU
         solved = lambda toks: score_sample(sample, self.tokenizer.decode(toks, skip_special_tokens=True)) >= 100  # noqa: E731
-        for tally, cache in self._compressed(captured, sample.task, tallies, seconds):
-            first = logits
+        for tally, cache in self._compressed(prefill, sample.task, tallies):
+            first = prefill.last_logits
             if not aware:
                 with torch.inference_mode():
                     question = torch.tensor([list(sample.question_ids)], device=self.model.device)
                     first = self.model(question, cache=cache).logits[:, -1]
-            tokens = _greedy(self.model, cache, first, limit, self.eos, solved)
+            tokens = decode(self.model, cache, first, limit, eos=self.eos, on_token=solved).tokens
             tally.scores.append(score_sample(sample, self.tokenizer.decode(tokens, skip_special_tokens=True)))
 
     def _run_fidelity(self, sample: TaskSample, tallies: dict) -> None:
         """Teacher-forced continuation: KL and top-1 agreement vs the full cache, and perplexity."""
-        captured, _, seconds = self._prefill(sample.context_ids)
+        prefill = self._prefill(sample.context_ids)
         continuation = torch.tensor([list(sample.continuation_ids)], device=self.model.device)
         reference = None
-        for tally, cache in self._compressed(captured, sample.task, tallies, seconds):
+        for tally, cache in self._compressed(prefill, sample.task, tallies):
             with torch.inference_mode():
                 logits = self.model(continuation, cache=cache).logits[0, :-1].float()
             reference = logits if reference is None else reference  # the full cache runs first

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from adaptive_kv.cache import CompressedCache, PlanProvider
+from adaptive_kv.decode import decode, end_tokens
 from adaptive_kv.plan import Plan
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import cache_inputs
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,12 @@ def generate(
         raise ValueError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}"
         )
-    stats_config = cache_options.get("stats_config")
-    if stats_config is not None and stats_config.reconstruction and "reconstruction" not in cache_options:
-        cache_options["reconstruction"] = ReconstructionRequest.for_prompt(tokenizer, ids)
+    if "stats_config" in cache_options and "reconstruction" not in cache_options:
+        cache_options = {**cache_inputs(tokenizer, ids, cache_options["stats_config"]), **cache_options}
     cache = CompressedCache(model, plan=plan, plan_provider=plan_provider, **cache_options)
-    input_ids = torch.tensor([ids], device=model.device)
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    new_ids = output[0, len(ids) :].tolist()
+    # the last position's logits only, as transformers' generate computes them: a long prompt's full
+    # logits would be its length x the vocabulary
+    first = model(torch.tensor([ids], device=model.device), cache=cache, logits_to_keep=1).logits[:, -1]
+    new_ids = decode(model, cache, first, max_new_tokens, eos=end_tokens(model)).tokens
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return GenerationResult(text=text, token_ids=new_ids, prompt_tokens=len(ids), kv=cache.report())

@@ -9,7 +9,7 @@ into their KV head. The result feeds the policies (features) and the eviction (t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +72,19 @@ class LayerObservation:
 
 @dataclass(frozen=True)
 class AttentionStats:
-    """Statistics of one request: features (L, H_kv, F) and token scores {scorer: (L, H_kv, T)}."""
+    """Statistics of one request: features (L, H_kv, F) and token scores {scorer: (L, H_kv, T)}.
+
+    The KV shape travels with them (layers and KV heads from the features, `head_dim` and
+    `dtype_bytes` of the cached states), so a policy sizes its plan in bytes from the statistics alone.
+    """
 
     features: torch.Tensor
     token_scores: dict[str, torch.Tensor]
     seq_len: int
     feature_names: tuple[str, ...] = field(default=FEATURE_NAMES)
+    _: KW_ONLY
+    head_dim: int
+    dtype_bytes: int
 
     @property
     def num_layers(self) -> int:
@@ -110,6 +117,8 @@ class AttentionStats:
             token_scores={**self.token_scores, "reconstruction": scores},
             seq_len=self.seq_len,
             feature_names=self.feature_names + RECONSTRUCTION_FEATURES,
+            head_dim=self.head_dim,
+            dtype_bytes=self.dtype_bytes,
         )
 
     def layer(self, layer_idx: int) -> "AttentionStats":
@@ -117,15 +126,15 @@ class AttentionStats:
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx must be in [0, {self.num_layers - 1}], got {layer_idx}")
         pick = slice(layer_idx, layer_idx + 1)
-        return AttentionStats(features=self.features[pick], token_scores={k: v[pick] for k, v in self.token_scores.items()},
-                              seq_len=self.seq_len, feature_names=self.feature_names)
+        return replace(self, features=self.features[pick],
+                       token_scores={k: v[pick] for k, v in self.token_scores.items()})
 
     @classmethod
-    def stack(cls, layers: list[LayerObservation], seq_len: int) -> "AttentionStats":
-        """Assemble per-layer observations (in layer order)."""
+    def stack(cls, layers: list[LayerObservation], seq_len: int, *, head_dim: int, dtype_bytes: int) -> "AttentionStats":
+        """Assemble per-layer observations (in layer order) of states with `head_dim` channels of `dtype_bytes` each."""
         features = torch.stack([obs.features for obs in layers])
         scores = {name: torch.stack([obs.token_scores[name] for obs in layers]) for name in layers[0].token_scores}
-        return cls(features=features, token_scores=scores, seq_len=seq_len)
+        return cls(features=features, token_scores=scores, seq_len=seq_len, head_dim=head_dim, dtype_bytes=dtype_bytes)
 
 
 def _entropy(row_entropy: torch.Tensor, seq_len: int) -> torch.Tensor:

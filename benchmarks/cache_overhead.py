@@ -37,7 +37,8 @@ import torch
 from transformers import DynamicCache
 
 from adaptive_kv import CompressedCache, Plan, load_model
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import capture
+from adaptive_kv.stats import StatsConfig
 from adaptive_kv.tasks import make_samples
 
 BUDGET = 0.125
@@ -56,9 +57,7 @@ def _plans(model, stats) -> dict[str, Plan]:
     if "reconstruction" in stats.token_scores:
         from adaptive_kv.policies import get_policy
 
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        itemsize = torch.empty((), dtype=model.dtype).element_size()
-        plans["learned@0.125"] = get_policy("learned").plan(stats, BUDGET, head_dim=head_dim, dtype_bytes=itemsize)
+        plans["learned@0.125"] = get_policy("learned").plan(stats, BUDGET)
     return plans
 
 
@@ -107,13 +106,9 @@ ROUND = 16  # steps per configuration per round: configurations take turns, so a
 def decode_rows(model, tokenizer, length: int, steps: int, with_learned: bool) -> list[dict]:
     """Every decode configuration at one context length, sharing one capturing prefill."""
     ids = make_samples("fidelity", tokenizer, length, 1, seed=0)[0].context_ids
-    request = ReconstructionRequest.for_prompt(tokenizer, ids) if with_learned else None
-    captured = CompressedCache(model, capture=True, reconstruction=request)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        logits = model(torch.tensor([list(ids)]), cache=captured).logits[:, -1]
-    prefill_s = time.perf_counter() - start
-    first = logits.argmax(-1, keepdim=True)
+    prefill = capture(model, tokenizer, ids, StatsConfig(reconstruction=with_learned))
+    captured, prefill_s = prefill.cache, prefill.seconds
+    first = prefill.last_logits.argmax(-1, keepdim=True)
     decoders = {("dynamic", "-"): _Decoder(model, _dynamic_from(captured, model), first)}
     for name, plan in _plans(model, captured.stats).items():
         for path in ("assembled_exact", "assembled", "packed"):
@@ -154,14 +149,12 @@ def peak_child(length: int, mode: str) -> dict:
     ids = torch.tensor([list(make_samples("fidelity", tokenizer, length, 1, seed=0)[0].context_ids)])
     policy = get_policy("snapkv")
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
     if mode == "dynamic":
         cache = DynamicCache(config=cfg)
     elif mode == "end_of_prefill":
-        cache = CompressedCache(model, plan_provider=lambda s: policy.plan(s, BUDGET, head_dim=head_dim, dtype_bytes=4))
+        cache = CompressedCache(model, plan_provider=lambda s: policy.plan(s, BUDGET))
     else:
-        cache = CompressedCache(model, layer_plan_provider=lambda s, i: policy.plan_layer(
-            s, i, cfg.num_hidden_layers, BUDGET, head_dim=head_dim, dtype_bytes=4))
+        cache = CompressedCache(model, layer_plan_provider=lambda s, i: policy.plan_layer(s, i, cfg.num_hidden_layers, BUDGET))
     with torch.inference_mode():  # the first forward allocates once-only state: keep it out of the baseline
         model(ids[:, :16], cache=DynamicCache(config=cfg))
     peak, done = [0], threading.Event()

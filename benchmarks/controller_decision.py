@@ -21,19 +21,16 @@ from adaptive_kv import load_model
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.policies import get_policy
 from adaptive_kv.policies.allocator import allocate, allocate_reference
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import capture
+from adaptive_kv.stats import StatsConfig
 from adaptive_kv.tasks import make_samples
 
 OUT = Path(__file__).resolve().parent / "results" / "controller_decision.json"
 
 
 def _prefill(model, tokenizer, ids, reconstruct: bool) -> tuple[float, CompressedCache]:
-    request = ReconstructionRequest.for_prompt(tokenizer, ids) if reconstruct else None
-    cache = CompressedCache(model, capture=True, reconstruction=request)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(torch.tensor([list(ids)]), cache=cache)
-    return time.perf_counter() - start, cache
+    prefill = capture(model, tokenizer, ids, StatsConfig(reconstruction=reconstruct))
+    return prefill.seconds, prefill.cache
 
 
 def _median_ms(call, repeats: int = 200) -> tuple[float, float]:
@@ -62,12 +59,12 @@ def main() -> None:
         prefill.append({"context": length, "prefill_s": round(plain, 3), "with_reconstruction_s": round(recon, 3),
                         "overhead": round(recon / plain, 2)})
         stats = timed[0][1].stats
-        cost, nbytes, _ = policy.option_tables(stats, 0, 64, 4)
-        full = 2 * nbytes.shape[0] * length * 64 * 4
+        cost, nbytes, _ = policy.option_tables(stats, 0)
+        full = 2 * nbytes.shape[0] * length * stats.head_dim * stats.dtype_bytes
         for budget in (0.25, 0.125, 0.0625):
-            median, p95 = _median_ms(lambda: policy.plan(stats, budget, head_dim=64, dtype_bytes=4))
+            median, p95 = _median_ms(lambda: policy.plan(stats, budget))
             rows.append({"context": length, "budget": budget, "median_ms": median, "p95_ms": p95,
-                         "option_tables_ms": _median_ms(lambda: policy.option_tables(stats, 0, 64, 4))[0],
+                         "option_tables_ms": _median_ms(lambda: policy.option_tables(stats, 0))[0],
                          "knapsack_ms": _median_ms(lambda: allocate(cost, nbytes, budget * full))[0],
                          "knapsack_numpy_ms": _median_ms(lambda: allocate_reference(cost, nbytes, budget * full))[0]})
     print("| context | budget | decision median ms | p95 ms | option tables ms | knapsack ms | knapsack (NumPy) ms |")

@@ -53,10 +53,11 @@ class AdaKV(EvictionPolicy):
         if self.scorer not in ATTENTION_SCORERS:
             raise ValueError(f"scorer must be one of {ATTENTION_SCORERS} for ada_kv, got {self.scorer!r}")
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Per-head keeps: the uniform layer total, reallocated by attention concentration."""
         layout, seq_len, heads = self.layout(), stats.seq_len, stats.num_kv_heads
-        keep = tokens_for_budget(stats, budget, layout, head_dim=head_dim, dtype_bytes=dtype_bytes)
+        head_dim, dtype_bytes = stats.head_dim, stats.dtype_bytes
+        keep = tokens_for_budget(stats, budget, layout)
         if keep is None:
             return Plan.uniform(stats.num_layers, heads, keep=None, **layout)
         floor = self.sink_tokens + self.recent_window

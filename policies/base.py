@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan
 from adaptive_kv.stats import AttentionStats, StatsConfig
 
@@ -70,12 +71,11 @@ class Policy:
         reconstruction = getattr(self, "scorer", None) == "reconstruction"
         return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size, reconstruction=reconstruction)
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
-        """The Plan for this request within `budget` x the full-precision cache bytes."""
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+        """The Plan for this request within `budget` x the full-precision cache bytes (shape from `stats`)."""
         raise NotImplementedError
 
-    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float, *,
-                   head_dim: int, dtype_bytes: int) -> Plan:
+    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
         """One layer's Plan (num_layers 1) from that layer's statistics alone, within `budget` x its bytes.
 
         Bounded prefill asks for it as soon as the layer's forward ends (the budget is split evenly
@@ -85,12 +85,12 @@ class Policy:
         decide within the layer.
         """
         check_layer(stats, layer_idx, num_layers)
-        return self.plan(stats, budget, head_dim=head_dim, dtype_bytes=dtype_bytes)
+        return self.plan(stats, budget)
 
-    def plan_per_layer(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan_per_layer(self, stats: AttentionStats, budget: float) -> Plan:
         """The Plan bounded prefill builds layer by layer for these statistics (to compare with `plan`)."""
         return Plan.stack(
-            self.plan_layer(stats.layer(i), i, stats.num_layers, budget, head_dim=head_dim, dtype_bytes=dtype_bytes)
+            self.plan_layer(stats.layer(i), i, stats.num_layers, budget)
             for i in range(stats.num_layers)
         )
 
@@ -116,9 +116,9 @@ class EvictionPolicy(Policy):
         if self.scorer not in TOKEN_SCORERS:
             raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """The largest uniform keep meeting the budget (16-bit keys and values)."""
-        keep = tokens_for_budget(stats, budget, self.layout(), head_dim=head_dim, dtype_bytes=dtype_bytes)
+        keep = tokens_for_budget(stats, budget, self.layout())
         return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, **self.layout())
 
 
@@ -166,29 +166,24 @@ def max_keep(limit: float, layout: dict[str, Any], seq_len: int, head_dim: int, 
     return last_fitting(fits, start, min(start + group - 1, top))
 
 
-def infeasible(budget: float, minimum: float, seq_len: int, why: str) -> ValueError:
-    """The error for a budget below what a policy can reach."""
-    return ValueError(f"budget {budget} is below the minimum feasible {minimum:.4f} for seq_len={seq_len} ({why})")
-
-
 def floor_fraction(layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int) -> float:
     """Budget fraction of a head that keeps only its sinks and recent window."""
     floor = layout["sink_tokens"] + layout["recent_window"]
     return head_bytes(floor, layout, seq_len, head_dim, dtype_bytes) / head_full_bytes(seq_len, head_dim, dtype_bytes)
 
 
-def tokens_for_budget(stats: AttentionStats, budget: float, layout: dict[str, Any], *, head_dim: int,
-                      dtype_bytes: int, key_bits: int = 16, value_bits: int = 16) -> int | None:
+def tokens_for_budget(stats: AttentionStats, budget: float, layout: dict[str, Any], *,
+                      key_bits: int = 16, value_bits: int = 16) -> int | None:
     """Largest uniform keep (None = keep all) meeting `budget` at the given bit-widths."""
     check_fraction("budget", budget)
-    seq_len = stats.seq_len
+    seq_len, head_dim, dtype_bytes = stats.seq_len, stats.head_dim, stats.dtype_bytes
     limit = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)  # each head's equal share
     if head_bytes(None, layout, seq_len, head_dim, dtype_bytes, key_bits, value_bits) <= limit:
         return None
     keep = max_keep(limit, layout, seq_len, head_dim, dtype_bytes, key_bits, value_bits)
     if keep is None:
         minimum = floor_fraction(layout, seq_len, head_dim, dtype_bytes)
-        raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+        raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
     return keep
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from adaptive_kv.plan import HeadBudget, Plan
-from adaptive_kv.policies.base import floor_fraction, infeasible, last_fitting
+from adaptive_kv.errors import InfeasibleBudget
+from adaptive_kv.policies.base import floor_fraction, last_fitting
 
 
 def global_keeps(scores: torch.Tensor, count: int, sinks: int, window: int) -> torch.Tensor:
@@ -51,6 +52,6 @@ def allocate_globally(scores: torch.Tensor, budget: float, layout: dict[str, Any
         count -= 1
     if count < 0:
         bits = f"{key_bits}/{value_bits}-bit keys/values"
-        raise infeasible(budget, floor_fraction(layout, seq_len, head_dim, dtype_bytes), seq_len,
+        raise InfeasibleBudget(budget, floor_fraction(layout, seq_len, head_dim, dtype_bytes), seq_len,
                          f"sink_tokens + recent_window stay in full precision; {bits}")
     return plan_for(count)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
 from adaptive_kv.policies.base import EvictionPolicy, check_fraction, tokens_for_budget
 from adaptive_kv.policies.registry import register
@@ -50,14 +51,13 @@ class Hybrid(EvictionPolicy):
         super().__post_init__()
         check_fraction("qerr_weight", self.qerr_weight, high=1e6, open_low=False)
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Uniform keep and bits with the lowest estimated error within the budget."""
         layout, best, error = self.layout(), None, None
         for bits in HYBRID_BITS:
             try:
-                keep = tokens_for_budget(stats, budget, layout, head_dim=head_dim, dtype_bytes=dtype_bytes,
-                                         key_bits=bits, value_bits=bits)
-            except ValueError as exc:  # infeasible at these bits; another may still fit
+                keep = tokens_for_budget(stats, budget, layout, key_bits=bits, value_bits=bits)
+            except InfeasibleBudget as exc:  # another bit-width may still fit
                 error = exc
                 continue
             candidate = (estimated_error(stats, keep, bits, self.qerr_weight), keep, bits)

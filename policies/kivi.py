@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptive_kv.plan import Plan
-from adaptive_kv.policies.base import Policy, check_fraction, infeasible
+from adaptive_kv.errors import InfeasibleBudget
+from adaptive_kv.policies.base import Policy, check_fraction
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import AttentionStats
 
@@ -22,14 +23,14 @@ class KIVI(Policy):
     whose plan meets the budget; a budget below the 2-bit plan raises ValueError.
     """
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Keep-all plan at the highest bit-width meeting the budget."""
         check_fraction("budget", budget)
-        seq_len = stats.seq_len
+        seq_len, head_dim, dtype_bytes = stats.seq_len, stats.head_dim, stats.dtype_bytes
         for bits in KIVI_BITS:
             plan = Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=None, key_bits=bits, **self.layout())
             full = plan.full_nbytes(seq_len, head_dim, dtype_bytes)
             if plan.nbytes(seq_len, head_dim, dtype_bytes) <= budget * full:
                 return plan
         minimum = plan.nbytes(seq_len, head_dim, dtype_bytes) / full
-        raise infeasible(budget, minimum, seq_len, "2-bit keys and values, nothing evicted")
+        raise InfeasibleBudget(budget, minimum, seq_len, "2-bit keys and values, nothing evicted")

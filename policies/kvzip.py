@@ -35,10 +35,10 @@ class KVzip(EvictionPolicy):
             if getattr(self, name) not in ALLOWED_BITS:
                 raise ValueError(f"{name} must be one of {ALLOWED_BITS}, got {getattr(self, name)!r}")
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Global top-k allocation of the scorer's tokens at the policy's bits, within the budget."""
         check_fraction("budget", budget)
         if self.scorer not in stats.token_scores:
             raise ValueError(f"kvzip needs {self.scorer!r} token scores; build the cache with policy.stats_config()")
-        return allocate_globally(stats.token_scores[self.scorer], budget, self.layout(), head_dim=head_dim,
-                                 dtype_bytes=dtype_bytes, key_bits=self.key_bits, value_bits=self.value_bits)
+        return allocate_globally(stats.token_scores[self.scorer], budget, self.layout(), head_dim=stats.head_dim,
+                                 dtype_bytes=stats.dtype_bytes, key_bits=self.key_bits, value_bits=self.value_bits)

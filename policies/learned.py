@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import HeadBudget, Plan
 from adaptive_kv.policies.allocator import allocate, warm_up
-from adaptive_kv.policies.base import Policy, check_fraction, check_layer, infeasible
+from adaptive_kv.policies.base import Policy, check_fraction, check_layer
 from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
 from adaptive_kv.policies.controller_net import ControllerNet, FoldedNet
 from adaptive_kv.policies.options import global_keeps_from_share, keeps_nbytes, option_bytes
@@ -136,20 +137,19 @@ class Learned(Policy):
             pred = self._folded(features, first)
         return pred.view(stats.num_layers, stats.num_kv_heads, -1)
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """One option per head: least weighted predicted distortion within the budget."""
-        return self._decide(stats, 0, budget, head_dim, dtype_bytes)
+        return self._decide(stats, 0, budget)
 
-    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float, *,
-                   head_dim: int, dtype_bytes: int) -> Plan:
+    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
         """The knapsack within one layer, at `budget` x that layer's bytes (bounded prefill)."""
         check_layer(stats, layer_idx, num_layers)
-        return self._decide(stats, layer_idx, budget, head_dim, dtype_bytes)
+        return self._decide(stats, layer_idx, budget)
 
-    def option_tables(self, stats: AttentionStats, first_layer: int, head_dim: int,
-                      dtype_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def option_tables(self, stats: AttentionStats, first_layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The knapsack's input: weighted predicted distortion and bytes (N, O) of every head's options,
         and the global options' keeps (N, G) (None without global options)."""
+        head_dim, dtype_bytes = stats.head_dim, stats.dtype_bytes
         if head_dim != self.config.model_shape["head_dim"]:
             raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
         layout, seq_len = self._layout, stats.seq_len
@@ -173,18 +173,18 @@ class Learned(Policy):
             nbytes[:, parts.glob] = keeps_nbytes(parts.global_grid, keeps, layout, head_dim, dtype_bytes)
         return cost.reshape(num_heads, -1), nbytes, keeps
 
-    def _decide(self, stats: AttentionStats, first_layer: int, budget: float, head_dim: int, dtype_bytes: int) -> Plan:
+    def _decide(self, stats: AttentionStats, first_layer: int, budget: float) -> Plan:
         check_fraction("budget", budget)
-        cost, nbytes, keeps = self.option_tables(stats, first_layer, head_dim, dtype_bytes)
+        cost, nbytes, keeps = self.option_tables(stats, first_layer)
         layout, seq_len, grid, parts = self._layout, stats.seq_len, self.config.grid, self._grid_parts
         floor, num_heads = layout["sink_tokens"] + layout["recent_window"], cost.shape[0]
         # a DynamicCache's bytes: keys and values of every head and token
-        full = 2 * num_heads * seq_len * head_dim * dtype_bytes
+        full = 2 * num_heads * seq_len * stats.head_dim * stats.dtype_bytes
         try:
             choice = allocate(cost, nbytes, budget * full).tolist()
         except ValueError:
             minimum = nbytes.min(-1).sum() / full
-            raise infeasible(budget, minimum, seq_len, "every head at its smallest option") from None
+            raise InfeasibleBudget(budget, minimum, seq_len, "every head at its smallest option") from None
         if (seq_len, floor) not in parts.budgets:
             if len(parts.budgets) >= MEMO_LENGTHS:
                 parts.budgets.clear()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
 from adaptive_kv.policies.base import EvictionPolicy, check_fraction, check_layer, floor_fraction, head_bytes
-from adaptive_kv.policies.base import head_full_bytes, infeasible, max_keep, plan_from_keeps
+from adaptive_kv.policies.base import head_full_bytes, max_keep, plan_from_keeps
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import AttentionStats
 
@@ -37,15 +38,14 @@ class PyramidKV(EvictionPolicy):
         super().__post_init__()
         check_fraction("beta", self.beta, low=1.0, high=1e6, open_low=False)
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Per-layer keeps from linearly decreasing byte shares; heads of a layer keep alike."""
-        return self._plan(stats.num_layers, stats.num_kv_heads, stats.seq_len, budget, head_dim, dtype_bytes)
+        return self._plan(stats.num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
 
-    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float, *,
-                   head_dim: int, dtype_bytes: int) -> Plan:
+    def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
         """Row `layer_idx` of the pyramid over `num_layers` layers: the schedule needs no other layer."""
         check_layer(stats, layer_idx, num_layers)
-        full = self._plan(num_layers, stats.num_kv_heads, stats.seq_len, budget, head_dim, dtype_bytes)
+        full = self._plan(num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
         return Plan((full.heads[layer_idx],), **full.layout())
 
     def _plan(self, num_layers: int, num_kv_heads: int, seq_len: int, budget: float, head_dim: int,
@@ -56,7 +56,7 @@ class PyramidKV(EvictionPolicy):
         mean = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)
         if mean < floor_bytes:
             minimum = floor_fraction(layout, seq_len, head_dim, dtype_bytes)
-            raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+            raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
         keeps, spare = [], 0.0
         for weight in linear_weights(num_layers, self.beta):
             limit = floor_bytes + weight * (mean - floor_bytes) + spare

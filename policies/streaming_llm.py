@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
-from adaptive_kv.policies.base import Policy, check_fraction, floor_fraction, head_bytes, head_full_bytes
-from adaptive_kv.policies.base import infeasible, last_fitting
+from adaptive_kv.policies.base import (Policy, check_fraction, floor_fraction, head_bytes, head_full_bytes,
+                                       last_fitting)
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import AttentionStats
 
@@ -22,10 +23,10 @@ class StreamingLLM(Policy):
     window slides by whole groups; over-budget heads then evict by the cache's H2O scores.
     """
 
-    def plan(self, stats: AttentionStats, budget: float, *, head_dim: int, dtype_bytes: int) -> Plan:
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """Sinks + the widest recent window meeting the budget, for every head."""
         check_fraction("budget", budget)
-        seq_len, sinks = stats.seq_len, self.sink_tokens
+        seq_len, sinks, head_dim, dtype_bytes = stats.seq_len, self.sink_tokens, stats.head_dim, stats.dtype_bytes
         limit = budget * head_full_bytes(seq_len, head_dim, dtype_bytes)
 
         def fits(window: int) -> bool:
@@ -35,6 +36,6 @@ class StreamingLLM(Policy):
         window = last_fitting(fits, self.recent_window, max(self.recent_window, seq_len - sinks))
         if window < self.recent_window:
             minimum = floor_fraction(self.layout(), seq_len, head_dim, dtype_bytes)
-            raise infeasible(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+            raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
         layout = self.layout(recent_window=window)
         return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=sinks + window, **layout)

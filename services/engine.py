@@ -130,6 +130,7 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Load the model and the policy (blocking: seconds), then start the worker."""
+        from adaptive_kv.decode import end_tokens
         from adaptive_kv.models import load_model
 
         self._policy = resolve_policy(self.config.policy)  # cheap, and fails before the slow model load
@@ -137,11 +138,8 @@ class Engine:
             # on a shared CPU, OpenMP threads spinning against other processes cost far more than they add
             torch.set_num_threads(self.config.threads)
         self.model, self.tokenizer = (self._loader or load_model)(self.config.model)
-        cfg = self.model.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.dtype_bytes = torch.empty((), dtype=self.model.dtype).element_size()
-        self.context = getattr(cfg, "max_position_embeddings", None)
-        self.eos = _eos_ids(self.model, self.tokenizer)
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
+        self.eos = end_tokens(self.model, self.tokenizer)
         self._check_policy(self._policy)  # a controller trained for another model fails here, not per request
         self._worker = threading.Thread(target=self._serve_forever, name="adaptive-kv-engine", daemon=True)
         self._worker.start()
@@ -187,13 +185,12 @@ class Engine:
     @torch.inference_mode()
     def _check_policy(self, loaded: LoadedPolicy) -> bool:
         """Plan one short prompt at budget 1 with `loaded`: EngineError when it cannot plan for this model."""
-        from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.prefill import capture, needs_of
 
         ids = tuple(i % self.model.config.vocab_size for i in range(_CHECK_TOKENS))
-        cache = CompressedCache(self.model, capture=True, **self._cache_options(loaded.policy, ids))
-        self.model(torch.tensor([list(ids)], device=self.model.device), cache=cache)
+        stats = capture(self.model, self.tokenizer, ids, needs_of([loaded.policy])).cache.stats
         try:
-            loaded.policy.plan(cache.stats, 1.0, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
+            loaded.policy.plan(stats, 1.0)
         except ValueError as exc:
             raise EngineError(f"policy {loaded.spec.describe()!r} cannot plan for model {self.config.model!r}: {exc}",
                               param="policy", code="policy_failed") from exc
@@ -300,16 +297,6 @@ class Engine:
         finally:
             job.cancelled.set()  # client gone, timed out or done: the worker stops or skips it
 
-    def _cache_options(self, policy: Any, prompt_ids: tuple[int, ...]) -> dict[str, Any]:
-        """What the cache must read during prefill for `policy` (reconstruction scores need the context's ids)."""
-        from adaptive_kv.reconstruction import ReconstructionRequest
-
-        stats_config = policy.stats_config()
-        options: dict[str, Any] = {"stats_config": stats_config}
-        if stats_config.reconstruction:
-            options["reconstruction"] = ReconstructionRequest.for_prompt(self.tokenizer, list(prompt_ids))
-        return options
-
     def _timeout_error(self) -> EngineError:
         return EngineError(f"request timed out after {self.config.request_timeout:g}s", kind="timeout", code="timeout")
 
@@ -336,16 +323,18 @@ class Engine:
 
     def _planner(self, name: str, policy: Any, budget: float | None, chosen: bool) -> RequestPlanner:
         """The plan provider of one request: `budget` (explicit) must be met; the default may fall back."""
-        return RequestPlanner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen,
-                        self.head_dim, self.dtype_bytes)
+        return RequestPlanner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen)
 
     @torch.inference_mode()
     def _generate(self, job: _Job, request: GenerationRequest) -> GenerationOutput:
         from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.decode import decode
+        from adaptive_kv.prefill import cache_inputs, needs_of
 
         name, policy = self.policy_for(request.policy)
         planner = self._planner(name, policy, request.budget, request.policy is not None)
-        cache = CompressedCache(self.model, plan_provider=planner, **self._cache_options(policy, request.prompt_ids))
+        cache = CompressedCache(self.model, plan_provider=planner,
+                                **cache_inputs(self.tokenizer, request.prompt_ids, needs_of([policy])))
         start = time.perf_counter()
         logits = self.model(torch.tensor([list(request.prompt_ids)], device=self.model.device), cache=cache).logits[:, -1]
         prefill_s = time.perf_counter() - start
@@ -354,22 +343,17 @@ class Engine:
         self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         self.metrics.observe_kv(kv["full_bytes"], kv["bytes"])
         decoder = TextAssembler(self.tokenizer, request.stop)
-        sampler = make_sampler(request.sampling)
-        finish, start = "length", time.perf_counter()
-        while len(decoder.tokens) < request.max_tokens and job.live:
-            token = sampler(logits)
-            if token in self.eos:
-                finish = "stop"
-                break
-            delta, stopped = decoder.add(token)
+
+        def stream(tokens: list[int]) -> bool:
+            delta, stopped = decoder.add(tokens[-1])
             if delta:
                 job.emit(TextDelta(delta))
-            if stopped:
-                finish = "stop"
-                break
-            if len(decoder.tokens) < request.max_tokens:
-                logits = self.model(torch.tensor([[token]], device=self.model.device), cache=cache).logits[:, -1]
-        if not job.live and finish == "length" and len(decoder.tokens) < request.max_tokens:
+            return stopped
+
+        start = time.perf_counter()
+        decoded = decode(self.model, cache, logits, request.max_tokens, eos=self.eos,
+                         pick=make_sampler(request.sampling), on_token=stream, live=lambda: job.live)
+        if decoded.finish == "cancelled":
             raise self._timeout_error()
         tail = decoder.flush()
         if tail:
@@ -379,20 +363,20 @@ class Engine:
         self.metrics.generated_tokens.inc(len(decoder.tokens))
         final = cache.report()
         kv.update(final_full_bytes=final["full_bytes"], final_bytes=final["bytes"])
-        return GenerationOutput(decoder.text, len(request.prompt_ids), len(decoder.tokens), finish, kv, prefill_s, decode_s)
+        return GenerationOutput(decoder.text, len(request.prompt_ids), len(decoder.tokens), decoded.finish, kv, prefill_s,
+                                decode_s)
 
     @torch.inference_mode()
     def _plan(self, prompt_ids: tuple[int, ...], budget: float | None, policy_name: str | None) -> PlanOutput:
-        from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.prefill import capture, needs_of
 
         name, policy = self.policy_for(policy_name)
         planner = self._planner(name, policy, budget, policy_name is not None)
-        cache = CompressedCache(self.model, capture=True, **self._cache_options(policy, prompt_ids))
-        self.model(torch.tensor([list(prompt_ids)], device=self.model.device), cache=cache)
-        plan = planner(cache.stats)
+        stats = capture(self.model, self.tokenizer, prompt_ids, needs_of([policy])).cache.stats
+        plan = planner(stats)
         seq_len = len(prompt_ids)
-        full = plan.full_nbytes(seq_len, self.head_dim, self.dtype_bytes)
-        predicted = plan.nbytes(seq_len, self.head_dim, self.dtype_bytes)
+        full = plan.full_nbytes(seq_len, stats.head_dim, stats.dtype_bytes)
+        predicted = plan.nbytes(seq_len, stats.head_dim, stats.dtype_bytes)
         report = {"full_bytes": full, "bytes": predicted, "ratio": full / predicted if predicted else None,
                   "plan": plan.summary()}
         return PlanOutput(seq_len, plan.to_dict(), planner.info(report, name))
@@ -404,11 +388,3 @@ def _push(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event: Any) ->
         loop.call_soon_threadsafe(events.put_nowait, event)
     except RuntimeError:  # the loop closed (server stopping): nobody is waiting for this event
         pass
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids from the tokenizer and the model's generation config."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return frozenset(i for i in ids if i is not None)

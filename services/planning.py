@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import Plan
 from adaptive_kv.services.errors import EngineError
-
-# every policy reports an unreachable budget as "budget X is below the minimum feasible Y ..." (policies.base)
-_INFEASIBLE = "below the minimum feasible"
 
 
 class RequestPlanner:
@@ -20,25 +18,23 @@ class RequestPlanner:
     full plan, reported as such.
     """
 
-    def __init__(self, name: str, policy: Any, budget: float, is_default: bool, chosen: bool, head_dim: int,
-                 dtype_bytes: int) -> None:
+    def __init__(self, name: str, policy: Any, budget: float, is_default: bool, chosen: bool) -> None:
         self.name, self.policy, self.budget, self.is_default, self.chosen = name, policy, budget, is_default, chosen
-        self.head_dim, self.dtype_bytes = head_dim, dtype_bytes
         self.fallback: str | None = None
 
     def __call__(self, stats: Any) -> Any:
         """The plan for this request's statistics."""
         try:
-            return self.policy.plan(stats, self.budget, head_dim=self.head_dim, dtype_bytes=self.dtype_bytes)
-        except ValueError as exc:
-            if _INFEASIBLE not in str(exc):  # not the budget: this policy cannot plan for this model or request
-                raise EngineError(f"policy {self.name!r} cannot plan this request: {exc}",
-                                  kind="invalid_request" if self.chosen else "internal",
-                                  param="kv_policy" if self.chosen else None, code="policy_failed") from exc
+            return self.policy.plan(stats, self.budget)
+        except InfeasibleBudget as exc:
             if not self.is_default:
                 raise EngineError(str(exc), param="kv_budget", code="budget_infeasible") from exc
             self.fallback = f"default {exc}; kept the full cache"
             return Plan.full(stats.num_layers, stats.num_kv_heads, **self.policy.layout())
+        except ValueError as exc:  # not the budget: this policy cannot plan for this model or request
+            raise EngineError(f"policy {self.name!r} cannot plan this request: {exc}",
+                              kind="invalid_request" if self.chosen else "internal",
+                              param="kv_policy" if self.chosen else None, code="policy_failed") from exc
 
     def info(self, report: dict[str, Any], policy: str) -> dict[str, Any]:
         """The `kv_cache` fields from a cache report (after the plan was applied)."""

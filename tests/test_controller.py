@@ -22,9 +22,10 @@ def _config(layers=2, heads=2, head_dim=16) -> ControllerConfig:
     )
 
 
-def _stats(layers=2, heads=2, seq_len=300) -> AttentionStats:
+def _stats(layers=2, heads=2, seq_len=300, head_dim=16) -> AttentionStats:
     gen = torch.Generator().manual_seed(0)
-    return AttentionStats(torch.rand(layers, heads, len(FEATURE_NAMES), generator=gen), {}, seq_len)
+    return AttentionStats(torch.rand(layers, heads, len(FEATURE_NAMES), generator=gen), {}, seq_len,
+                          head_dim=head_dim, dtype_bytes=4)
 
 
 @pytest.fixture
@@ -43,8 +44,8 @@ def test_round_trip_gives_the_same_plans(controller):
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded_net.state_dict().items()):
         assert torch.equal(a, b), k
     policy = get_policy("learned", path=str(folder))
-    assert policy.plan(_stats(), 0.3, head_dim=16, dtype_bytes=4) == Learned.from_parts(config, net).plan(
-        _stats(), 0.3, head_dim=16, dtype_bytes=4)
+    assert policy.plan(_stats(), 0.3) == Learned.from_parts(config, net).plan(
+        _stats(), 0.3)
     assert net.num_parameters() < 100_000
     assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.pt"))
 
@@ -72,14 +73,14 @@ def test_folded_network_equals_the_module(layers):
 @pytest.mark.parametrize("budget", [0.6, 0.3, 0.15, 0.1])
 def test_learned_plans_meet_the_budget(controller, budget):
     folder, _, _ = controller
-    plan = get_policy("learned", path=str(folder)).plan(_stats(), budget, head_dim=16, dtype_bytes=4)
+    plan = get_policy("learned", path=str(folder)).plan(_stats(), budget)
     assert plan.nbytes(300, 16, 4) <= budget * plan.full_nbytes(300, 16, 4)
 
 
 def test_infeasible_budget_names_the_minimum(controller):
     folder, _, _ = controller
     with pytest.raises(ValueError, match=r"budget 0.01 is below the minimum feasible 0\.\d+ for seq_len=300"):
-        get_policy("learned", path=str(folder)).plan(_stats(), 0.01, head_dim=16, dtype_bytes=4)
+        get_policy("learned", path=str(folder)).plan(_stats(), 0.01)
 
 
 def test_bad_files_are_refused(controller, tmp_path):
@@ -111,16 +112,17 @@ def test_mismatched_model_shape_is_refused(controller):
     folder, _, _ = controller
     policy = get_policy("learned", path=str(folder))
     with pytest.raises(ValueError, match="trained for 2 layers x 2 KV heads, the statistics have 3 x 2"):
-        policy.plan(_stats(layers=3), 0.3, head_dim=16, dtype_bytes=4)
+        policy.plan(_stats(layers=3), 0.3)
     with pytest.raises(ValueError, match="trained for head_dim 16, got 64"):
-        policy.plan(_stats(), 0.3, head_dim=64, dtype_bytes=4)
+        policy.plan(_stats(head_dim=64), 0.3)
 
 
 def test_shipped_controller_loads_and_fits_the_embedded_model():
     policy = get_policy("learned")
     assert policy.config.model_shape == {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
-    stats = AttentionStats(torch.zeros(30, 3, len(policy.config.feature_names)), {}, 1024, policy.config.feature_names)
-    plan = policy.plan(stats, 0.125, head_dim=64, dtype_bytes=4)
+    stats = AttentionStats(torch.zeros(30, 3, len(policy.config.feature_names)), {}, 1024, policy.config.feature_names,
+                           head_dim=64, dtype_bytes=4)
+    plan = policy.plan(stats, 0.125)
     assert plan.nbytes(1024, 64, 4) <= 0.125 * plan.full_nbytes(1024, 64, 4)
 
 
@@ -151,7 +153,7 @@ def _global_config(layers=2, heads=2, head_dim=16) -> ControllerConfig:
 def _global_stats(config: ControllerConfig, seq_len: int = 300) -> AttentionStats:
     gen = torch.Generator().manual_seed(1)
     features = torch.rand(2, 2, len(config.feature_names), generator=gen)
-    return AttentionStats(features, {}, seq_len, config.feature_names)
+    return AttentionStats(features, {}, seq_len, config.feature_names, head_dim=16, dtype_bytes=4)
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.2, 0.1, 0.07])
@@ -161,7 +163,7 @@ def test_global_options_keep_each_heads_share_and_meet_the_budget(budget):
     net = config.build()
     stats = _global_stats(config)
     policy = Learned.from_parts(config, net)
-    plan = policy.plan(stats, budget, head_dim=16, dtype_bytes=4)
+    plan = policy.plan(stats, budget)
     assert plan.nbytes(300, 16, 4) <= budget * plan.full_nbytes(300, 16, 4)
     # the allocator's choice, recomputed: every head's keep is its option's (global: its own share x 300)
     cost = torch.exp(policy.predict(stats)).reshape(4, -1)
@@ -194,9 +196,9 @@ def test_global_options_are_chosen_when_predicted_cheaper():
                            for o in config.grid])
     object.__setattr__(policy, "predict", lambda s, first_layer=0: favour.expand(2, 2, -1).clone())
     for budget in torch.linspace(0.12, 0.9, 27).tolist():  # every plan within its budget (bytes counted exactly)
-        tight = policy.plan(stats, budget, head_dim=16, dtype_bytes=4)
+        tight = policy.plan(stats, budget)
         assert tight.nbytes(300, 16, 4) <= budget * tight.full_nbytes(300, 16, 4), budget
-    plan = policy.plan(stats, 0.5, head_dim=16, dtype_bytes=4)
+    plan = policy.plan(stats, 0.5)
     floor = LAYOUT["sink_tokens"] + LAYOUT["recent_window"]
     allowed = {(l, h): {min(300, max(floor, round(float(stats.feature(f)[l, h]) * 300))) for f in
                         ("recon_global_top40", "recon_global_top20", "recon_global_top10", "recon_global_top5")}

@@ -93,7 +93,7 @@ def test_fidelity_metrics_match_an_independent_reference(tiny_tokenizer):
     records = {r["policy"]: r for r in evaluator.run()["records"]}
     context, continuation = torch.tensor([sample.context_ids]), torch.tensor([sample.continuation_ids])
     policy = get_policy("snapkv")
-    compressed = CompressedCache(model, plan_provider=lambda s: policy.plan(s, 0.5, head_dim=16, dtype_bytes=4))
+    compressed = CompressedCache(model, plan_provider=lambda s: policy.plan(s, 0.5))
     logits = {}
     with torch.no_grad():
         for name, cache in (("full", DynamicCache(config=model.config)), ("snapkv", compressed)):
@@ -170,11 +170,11 @@ def test_per_layer_planning_spec(llama_gqa, tiny_tokenizer):
     specs = ("snapkv", "snapkv:planning=per_layer", "hybrid", "hybrid:planning=per_layer")
     config = EvalConfig(policies=specs, budgets=(0.3,), tasks=("fidelity",), context_length=256, samples=1)
     evaluator = Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny")
-    captured, _, _ = evaluator._prefill(tuple(range(5, 261)))
+    captured = evaluator._prefill(tuple(range(5, 261))).cache
     plans = {spec: evaluator._plan(spec, 0.3, captured) for spec in specs}
     assert plans["snapkv"] == plans["snapkv:planning=per_layer"]
     assert plans["hybrid:planning=per_layer"] == evaluator.policies["hybrid"].plan_per_layer(
-        captured.stats, 0.3, head_dim=evaluator.head_dim, dtype_bytes=evaluator.dtype_bytes)
+        captured.stats, 0.3)
     records = {r["policy"]: r for r in evaluator.run()["records"]}
     assert records["snapkv"]["score"] == records["snapkv:planning=per_layer"]["score"]
     with pytest.raises(ValueError, match="planning in 'snapkv:planning=later' must be one of"):

@@ -17,7 +17,7 @@ POLICIES = ["snapkv", "tova", "h2o", "kivi", "pyramidkv", "ada_kv", "hybrid", "s
 
 def _layer_provider(policy, budget, num_layers, plans):
     def provider(stats, layer_idx):
-        plans.append(policy.plan_layer(stats, layer_idx, num_layers, budget, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES))
+        plans.append(policy.plan_layer(stats, layer_idx, num_layers, budget))
         return plans[-1]
     return provider
 
@@ -41,7 +41,7 @@ def test_per_layer_mode_equals_end_of_prefill_with_the_same_plan(name):
     assert len(plans) == 2 and cache.plan == Plan.stack(plans)
     # the same plan through the end-of-prefill path: identical cache, identical logits
     reference = CompressedCache(model, plan_provider=lambda stats: policy.plan_per_layer(
-        stats, budget, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES), stats_config=policy.stats_config())
+        stats, budget), stats_config=policy.stats_config())
     want = _decode(model, reference)
     assert reference.plan == cache.plan
     torch.testing.assert_close(got, want, atol=0, rtol=0)
@@ -63,7 +63,7 @@ def test_per_layer_peak_stays_below_the_full_cache():
     model = build_tiny_model("llama_gqa")  # 2 layers: the peak is one full layer plus the other compressed
     policy = get_policy("snapkv")
     bounded = CompressedCache(model, layer_plan_provider=_layer_provider(policy, 0.25, 2, []))
-    end = CompressedCache(model, plan_provider=lambda s: policy.plan(s, 0.25, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES))
+    end = CompressedCache(model, plan_provider=lambda s: policy.plan(s, 0.25))
     for cache in (bounded, end):
         with torch.no_grad():
             model(PROMPT, cache=cache)
@@ -126,5 +126,5 @@ def test_layer_independent_policies_plan_the_same_per_layer(name):
     cache = CompressedCache(model, capture=True, stats_config=policy.stats_config())
     with torch.no_grad():
         model(PROMPT, cache=cache)
-    whole = policy.plan(cache.stats, 0.3, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES)
-    assert policy.plan_per_layer(cache.stats, 0.3, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES) == whole
+    whole = policy.plan(cache.stats, 0.3)
+    assert policy.plan_per_layer(cache.stats, 0.3) == whole

@@ -122,6 +122,7 @@ def test_global_allocation_meets_budget_exactly(budget, bits):
 def test_kvzip_policy_infeasible_budget_names_the_minimum():
     from adaptive_kv.stats import AttentionStats, FEATURE_NAMES
 
-    stats = AttentionStats(torch.zeros(2, 2, len(FEATURE_NAMES)), {"reconstruction": torch.rand(2, 2, 300)}, 300)
+    stats = AttentionStats(torch.zeros(2, 2, len(FEATURE_NAMES)), {"reconstruction": torch.rand(2, 2, 300)}, 300,
+                           head_dim=16, dtype_bytes=4)
     with pytest.raises(ValueError, match=r"budget 0.01 is below the minimum feasible 0\.\d+ for seq_len=300"):
-        get_policy("kvzip").plan(stats, 0.01, head_dim=16, dtype_bytes=4)
+        get_policy("kvzip").plan(stats, 0.01)

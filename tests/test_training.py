@@ -238,11 +238,12 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     from adaptive_kv.stats import AttentionStats
     from adaptive_kv.training.tracking import example_input
 
-    stats = AttentionStats(torch.rand(2, 2, len(policy.config.feature_names)), {}, 200, policy.config.feature_names)
+    stats = AttentionStats(torch.rand(2, 2, len(policy.config.feature_names)), {}, 200, policy.config.feature_names,
+                           head_dim=16, dtype_bytes=4)
     import pandas as pd
 
-    out = model.predict(pd.DataFrame([example_input(stats, 0.3, 16, 4)]))
-    assert json.loads(out["plan"][0]) == policy.plan(stats, 0.3, head_dim=16, dtype_bytes=4).to_dict()
+    out = model.predict(pd.DataFrame([example_input(stats, 0.3)]))
+    assert json.loads(out["plan"][0]) == policy.plan(stats, 0.3).to_dict()
 
 
 def test_interrupted_study_resumes_without_losing_or_repeating_trials(tiny_model_dir, tmp_path, ray_local):

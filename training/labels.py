@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-from adaptive_kv.cache import CompressedCache
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import Plan
 from adaptive_kv.policies.options import HeadOption, option_keeps, plan_from_keeps
-from adaptive_kv.reconstruction import ReconstructionRequest
+from adaptive_kv.prefill import capture
 from adaptive_kv.stats import AttentionStats, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 
@@ -110,19 +109,10 @@ class _Recorder:
 
 
 @torch.inference_mode()
-def capture(model, tokenizer, context_ids: tuple[int, ...], stats_config: StatsConfig) -> tuple[CompressedCache, torch.Tensor]:
-    """A capturing prefill of the context (with reconstruction scores when the config asks), and its last logits (1, V)."""
-    request = ReconstructionRequest.for_prompt(tokenizer, context_ids) if stats_config.reconstruction else None
-    cache = CompressedCache(model, capture=True, stats_config=stats_config, reconstruction=request)
-    logits = model(torch.tensor([list(context_ids)], device=model.device), cache=cache).logits[:, -1]
-    return cache, logits
-
-
-@torch.inference_mode()
 def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[HeadOption, ...],
                    layout: dict[str, Any], stats_config: StatsConfig, target: LabelTarget = LabelTarget()) -> RequestLabels:
     """Distortion of every (layer, head, option) for one request."""
-    captured, _ = capture(model, tokenizer, request.context_ids, stats_config)
+    captured = capture(model, tokenizer, request.context_ids, stats_config).cache
     num_layers, num_heads, seq_len = captured.num_layers, captured.num_kv_heads, captured.layers[0].seen_tokens
     recorder = _Recorder()
     identity = captured.fork(Plan.full(num_layers, num_heads, **layout))

@@ -24,10 +24,11 @@ from adaptive_kv.plan import Plan
 from adaptive_kv.policies.controller_files import ControllerConfig
 from adaptive_kv.policies.learned import Learned
 from adaptive_kv.policies.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
+from adaptive_kv.prefill import capture
 from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.fit import FitConfig, fit
-from adaptive_kv.training.labels import LabelTarget, RequestLabels, capture
+from adaptive_kv.training.labels import LabelTarget, RequestLabels
 
 # option_grid arguments: uniform keeps, their bits[, global keeps, their bits]
 GRIDS: dict[str, tuple] = {
@@ -125,7 +126,8 @@ def prepare_validation(model, tokenizer, requests: list[CalibrationRequest], sta
     """Prefill every validation request once."""
     items = []
     for request in requests:
-        captured, last_logits = capture(model, tokenizer, request.context_ids, stats_config)
+        prefill = capture(model, tokenizer, request.context_ids, stats_config)
+        captured, last_logits = prefill.cache, prefill.last_logits
         identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout))
         reference = model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity).logits[0]
         items.append(ValidationItem(request, captured, last_logits, reference))
@@ -172,8 +174,8 @@ def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budg
             score = score_plan(model, item, plan)
             scores.append(score)
             out["by_task"].setdefault(f"{item.request.task}/{budget:g}", []).append(score)
-            head_dim, itemsize = item.captured.head_dim, item.captured.layers[0].prefill[0].element_size()
-            seq_len = item.captured.layers[0].seen_tokens
+            shape = item.captured.stats
+            seq_len, head_dim, itemsize = shape.seq_len, shape.head_dim, shape.dtype_bytes
             fractions.append(plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize))
         out["by_budget"][budget] = sum(scores) / len(scores)
         out["bytes_fraction"][budget] = sum(fractions) / len(fractions) if fractions else None
@@ -189,8 +191,6 @@ def run_trial(model, trial: TrialConfig, train: list[RequestLabels], valid: list
     config = controller_config(trial, model, model_name)
     net, fit_metrics = fit(config, trial.fit, train, valid, on_epoch)
     policy = Learned.from_parts(config, net)
-    head_dim = config.model_shape["head_dim"]
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    result = evaluate_policy(model, items, lambda s, b: policy.plan(s, b, head_dim=head_dim, dtype_bytes=itemsize), budgets)
+    result = evaluate_policy(model, items, policy.plan, budgets)
     result.update(fit_metrics)
     return config, net, result

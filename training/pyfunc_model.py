@@ -31,9 +31,9 @@ class ControllerModel(mlflow.pyfunc.PythonModel):
         plans = []
         for row in model_input.to_dict("records"):
             features = torch.tensor(json.loads(row["features"]), dtype=torch.float32)
-            stats = AttentionStats(features, {}, int(row["seq_len"]), tuple(json.loads(row["feature_names"])))
-            plan = self.policy.plan(stats, float(row["budget"]), head_dim=int(row["head_dim"]),
-                                    dtype_bytes=int(row["dtype_bytes"]))
+            stats = AttentionStats(features, {}, int(row["seq_len"]), tuple(json.loads(row["feature_names"])),
+                                   head_dim=int(row["head_dim"]), dtype_bytes=int(row["dtype_bytes"]))
+            plan = self.policy.plan(stats, float(row["budget"]))
             plans.append(plan.to_json())
         return pd.DataFrame({"plan": plans})
 

@@ -122,13 +122,13 @@ def fetch_controller(uri: str, tracking: str | None = None) -> Path:
     return found[0].parent
 
 
-def example_input(stats, budget: float, head_dim: int, dtype_bytes: int) -> dict[str, Any]:
+def example_input(stats, budget: float) -> dict[str, Any]:
     """One pyfunc input row for these statistics."""
     return {
         "features": json.dumps(stats.features.tolist()),
         "feature_names": json.dumps(list(stats.feature_names)),
         "seq_len": int(stats.seq_len),
         "budget": float(budget),
-        "head_dim": int(head_dim),
-        "dtype_bytes": int(dtype_bytes),
+        "head_dim": int(stats.head_dim),
+        "dtype_bytes": int(stats.dtype_bytes),
     }

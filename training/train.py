@@ -218,7 +218,6 @@ class _Pipeline:
     def finish(self, best, tracking) -> dict[str, Any]:
         """Copy the best controller, log figures and artifacts, register the champion."""
         import mlflow
-        import torch
 
         from adaptive_kv.plan import Plan
         from adaptive_kv.policies.controller_files import load_controller
@@ -261,10 +260,7 @@ class _Pipeline:
                 mlflow.log_metric(f"validation/{name}/b{float(b):g}", score)
         version = None
         if self.config.register:
-            stats_example = _example_stats(config)
-            itemsize = torch.empty((), dtype=torch.float32).element_size()
-            version = tracking.register_controller(
-                target, tracking.example_input(stats_example, budget, config.model_shape["head_dim"], itemsize))
+            version = tracking.register_controller(target, tracking.example_input(_example_stats(config), budget))
         return {"controller": str(target.resolve()), "registered_model": tracking.REGISTERED_MODEL,
                 "model_version": version, "alias": tracking.CHAMPION, "figures": str(figures.resolve())}
 
@@ -293,11 +289,12 @@ def _label_statistics(labels: dict, config) -> dict[str, Any]:
 
 
 def _example_stats(config):
-    """Zero-feature statistics of the controller's shape (the registered model's input example)."""
+    """Zero-feature statistics of the controller's shape, fp32 states (the registered model's input example)."""
     import torch
 
     from adaptive_kv.stats import AttentionStats
 
     shape = config.model_shape
     features = torch.zeros(shape["num_layers"], shape["num_kv_heads"], len(config.feature_names))
-    return AttentionStats(features, {}, 1024, tuple(config.feature_names))
+    return AttentionStats(features, {}, 1024, tuple(config.feature_names), head_dim=shape["head_dim"],
+                          dtype_bytes=torch.empty((), dtype=torch.float32).element_size())

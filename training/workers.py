@@ -61,14 +61,10 @@ class TrainingWorker:
         """Static policies scored on the same validation prefills (for the Pareto figure)."""
         from adaptive_kv.policies import get_policy
 
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
         out = {}
         for label, options in policies.items():
             policy = get_policy(options["name"], **options.get("options", {}))
-            plan_for = lambda s, b, p=policy: p.plan(s, b, head_dim=head_dim, dtype_bytes=itemsize)  # noqa: E731
-            out[label] = evaluate_policy(self.model, self._items(requests, trial), plan_for, budgets)
+            out[label] = evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets)
         return out
 
     def plans(self, config_json: dict, state: dict, requests: list[CalibrationRequest], trial: TrialConfig,
@@ -81,9 +77,8 @@ class TrainingWorker:
         net = config.build()
         net.load_state_dict(state)
         policy = Learned.from_parts(config, net)
-        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
         out = {}
         for item in self._items(requests, trial):
-            plan = policy.plan(item.captured.stats, budget, head_dim=config.model_shape["head_dim"], dtype_bytes=itemsize)
+            plan = policy.plan(item.captured.stats, budget)
             out[item.request.key] = plan.to_json()
         return out
