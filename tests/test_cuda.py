@@ -39,7 +39,7 @@ def _run(model, policy, device: str, backend: str, assembled: bool | None = None
         request = ReconstructionRequest(tuple(ids[0].tolist()), (5, 6, 7), (8, 9))
 
     def provider(stats):
-        return policy.plan(stats, BUDGET, head_dim=16, dtype_bytes=4)
+        return policy.plan(stats, BUDGET)
 
     cache = CompressedCache(model, plan_provider=provider, stats_config=policy.stats_config(),
                             reconstruction=request, backend=backend, assembled=assembled)
@@ -90,7 +90,7 @@ def test_cuda_matches_cpu(name):
     model = build_tiny_model("llama_gqa")
     logits = {}
     cpu, _ = _captured(model, policy, "cpu")
-    plan = policy.plan(cpu.stats, BUDGET, head_dim=16, dtype_bytes=4)
+    plan = policy.plan(cpu.stats, BUDGET)
     gpu, _ = _captured(model, policy, "cuda")
     gpu.stats = dataclasses.replace(gpu.stats, token_scores={k: v.cuda() for k, v in cpu.stats.token_scores.items()})
     for device, captured in (("cpu", cpu), ("cuda", gpu)):
