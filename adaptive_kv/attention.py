@@ -14,6 +14,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedC
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from adaptive_kv.step import CacheStep
+
 ATTENTION_NAME = "adaptive_kv"
 
 
@@ -27,26 +29,23 @@ def adaptive_kv_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA, except for a CompressedCache step, which the cache computes itself."""
-    from adaptive_kv.cache import LayerStep
-
+    """SDPA, except for a compressed layer's step, which its cache computes itself."""
     recorder = kwargs.pop("kv_recorder", None)  # training labels read the queries that follow a context
     reconstruction = kwargs.pop("kv_reconstruction", None)
     if reconstruction is not None:  # the context-reconstruction pass (adaptive_kv.reconstruction)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         return reconstruction.attend(module.layer_idx, query, key, value, scaling), None
-    if not isinstance(key, LayerStep):
+    if not isinstance(key, CacheStep):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    cache, layer = key.cache, key.cache.layers[key.layer_idx]
-    if layer.is_compressed:
+    if key.is_compressed:
         if recorder is not None:
             recorder(key.layer_idx, query, key.key_states, key.value_states, scaling)
-        return cache.attend(key, query, scaling), None
+        return key.attend(query, scaling), None
     # prefill: exact SDPA over the full-precision states, then read the statistics
-    keys, values = key.key_states, key.value_states
-    out, _ = sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    cache.observe(key.layer_idx, query, scaling)
+    out, _ = sdpa_attention_forward(module, query, key.key_states, key.value_states, attention_mask, dropout=dropout,
+                                    scaling=scaling, **kwargs)
+    key.observe(query, scaling)
     return out, None
 
 

@@ -64,8 +64,8 @@ def _plans(model, stats) -> dict[str, Plan]:
 def _dynamic_from(captured: CompressedCache, model) -> DynamicCache:
     """A DynamicCache holding the captured prefill's keys and values."""
     cache = DynamicCache(config=model.config)
-    for idx, layer in enumerate(captured.layers):
-        keys, values = layer.prefill
+    for idx in range(captured.num_layers):
+        keys, values = captured.prefill_states(idx)
         cache.update(keys[None].clone(), values[None].clone(), idx)
     return cache
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adaptive_kv import CompressedCache, HeadBudget, Plan
-from adaptive_kv import cache as cache_module
+from adaptive_kv import cache_layer as cache_module
 from adaptive_kv.assembled import HEADROOM, AssembledView
 from adaptive_kv.kernels import reference
 from adaptive_kv.store import Residual
@@ -88,7 +88,7 @@ def test_view_updated_in_place_equals_a_rebuilt_one(plan_name):
         model(ids[:, :97], cache=rebuilt)
         for i in range(97, 167):
             for layer in rebuilt.layers:
-                rebuilt._sync_scores(layer)
+                layer.sync_scores()
                 layer.view = None
             want = model(ids[:, i : i + 1], cache=rebuilt).logits
             got = model(ids[:, i : i + 1], cache=kept).logits

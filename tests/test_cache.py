@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from adaptive_kv import CompressedCache, HeadBudget, Plan
+from adaptive_kv.kernels import reference
 from adaptive_kv.stats import AttentionStats
 from conftest import build_tiny_model
 
@@ -146,7 +147,7 @@ def test_kept_tokens_are_sinks_recent_and_top_scores(llama_gqa):
     for head, picks in enumerate(hand_picked):
         scores[head, picks] = 1.0 + torch.arange(len(picks), dtype=torch.float32)
     scores[:, :4] = scores[:, 52:] = -5  # sinks and recent are kept whatever their score
-    cache._apply(layer, plan, scores, torch.zeros(2, seq_len))
+    layer.compress(plan, 0, scores, torch.zeros(2, seq_len), reference)
     sinks, recent = list(range(4)), list(range(52, 60))
     for head, picks in enumerate(hand_picked):
         assert _positions_kept(layer)[head] == sorted(sinks + picks + recent)

@@ -157,7 +157,7 @@ def test_h2o_evicts_lowest_accumulated_attention(scorer):
     """
     from conftest import build_tiny_model
 
-    from adaptive_kv.cache import PROTECTED_SCORE
+    from adaptive_kv.cache_layer import PROTECTED_SCORE
 
     model = build_tiny_model("llama_gqa")
     num_layers, num_kv = _heads(model)
@@ -243,7 +243,7 @@ def test_shared_ranking_normalises_over_evictable_tokens_only():
     from the stored scores); protected positions take no part."""
     from conftest import build_tiny_model
 
-    from adaptive_kv.cache import PROTECTED_SCORE
+    from adaptive_kv.cache_layer import PROTECTED_SCORE
 
     model = build_tiny_model("llama_gqa")
     num_layers, num_kv = _heads(model)
@@ -273,6 +273,6 @@ def test_shared_ranking_normalises_over_evictable_tokens_only():
             for p, s in free:
                 shares.setdefault(p, []).append(s / total)
         assert protected > 0 and shares
-        got = type(cache)._shared_scores(layer)
+        got = layer.shared_scores()
         for p, values in shares.items():
             assert abs(float(got[p]) - sum(values) / len(values)) < 1e-6

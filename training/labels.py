@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import Plan
 from adaptive_kv.policies.options import HeadOption, option_keeps, plan_from_keeps
 from adaptive_kv.prefill import capture
@@ -113,20 +112,19 @@ def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[He
                    layout: dict[str, Any], stats_config: StatsConfig, target: LabelTarget = LabelTarget()) -> RequestLabels:
     """Distortion of every (layer, head, option) for one request."""
     captured = capture(model, tokenizer, request.context_ids, stats_config).cache
-    num_layers, num_heads, seq_len = captured.num_layers, captured.num_kv_heads, captured.layers[0].seen_tokens
+    num_layers, num_heads, seq_len = captured.num_layers, captured.num_kv_heads, captured.get_seq_length()
     recorder = _Recorder()
     identity = captured.fork(Plan.full(num_layers, num_heads, **layout))
     model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity, kv_recorder=recorder)
-    kernels = get_backend(model.device)
     rows = target.row_slice(request)
-    reference = [_outputs(captured.layers[l].prefill, recorder.layers[l], recorder.scaling)[:, :, rows]
+    reference = [_outputs(captured.prefill_states(l), recorder.layers[l], recorder.scaling)[:, :, rows]
                  for l in range(num_layers)]
     measure = _residual_error(model, reference) if target.error == "residual" else _relative_error
     distortion = torch.zeros(num_layers, num_heads, len(grid))
     for o, option in enumerate(grid):
         fork = captured.fork(option_plan(option, num_layers, num_heads, seq_len, layout, captured.stats))
-        for l, layer in enumerate(fork.layers):
-            out = _head_outputs(layer.head_states(kernels, torch.float32), recorder.layers[l], recorder.scaling)
+        for l in range(num_layers):
+            out = _head_outputs(fork.head_states(l, torch.float32), recorder.layers[l], recorder.scaling)
             distortion[l, :, o] = measure(l, out[:, :, rows], reference[l])
     stats = captured.stats
     return RequestLabels(request.key, request.task, request.protocol, seq_len, stats.features.clone(),
