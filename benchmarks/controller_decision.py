@@ -10,6 +10,7 @@ Prefill = capturing prefill of a 1k / 2k-token context without and with reconstr
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -45,8 +46,10 @@ def _median_ms(call, repeats: int = 200) -> tuple[float, float]:
     return round(1e3 * statistics.median(times), 3), round(1e3 * times[int(0.95 * repeats) - 1], 3)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run both measurements and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m")
     policy = get_policy("learned")

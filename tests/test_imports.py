@@ -1,4 +1,4 @@
-"""Import direction (ARCHITECTURE.md): the core and the policies never load the optional stack."""
+"""Import direction (docs/ARCHITECTURE.md): the core and the policies never load the optional stack."""
 
 import subprocess
 import sys
