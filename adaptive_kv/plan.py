@@ -40,12 +40,11 @@ def _check_bits(name: str, value: Any) -> int:
     return value
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` if it is an integer in [low, high] (no upper bound when `high` is None); else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
     return value
 
 
@@ -61,7 +60,7 @@ class HeadBudget:
         if self.keep is not None:
             if isinstance(self.keep, float) and math.isnan(self.keep):
                 raise ValueError("keep must be a non-negative integer or None (keep all), got nan")
-            _check_int("keep", self.keep, 0)
+            check_int("keep", self.keep, 0)
         _check_bits("key_bits", self.key_bits)
         _check_bits("value_bits", self.value_bits)
 
@@ -100,9 +99,9 @@ class Plan:
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "num_layers", len(heads))
         object.__setattr__(self, "num_kv_heads", width)
-        _check_int("sink_tokens", self.sink_tokens, 0, 1024)
-        _check_int("recent_window", self.recent_window, 0, 65536)
-        _check_int("group_size", self.group_size, 1, 4096)
+        check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        check_int("recent_window", self.recent_window, 0, 65536)
+        check_int("group_size", self.group_size, 1, 4096)
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two, got {self.group_size}")
         if self.scorer not in TOKEN_SCORERS:
@@ -136,8 +135,8 @@ class Plan:
         **layout: Any,
     ) -> "Plan":
         """The same budget for every (layer, KV head); value_bits defaults to key_bits."""
-        _check_int("num_layers", num_layers, 1)
-        _check_int("num_kv_heads", num_kv_heads, 1)
+        check_int("num_layers", num_layers, 1)
+        check_int("num_kv_heads", num_kv_heads, 1)
         budget = HeadBudget(keep, key_bits, key_bits if value_bits is None else value_bits)
         return cls(tuple((budget,) * num_kv_heads for _ in range(num_layers)), **layout)
 
@@ -156,7 +155,7 @@ class Plan:
         """A uniform plan keeping `keep_fraction` of `seq_len` tokens per head (1.0 = keep all)."""
         if not isinstance(keep_fraction, (int, float)) or math.isnan(keep_fraction) or not 0 < keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
-        _check_int("seq_len", seq_len, 1)
+        check_int("seq_len", seq_len, 1)
         keep = None
         if keep_fraction < 1:
             floor = layout.get("sink_tokens", 4) + layout.get("recent_window", 32)
@@ -214,7 +213,7 @@ class Plan:
 
     def nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
         """Predicted bytes of the whole cache after applying this plan to `seq_len` tokens."""
-        _check_int("seq_len", seq_len, 0)
+        check_int("seq_len", seq_len, 0)
         return sum(
             self.head_nbytes(layer, head, seq_len, head_dim, dtype_bytes)
             for layer in range(self.num_layers)

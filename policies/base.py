@@ -13,13 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from adaptive_kv.errors import InfeasibleBudget
-from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan
+from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan, check_int
 from adaptive_kv.stats import AttentionStats, StatsConfig
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> None:
@@ -51,9 +46,9 @@ class Policy:
     selection: str = "per_head"
 
     def __post_init__(self) -> None:
-        _check_int("sink_tokens", self.sink_tokens, 0, 1024)
-        _check_int("recent_window", self.recent_window, 0, 65536)
-        _check_int("group_size", self.group_size, 1, 4096)
+        check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        check_int("recent_window", self.recent_window, 0, 65536)
+        check_int("group_size", self.group_size, 1, 4096)
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two in [1, 4096], got {self.group_size}")
         if self.selection not in SELECTIONS:

@@ -128,8 +128,8 @@ def _grid_bits(grid: tuple[HeadOption, ...]) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([o.key_bits for o in grid], dtype=np.int64), np.array([o.value_bits for o in grid], dtype=np.int64))
 
 
-def plan_from_keeps(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, seq_len: int,
-                    layout: dict[str, Any]) -> Plan:
+def plan_from_choices(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, seq_len: int,
+                      layout: dict[str, Any]) -> Plan:
     """The plan giving head (l, h) option choice[l, h] with keeps (L, H, O)."""
     rows = []
     for l in range(keeps.shape[0]):

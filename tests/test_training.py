@@ -215,7 +215,7 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     from mlflow import MlflowClient
 
     from adaptive_kv.policies import get_policy
-    from adaptive_kv.training.tracking import fetch_controller
+    from adaptive_kv.policies.controller_registry import fetch_controller
     from adaptive_kv.training.train import run_train
 
     summary = run_train(_config(tiny_model_dir, tmp_path), log=lambda *a: None)

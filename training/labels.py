@@ -26,7 +26,7 @@ import torch
 
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import Plan
-from adaptive_kv.policies.options import HeadOption, option_keeps, plan_from_keeps
+from adaptive_kv.policies.options import HeadOption, option_keeps, plan_from_choices
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import AttentionStats, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
@@ -77,7 +77,7 @@ def option_plan(option: HeadOption, num_layers: int, num_heads: int, seq_len: in
         if stats is None:
             raise ValueError("a global option's plan needs the request's statistics")
         keeps = option_keeps((option,), stats.features, stats.feature_names, seq_len, floor)
-        return plan_from_keeps((option,), torch.zeros(num_layers, num_heads, dtype=torch.long), keeps, seq_len, layout)
+        return plan_from_choices((option,), torch.zeros(num_layers, num_heads, dtype=torch.long), keeps, seq_len, layout)
     budget = option.budget(seq_len, floor)
     return Plan(tuple((budget,) * num_heads for _ in range(num_layers)), **layout)
 
