@@ -122,13 +122,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         policies=args.policies, budgets=args.budgets, tasks=args.tasks, context_length=args.context_length,
         samples=args.samples, protocol=args.protocol, seed=args.seed, max_new_tokens=args.max_new_tokens,
     )
-    from adaptive_kv.policies import available_policies
+    from adaptive_kv import policies as catalog
 
     # fail on bad names before the model loads (seconds) or anything is prefilled (minutes)
-    config.validate(None, available_policies())
+    config.validate(None, catalog.available_policies())
     model, tokenizer = load_model(args.model)
     bar = tqdm(total=0, desc="eval", unit="run", disable=args.json)
-    evaluator = Evaluator(model, tokenizer, config, model_name=args.model, progress=lambda: bar.update(1))
+    evaluator = Evaluator(model, tokenizer, config, catalog=catalog, model_name=args.model,
+                          progress=lambda: bar.update(1))
     bar.total = len(evaluator.combos()) * config.samples * len(config.tasks)
     results = evaluator.run()
     bar.close()
