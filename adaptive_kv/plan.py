@@ -71,6 +71,39 @@ class HeadBudget:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What every head of a plan shares: sinks and recent window kept in full precision, the
+    quantisation group, the token scorer and how a layer's heads select tokens (`SELECTIONS`)."""
+
+    sink_tokens: int = 4
+    recent_window: int = 32
+    group_size: int = 32
+    scorer: str = "snapkv"
+    selection: str = "per_head"
+
+    def __post_init__(self) -> None:
+        check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        check_int("recent_window", self.recent_window, 0, 65536)
+        check_int("group_size", self.group_size, 1, 4096)
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+        if self.scorer not in TOKEN_SCORERS:
+            raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+
+    @property
+    def floor(self) -> int:
+        """Tokens a head keeps at the least: its sinks and its recent window."""
+        return self.sink_tokens + self.recent_window
+
+    def keywords(self) -> dict[str, Any]:
+        """The layout as Plan keywords (`Plan(heads, **layout.keywords())`) and JSON."""
+        return dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
+                    scorer=self.scorer, selection=self.selection)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Per-(layer, KV head) budgets plus the global cache layout; see module docstring."""
 
@@ -99,16 +132,9 @@ class Plan:
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "num_layers", len(heads))
         object.__setattr__(self, "num_kv_heads", width)
-        check_int("sink_tokens", self.sink_tokens, 0, 1024)
-        check_int("recent_window", self.recent_window, 0, 65536)
-        check_int("group_size", self.group_size, 1, 4096)
-        if self.group_size & (self.group_size - 1):
-            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
-        if self.scorer not in TOKEN_SCORERS:
-            raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        floor = self.sink_tokens + self.recent_window
+        layout = Layout(self.sink_tokens, self.recent_window, self.group_size, self.scorer, self.selection)
+        object.__setattr__(self, "_layout", layout)  # built once: byte counts read it per head
+        floor = layout.floor
         for layer_idx, layer in enumerate(heads):
             for head_idx, budget in enumerate(layer):
                 if budget.keep is not None and budget.keep < floor:
@@ -192,12 +218,11 @@ class Plan:
         for idx, p in enumerate(layers):
             if p.layout() != layout:
                 raise ValueError(f"layer {idx}'s plan has layout {p.layout()}, layer 0's has {layout}")
-        return cls(tuple(p.heads[0] for p in layers), **layout)
+        return cls(tuple(p.heads[0] for p in layers), **layout.keywords())
 
-    def layout(self) -> dict[str, Any]:
-        """The layout keywords (sinks, window, group, scorer, selection) shared by every head."""
-        return dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
-                    scorer=self.scorer, selection=self.selection)
+    def layout(self) -> Layout:
+        """The layout (sinks, window, group, scorer, selection) shared by every head."""
+        return self._layout
 
     def kept_tokens(self, layer_idx: int, head_idx: int, seq_len: int) -> int:
         """Tokens this head holds right after the plan is applied to `seq_len` tokens."""
@@ -286,7 +311,7 @@ def _positive(x):
     return x * (x > 0)
 
 
-def kept_nbytes(kept, key_bits, value_bits, layout: dict[str, Any], head_dim: int, dtype_bytes: int,
+def kept_nbytes(kept, key_bits, value_bits, layout: Layout, head_dim: int, dtype_bytes: int,
                 tracks_scores: bool):
     """Bytes of a head holding `kept` tokens (an int, or an integer NumPy array of counts) at these bits
     (ints, or integer arrays broadcasting against `kept`).
@@ -295,9 +320,8 @@ def kept_nbytes(kept, key_bits, value_bits, layout: dict[str, Any], head_dim: in
     candidate keeps. Sinks and the recent window stay full precision; the middle is cut into whole
     groups of `group_size`, and its remainder joins the full-precision residual (KIVI).
     """
-    group_size = layout["group_size"]
-    fixed_cap = layout["sink_tokens"] + layout["recent_window"]
-    groups = _positive(kept - fixed_cap) // group_size
+    group_size = layout.group_size
+    groups = _positive(kept - layout.floor) // group_size
     packed_tokens = groups * group_size
     fp_tokens = kept - packed_tokens
     total = 2 * fp_tokens * head_dim * dtype_bytes + RESIDUAL_INDEX_BYTES
@@ -305,8 +329,8 @@ def kept_nbytes(kept, key_bits, value_bits, layout: dict[str, Any], head_dim: in
     total = total + _value_bytes(value_bits, packed_tokens, head_dim, group_size, dtype_bytes)
     total = total + groups * GROUP_INDEX_BYTES
     if tracks_scores:
-        per_token = SCORE_BYTES + (POSITION_BYTES if layout["selection"] == "shared" else 0)
-        total = total + _positive(kept - layout["sink_tokens"]) * per_token  # sinks are never evicted
+        per_token = SCORE_BYTES + (POSITION_BYTES if layout.selection == "shared" else 0)
+        total = total + _positive(kept - layout.sink_tokens) * per_token  # sinks are never evicted
     return total
 
 

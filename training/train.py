@@ -230,9 +230,7 @@ class _Pipeline:
             shutil.rmtree(target)
         shutil.copytree(source, target)
         config, net = load_controller(target)
-        layout = config.layout
-        trial_config = TrialConfig(sink_tokens=layout["sink_tokens"], recent_window=layout["recent_window"],
-                                   group_size=layout["group_size"], scorer=layout["scorer"], selection=layout["selection"])
+        trial_config = TrialConfig(**config.layout.keywords())
         worker = self.workers[0]
         baselines = self.ray.get(worker.baselines.remote(STATIC_BASELINES, self.valid_requests, trial_config,
                                                          self.config.budgets))
