@@ -13,11 +13,11 @@ import torch
 
 from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.plan import HeadBudget, Layout, Plan
-from adaptive_kv.policies.allocator import allocate, warm_up
+from adaptive_kv.policies.controller.allocator import allocate, warm_up
 from adaptive_kv.policies.base import Policy, check_fraction, check_layer
-from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
-from adaptive_kv.policies.controller_net import ControllerNet, FoldedNet
-from adaptive_kv.policies.options import global_keeps_from_share, keeps_nbytes, option_bytes
+from adaptive_kv.policies.controller.files import ControllerConfig, load_controller
+from adaptive_kv.policies.controller.net import ControllerNet, FoldedNet
+from adaptive_kv.policies.controller.options import global_keeps_from_share, keeps_nbytes, option_bytes
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
 
@@ -66,7 +66,7 @@ def _feature_index(have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor
 
 
 # The controller trained for the embedded model ships with the package (a few kB).
-SHIPPED = Path(__file__).resolve().parent / "controllers" / "smollm2-135m"
+SHIPPED = Path(__file__).resolve().parent / "controller" / "shipped" / "smollm2-135m"
 
 
 @register("learned")

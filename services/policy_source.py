@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptive_kv.policies import Policy, controller_registry, get_policy
+from adaptive_kv.policies import Policy, get_policy
+from adaptive_kv.policies.controller import registry
 
 REGISTRY_SCHEME = "models:/"
 LEARNED = "learned"
@@ -35,7 +36,7 @@ class LoadedPolicy:
 def fetch_registered(uri: str) -> Path:
     """Download the controller registered at `uri` (models:/NAME@ALIAS or /VERSION) to a local folder."""
     try:
-        return Path(controller_registry.fetch_controller(uri))
+        return Path(registry.fetch_controller(uri))
     except ImportError as exc:  # mlflow (the serve extra) is missing
         raise ValueError(f"policy_uri {uri!r} needs mlflow to fetch a registered controller: {exc}") from exc
 

@@ -8,8 +8,8 @@ import torch
 from adaptive_kv.plan import HeadBudget, Layout, Plan
 import numpy as np
 
-from adaptive_kv.policies.allocator import allocate, allocate_reference
-from adaptive_kv.policies.options import HeadOption, option_bytes, option_grid
+from adaptive_kv.policies.controller.allocator import allocate, allocate_reference
+from adaptive_kv.policies.controller.options import HeadOption, option_bytes, option_grid
 
 
 def _brute_force(cost, nbytes, limit):

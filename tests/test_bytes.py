@@ -142,7 +142,7 @@ def test_grid_pricing_equals_plan_bytes_per_option():
     each (keep, option) priced alone, asymmetric bit pairs included (16 on one side only: a swap of key and value bits shows)."""
     import numpy as np
 
-    from adaptive_kv.policies.options import HeadOption, keeps_nbytes
+    from adaptive_kv.policies.controller.options import HeadOption, keeps_nbytes
 
     grid = tuple(HeadOption(f, kb, vb, "global") for f in (0.4, 0.1) for kb, vb in ((16, 16), (8, 4), (16, 2), (4, 16)))
     # group 128 > head_dim 64: key scales (per channel per group) and value scales (per token, one

@@ -7,9 +7,9 @@ import torch
 
 from adaptive_kv.plan import Layout
 from adaptive_kv.policies import get_policy
-from adaptive_kv.policies.controller_files import ControllerConfig, load_controller, save_controller
+from adaptive_kv.policies.controller.files import ControllerConfig, load_controller, save_controller
 from adaptive_kv.policies.learned import Learned
-from adaptive_kv.policies.options import option_grid
+from adaptive_kv.policies.controller.options import option_grid
 from adaptive_kv.stats import FEATURE_NAMES, AttentionStats
 from adaptive_kv.training.calibration import EVALUATION_SEEDS, CALIBRATION_SEED, VALIDATION_SEED, make_requests
 
@@ -216,7 +216,7 @@ def test_global_grid_round_trips_and_bad_global_options_are_refused(tmp_path):
     save_controller(tmp_path / "g", config, config.build())
     loaded, _ = load_controller(tmp_path / "g")
     assert loaded.grid == config.grid and sum(o.allocation == "global" for o in loaded.grid) == 20
-    from adaptive_kv.policies.options import HeadOption
+    from adaptive_kv.policies.controller.options import HeadOption
 
     with pytest.raises(ValueError, match=r"global option's keep_fraction must be one of \(0.4, 0.2, 0.1, 0.05\)"):
         HeadOption(0.3, 4, 4, "global")

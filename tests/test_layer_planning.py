@@ -76,8 +76,8 @@ def test_per_layer_peak_stays_below_the_full_cache():
 
 
 def test_learned_plans_within_each_layer(tmp_path):
-    from adaptive_kv.policies.controller_files import ControllerConfig, save_controller
-    from adaptive_kv.policies.options import option_grid
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
     from adaptive_kv.stats import FEATURE_NAMES
 
     torch.manual_seed(0)

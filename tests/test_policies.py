@@ -25,8 +25,8 @@ HEAD_DIM, DTYPE_BYTES = 64, 2
 @pytest.fixture(scope="module")
 def tiny_controller(tmp_path_factory):
     """A randomly initialised controller for llama_gqa's shape (2 layers x 2 KV heads, head_dim 16)."""
-    from adaptive_kv.policies.controller_files import ControllerConfig, save_controller
-    from adaptive_kv.policies.options import option_grid
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
 
     torch.manual_seed(0)
     config = ControllerConfig(

@@ -108,7 +108,7 @@ def learned_builds(monkeypatch):
 
 
 def test_policy_uri_models_registry_uses_fetch_controller(monkeypatch, tmp_path, learned_builds):
-    import adaptive_kv.policies.controller_registry as registry
+    import adaptive_kv.policies.controller.registry as registry
 
     fetched: list[str] = []
 

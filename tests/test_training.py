@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adaptive_kv.plan import Layout
-from adaptive_kv.policies.options import HeadOption
+from adaptive_kv.policies.controller.options import HeadOption
 from adaptive_kv.stats import StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.labels import LabelTarget, collect_labels, load_labels, save_labels
@@ -102,7 +102,7 @@ def test_global_option_labels_equal_each_heads_uniform_label(tiny_tokenizer):
     """A global option gives each head its own keep (its share of the global top); with per-head
     selection a head's tokens depend only on its own keep, so each head's label must equal its label
     under the uniform option of that keep (whose labels the test above checks directly)."""
-    from adaptive_kv.policies.options import option_keeps
+    from adaptive_kv.policies.controller.options import option_keeps
 
     model = build_tiny_model("llama_gqa")
     ids = torch.randint(0, 1000, (200,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -216,7 +216,7 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     from mlflow import MlflowClient
 
     from adaptive_kv.policies import get_policy
-    from adaptive_kv.policies.controller_registry import fetch_controller
+    from adaptive_kv.policies.controller.registry import fetch_controller
     from adaptive_kv.training.train import run_train
 
     summary = run_train(_config(tiny_model_dir, tmp_path), log=lambda *a: None)

@@ -25,7 +25,7 @@ import torch
 
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import Layout, Plan
-from adaptive_kv.policies.options import HeadOption, option_keeps, plan_from_choices
+from adaptive_kv.policies.controller.options import HeadOption, option_keeps, plan_from_choices
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import AttentionStats, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest

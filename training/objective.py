@@ -21,9 +21,9 @@ import torch
 
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.plan import Layout, Plan
-from adaptive_kv.policies.controller_files import ControllerConfig
+from adaptive_kv.policies.controller.files import ControllerConfig
 from adaptive_kv.policies.learned import Learned
-from adaptive_kv.policies.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
+from adaptive_kv.policies.controller.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest

@@ -1,4 +1,4 @@
-"""MLflow tracking adapters of evaluation and training (the registry fetch lives in `policies.controller_registry`).
+"""MLflow tracking adapters of evaluation and training (the registry fetch lives in `policies.controller.registry`).
 
 Default store: a local SQLite backend and artifact folder under ./mlruns (inspect with
 `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`); set MLFLOW_TRACKING_URI or pass a
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from adaptive_kv.policies.controller_registry import tracking_uri
+from adaptive_kv.policies.controller.registry import tracking_uri
 
 EXPERIMENT = "adaptive-kv-eval"
 TRAIN_EXPERIMENT = "adaptive-kv-train"

@@ -205,7 +205,7 @@ class _Pipeline:
         bar.close()
 
     def _save_trial(self, number: int, result: dict) -> Path:
-        from adaptive_kv.policies.controller_files import ControllerConfig, save_controller
+        from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
 
         config = ControllerConfig.from_json(result["config"])
         net = config.build()
@@ -220,7 +220,7 @@ class _Pipeline:
         import mlflow
 
         from adaptive_kv.plan import Plan
-        from adaptive_kv.policies.controller_files import load_controller
+        from adaptive_kv.policies.controller.files import load_controller
         from adaptive_kv.training.objective import TrialConfig
         from adaptive_kv.training.plots import pareto_png, plan_heatmap_png
 

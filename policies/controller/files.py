@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_kv.plan import Layout
-from adaptive_kv.policies.controller_net import ControllerNet
-from adaptive_kv.policies.options import HeadOption, grid_from_json, grid_to_json
+from adaptive_kv.policies.controller.net import ControllerNet
+from adaptive_kv.policies.controller.options import HeadOption, grid_from_json, grid_to_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "controller.json", "controller.safetensors"
