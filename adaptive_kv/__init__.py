@@ -1,6 +1,7 @@
 """adaptive-kv: hybrid, adaptive KV-cache compression (per-head eviction + quantisation).
 
-Public API: `load_model`, `Plan`, `HeadBudget`, `CompressedCache`, `AttentionStats`, `generate`.
+Public API: `load_model`, `Plan`, `HeadBudget`, `Layout`, `CompressedCache`, `AttentionStats`, `capture`
+(the prefill; the decode loop is `adaptive_kv.decode.decode`), `generate`, `InfeasibleBudget`.
 Names are resolved lazily so `import adaptive_kv` stays cheap and loads no optional stack.
 """
 
@@ -14,6 +15,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Plan": "adaptive_kv.plan",
     "HeadBudget": "adaptive_kv.plan",
+    "Layout": "adaptive_kv.plan",
+    "InfeasibleBudget": "adaptive_kv.errors",
+    "capture": "adaptive_kv.prefill",
+    "Captured": "adaptive_kv.prefill",
     "AttentionStats": "adaptive_kv.stats",
     "CompressedCache": "adaptive_kv.cache",
     "generate": "adaptive_kv.generation",

@@ -8,31 +8,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from adaptive_kv import cli_args
 from adaptive_kv.plan import ALLOWED_BITS
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -114,30 +95,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt text (or use --prompt-file)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
-    p.add_argument("--keep", type=_fraction, default=0.5, help="fraction of tokens kept per head, in (0, 1]")
+    p.add_argument("--keep", type=cli_args.fraction, default=0.5, help="fraction of tokens kept per head, in (0, 1]")
     p.add_argument("--bits", type=int, choices=ALLOWED_BITS, default=4, help="key and value bit-width")
     p.add_argument("--sinks", type=int, default=4, help="sink tokens always kept in full precision")
     p.add_argument("--window", type=int, default=32, help="recent tokens kept in full precision")
     p.add_argument("--group-size", type=int, default=32, help="quantisation group size (power of two)")
-    p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=cli_args.positive, default=64, help="tokens to generate")
     p.add_argument("--policy", help="decide per request with this policy (e.g. learned, kvzip, hybrid) instead of --keep/--bits")
-    p.add_argument("--budget", type=_fraction, default=0.125, help="with --policy: KV bytes as a fraction of full precision")
+    p.add_argument("--budget", type=cli_args.fraction, default=0.125, help="with --policy: KV bytes as a fraction of full precision")
     p.add_argument("--controller", help="with --policy learned: a controller folder (default: the shipped one)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as it is (no chat template)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet-report", action="store_true", help="print the KV report on stderr")
     p.set_defaults(func=cmd_generate)
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("must be a comma-separated list")
-    return items
-
-
-def _budgets(text: str) -> tuple[float, ...]:
-    return tuple(_fraction(x) for x in _csv(text))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -152,13 +122,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         policies=args.policies, budgets=args.budgets, tasks=args.tasks, context_length=args.context_length,
         samples=args.samples, protocol=args.protocol, seed=args.seed, max_new_tokens=args.max_new_tokens,
     )
-    from adaptive_kv.policies import available_policies
+    from adaptive_kv import policies as catalog
 
     # fail on bad names before the model loads (seconds) or anything is prefilled (minutes)
-    config.validate(None, available_policies())
+    config.validate(None, catalog.available_policies())
     model, tokenizer = load_model(args.model)
     bar = tqdm(total=0, desc="eval", unit="run", disable=args.json)
-    evaluator = Evaluator(model, tokenizer, config, model_name=args.model, progress=lambda: bar.update(1))
+    evaluator = Evaluator(model, tokenizer, config, catalog=catalog, model_name=args.model,
+                          progress=lambda: bar.update(1))
     bar.total = len(evaluator.combos()) * config.samples * len(config.tasks)
     results = evaluator.run()
     bar.close()
@@ -195,14 +166,14 @@ def _print_table(results: dict, means: dict) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="compare policies x budgets on offline long-context tasks at equal bytes")
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
-    p.add_argument("--policies", type=_csv, default=("snapkv", "kivi", "hybrid"), help="comma-separated policy names")
-    p.add_argument("--budgets", type=_budgets, default=(0.5, 0.25, 0.125), help="comma-separated fractions in (0, 1]")
-    p.add_argument("--tasks", type=_csv, default=("passkey", "niah_single"), help="comma-separated task names")
-    p.add_argument("--context-length", type=_positive, default=1024, help="prompt tokens, exact")
-    p.add_argument("--samples", type=_positive, default=5, help="samples per task")
+    p.add_argument("--policies", type=cli_args.csv, default=("snapkv", "kivi", "hybrid"), help="comma-separated policy names")
+    p.add_argument("--budgets", type=cli_args.budgets, default=(0.5, 0.25, 0.125), help="comma-separated fractions in (0, 1]")
+    p.add_argument("--tasks", type=cli_args.csv, default=("passkey", "niah_single"), help="comma-separated task names")
+    p.add_argument("--context-length", type=cli_args.positive, default=1024, help="prompt tokens, exact")
+    p.add_argument("--samples", type=cli_args.positive, default=5, help="samples per task")
     p.add_argument("--protocol", choices=("query_aware", "query_agnostic"), default="query_agnostic")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=_positive, default=None, help="cap on each task's answer length")
+    p.add_argument("--max-new-tokens", type=cli_args.positive, default=None, help="cap on each task's answer length")
     p.add_argument("--output", default="outputs/eval", help="folder for results.json, summary.md, pareto.png")
     p.add_argument("--mlflow", action="store_true", help="also log the run to MLflow (needs the training extra)")
     p.add_argument("--json", action="store_true", help="print results.json on stdout")
@@ -263,7 +234,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
     p.add_argument("--policy", default="learned", help="policy name (default: learned)")
     p.add_argument("--controller", help="with --policy learned: a controller folder (default: the shipped one)")
-    p.add_argument("--budget", type=_fraction, default=0.125, help="KV bytes as a fraction of full precision")
+    p.add_argument("--budget", type=cli_args.fraction, default=0.125, help="KV bytes as a fraction of full precision")
     p.add_argument("--raw", action="store_true", help="feed the prompt as it is (no chat template)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--png", help="also draw the plan as a heat-map into this PNG file")

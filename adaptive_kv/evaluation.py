@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -99,13 +99,21 @@ class _Tally:
     extra: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
+class PolicyCatalog(Protocol):
+    """Where policies come from by name (the `adaptive_kv.policies` package is one)."""
+
+    def available_policies(self) -> tuple[str, ...]: ...
+
+    def get_policy(self, name: str, **options: Any) -> Any: ...
+
+
 class Evaluator:
-    """Runs an EvalConfig on one model; `run()` returns the results.json dict."""
+    """Runs an EvalConfig on one model with policies from `catalog`; `run()` returns the results.json dict."""
 
-    def __init__(self, model, tokenizer, config: EvalConfig, *, model_name: str, progress: Callable | None = None):
-        from adaptive_kv.policies import available_policies, get_policy
-
-        config.validate(getattr(model.config, "max_position_embeddings", None), available_policies())
+    def __init__(self, model, tokenizer, config: EvalConfig, *, catalog: PolicyCatalog, model_name: str,
+                 progress: Callable | None = None):
+        get_policy = catalog.get_policy
+        config.validate(getattr(model.config, "max_position_embeddings", None), catalog.available_policies())
         self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
         self.policies, self.planning = {}, {}
         for spec in config.policies:

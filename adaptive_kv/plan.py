@@ -40,12 +40,11 @@ def _check_bits(name: str, value: Any) -> int:
     return value
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` if it is an integer in [low, high] (no upper bound when `high` is None); else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
     return value
 
 
@@ -61,7 +60,7 @@ class HeadBudget:
         if self.keep is not None:
             if isinstance(self.keep, float) and math.isnan(self.keep):
                 raise ValueError("keep must be a non-negative integer or None (keep all), got nan")
-            _check_int("keep", self.keep, 0)
+            check_int("keep", self.keep, 0)
         _check_bits("key_bits", self.key_bits)
         _check_bits("value_bits", self.value_bits)
 
@@ -69,6 +68,39 @@ class HeadBudget:
     def is_identity(self) -> bool:
         """True when this head keeps every token in full precision."""
         return self.keep is None and self.key_bits == 16 and self.value_bits == 16
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every head of a plan shares: sinks and recent window kept in full precision, the
+    quantisation group, the token scorer and how a layer's heads select tokens (`SELECTIONS`)."""
+
+    sink_tokens: int = 4
+    recent_window: int = 32
+    group_size: int = 32
+    scorer: str = "snapkv"
+    selection: str = "per_head"
+
+    def __post_init__(self) -> None:
+        check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        check_int("recent_window", self.recent_window, 0, 65536)
+        check_int("group_size", self.group_size, 1, 4096)
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+        if self.scorer not in TOKEN_SCORERS:
+            raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+
+    @property
+    def floor(self) -> int:
+        """Tokens a head keeps at the least: its sinks and its recent window."""
+        return self.sink_tokens + self.recent_window
+
+    def keywords(self) -> dict[str, Any]:
+        """The layout as Plan keywords (`Plan(heads, **layout.keywords())`) and JSON."""
+        return dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
+                    scorer=self.scorer, selection=self.selection)
 
 
 @dataclass(frozen=True)
@@ -100,16 +132,9 @@ class Plan:
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "num_layers", len(heads))
         object.__setattr__(self, "num_kv_heads", width)
-        _check_int("sink_tokens", self.sink_tokens, 0, 1024)
-        _check_int("recent_window", self.recent_window, 0, 65536)
-        _check_int("group_size", self.group_size, 1, 4096)
-        if self.group_size & (self.group_size - 1):
-            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
-        if self.scorer not in TOKEN_SCORERS:
-            raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        floor = self.sink_tokens + self.recent_window
+        layout = Layout(self.sink_tokens, self.recent_window, self.group_size, self.scorer, self.selection)
+        object.__setattr__(self, "_layout", layout)  # built once: byte counts read it per head
+        floor = layout.floor
         for layer_idx, layer in enumerate(heads):
             for head_idx, budget in enumerate(layer):
                 if budget.keep is not None and budget.keep < floor:
@@ -136,8 +161,8 @@ class Plan:
         **layout: Any,
     ) -> "Plan":
         """The same budget for every (layer, KV head); value_bits defaults to key_bits."""
-        _check_int("num_layers", num_layers, 1)
-        _check_int("num_kv_heads", num_kv_heads, 1)
+        check_int("num_layers", num_layers, 1)
+        check_int("num_kv_heads", num_kv_heads, 1)
         budget = HeadBudget(keep, key_bits, key_bits if value_bits is None else value_bits)
         return cls(tuple((budget,) * num_kv_heads for _ in range(num_layers)), **layout)
 
@@ -156,7 +181,7 @@ class Plan:
         """A uniform plan keeping `keep_fraction` of `seq_len` tokens per head (1.0 = keep all)."""
         if not isinstance(keep_fraction, (int, float)) or math.isnan(keep_fraction) or not 0 < keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
-        _check_int("seq_len", seq_len, 1)
+        check_int("seq_len", seq_len, 1)
         keep = None
         if keep_fraction < 1:
             floor = layout.get("sink_tokens", 4) + layout.get("recent_window", 32)
@@ -193,12 +218,11 @@ class Plan:
         for idx, p in enumerate(layers):
             if p.layout() != layout:
                 raise ValueError(f"layer {idx}'s plan has layout {p.layout()}, layer 0's has {layout}")
-        return cls(tuple(p.heads[0] for p in layers), **layout)
+        return cls(tuple(p.heads[0] for p in layers), **layout.keywords())
 
-    def layout(self) -> dict[str, Any]:
-        """The layout keywords (sinks, window, group, scorer, selection) shared by every head."""
-        return dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
-                    scorer=self.scorer, selection=self.selection)
+    def layout(self) -> Layout:
+        """The layout (sinks, window, group, scorer, selection) shared by every head."""
+        return self._layout
 
     def kept_tokens(self, layer_idx: int, head_idx: int, seq_len: int) -> int:
         """Tokens this head holds right after the plan is applied to `seq_len` tokens."""
@@ -214,7 +238,7 @@ class Plan:
 
     def nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
         """Predicted bytes of the whole cache after applying this plan to `seq_len` tokens."""
-        _check_int("seq_len", seq_len, 0)
+        check_int("seq_len", seq_len, 0)
         return sum(
             self.head_nbytes(layer, head, seq_len, head_dim, dtype_bytes)
             for layer in range(self.num_layers)
@@ -287,7 +311,7 @@ def _positive(x):
     return x * (x > 0)
 
 
-def kept_nbytes(kept, key_bits, value_bits, layout: dict[str, Any], head_dim: int, dtype_bytes: int,
+def kept_nbytes(kept, key_bits, value_bits, layout: Layout, head_dim: int, dtype_bytes: int,
                 tracks_scores: bool):
     """Bytes of a head holding `kept` tokens (an int, or an integer NumPy array of counts) at these bits
     (ints, or integer arrays broadcasting against `kept`).
@@ -296,9 +320,8 @@ def kept_nbytes(kept, key_bits, value_bits, layout: dict[str, Any], head_dim: in
     candidate keeps. Sinks and the recent window stay full precision; the middle is cut into whole
     groups of `group_size`, and its remainder joins the full-precision residual (KIVI).
     """
-    group_size = layout["group_size"]
-    fixed_cap = layout["sink_tokens"] + layout["recent_window"]
-    groups = _positive(kept - fixed_cap) // group_size
+    group_size = layout.group_size
+    groups = _positive(kept - layout.floor) // group_size
     packed_tokens = groups * group_size
     fp_tokens = kept - packed_tokens
     total = 2 * fp_tokens * head_dim * dtype_bytes + RESIDUAL_INDEX_BYTES
@@ -306,8 +329,8 @@ def kept_nbytes(kept, key_bits, value_bits, layout: dict[str, Any], head_dim: in
     total = total + _value_bytes(value_bits, packed_tokens, head_dim, group_size, dtype_bytes)
     total = total + groups * GROUP_INDEX_BYTES
     if tracks_scores:
-        per_token = SCORE_BYTES + (POSITION_BYTES if layout["selection"] == "shared" else 0)
-        total = total + _positive(kept - layout["sink_tokens"]) * per_token  # sinks are never evicted
+        per_token = SCORE_BYTES + (POSITION_BYTES if layout.selection == "shared" else 0)
+        total = total + _positive(kept - layout.sink_tokens) * per_token  # sinks are never evicted
     return total
 
 

@@ -21,7 +21,7 @@ import torch
 from adaptive_kv import load_model
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.policies import get_policy
-from adaptive_kv.policies.allocator import allocate, allocate_reference
+from adaptive_kv.policies.controller.allocator import allocate, allocate_reference
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import StatsConfig
 from adaptive_kv.tasks import make_samples

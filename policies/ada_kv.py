@@ -59,7 +59,7 @@ class AdaKV(EvictionPolicy):
         head_dim, dtype_bytes = stats.head_dim, stats.dtype_bytes
         keep = tokens_for_budget(stats, budget, layout)
         if keep is None:
-            return Plan.uniform(stats.num_layers, heads, keep=None, **layout)
+            return Plan.uniform(stats.num_layers, heads, keep=None, **layout.keywords())
         floor = self.sink_tokens + self.recent_window
         limit = heads * budget * head_full_bytes(seq_len, head_dim, dtype_bytes)
         keeps = []

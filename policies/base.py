@@ -13,13 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from adaptive_kv.errors import InfeasibleBudget
-from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan
+from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Layout, Plan, check_int
 from adaptive_kv.stats import AttentionStats, StatsConfig
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> None:
@@ -51,20 +46,20 @@ class Policy:
     selection: str = "per_head"
 
     def __post_init__(self) -> None:
-        _check_int("sink_tokens", self.sink_tokens, 0, 1024)
-        _check_int("recent_window", self.recent_window, 0, 65536)
-        _check_int("group_size", self.group_size, 1, 4096)
+        check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        check_int("recent_window", self.recent_window, 0, 65536)
+        check_int("group_size", self.group_size, 1, 4096)
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two in [1, 4096], got {self.group_size}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
 
-    def layout(self, **overrides: Any) -> dict[str, Any]:
-        """The Plan layout keywords of this policy (sinks, window, group, scorer)."""
+    def layout(self, **overrides: Any) -> Layout:
+        """The layout of this policy's plans (sinks, window, group, scorer, selection), with `overrides`."""
         scorer = getattr(self, "scorer", TOKEN_SCORERS[0])
-        base = dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
-                    selection=self.selection)
-        return {**base, "scorer": scorer, **overrides}
+        fields = dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
+                      scorer=scorer, selection=self.selection)
+        return Layout(**{**fields, **overrides})
 
     def stats_config(self) -> StatsConfig:
         """What the cache must read during prefill for this policy (give it to `CompressedCache`)."""
@@ -119,7 +114,7 @@ class EvictionPolicy(Policy):
     def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """The largest uniform keep meeting the budget (16-bit keys and values)."""
         keep = tokens_for_budget(stats, budget, self.layout())
-        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, **self.layout())
+        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, **self.layout().keywords())
 
 
 # --------------------------------------------------------------------------- byte arithmetic
@@ -128,10 +123,10 @@ def head_full_bytes(seq_len: int, head_dim: int, dtype_bytes: int) -> int:
     return 2 * seq_len * head_dim * dtype_bytes
 
 
-def head_bytes(keep: int | None, layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int,
+def head_bytes(keep: int | None, layout: Layout, seq_len: int, head_dim: int, dtype_bytes: int,
                key_bits: int = 16, value_bits: int = 16) -> int:
     """Predicted bytes of one head (a finite `keep` also pays its H2O scores)."""
-    plan = Plan(((HeadBudget(keep, key_bits, value_bits),),), **layout)
+    plan = Plan(((HeadBudget(keep, key_bits, value_bits),),), **layout.keywords())
     return plan.head_nbytes(0, 0, seq_len, head_dim, dtype_bytes)
 
 
@@ -146,14 +141,14 @@ def last_fitting(fits: Callable[[int], bool], low: int, high: int) -> int:
     return high
 
 
-def max_keep(limit: float, layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int,
+def max_keep(limit: float, layout: Layout, seq_len: int, head_dim: int, dtype_bytes: int,
              key_bits: int = 16, value_bits: int = 16) -> int | None:
     """Largest finite keep in [floor, seq_len] whose head bytes fit `limit`; None if none fits.
 
     Bytes are not monotone in keep when quantised (a full group packs and shrinks), but they rise
     within each group-sized block and block minima rise, so search blocks first, then the block.
     """
-    floor, group = layout["sink_tokens"] + layout["recent_window"], layout["group_size"]
+    floor, group = layout.floor, layout.group_size
     top = max(floor, seq_len)
 
     def fits(keep: int) -> bool:
@@ -166,13 +161,12 @@ def max_keep(limit: float, layout: dict[str, Any], seq_len: int, head_dim: int, 
     return last_fitting(fits, start, min(start + group - 1, top))
 
 
-def floor_fraction(layout: dict[str, Any], seq_len: int, head_dim: int, dtype_bytes: int) -> float:
+def floor_fraction(layout: Layout, seq_len: int, head_dim: int, dtype_bytes: int) -> float:
     """Budget fraction of a head that keeps only its sinks and recent window."""
-    floor = layout["sink_tokens"] + layout["recent_window"]
-    return head_bytes(floor, layout, seq_len, head_dim, dtype_bytes) / head_full_bytes(seq_len, head_dim, dtype_bytes)
+    return head_bytes(layout.floor, layout, seq_len, head_dim, dtype_bytes) / head_full_bytes(seq_len, head_dim, dtype_bytes)
 
 
-def tokens_for_budget(stats: AttentionStats, budget: float, layout: dict[str, Any], *,
+def tokens_for_budget(stats: AttentionStats, budget: float, layout: Layout, *,
                       key_bits: int = 16, value_bits: int = 16) -> int | None:
     """Largest uniform keep (None = keep all) meeting `budget` at the given bit-widths."""
     check_fraction("budget", budget)
@@ -187,9 +181,9 @@ def tokens_for_budget(stats: AttentionStats, budget: float, layout: dict[str, An
     return keep
 
 
-def plan_from_keeps(keeps: list[list[int]], seq_len: int, layout: dict[str, Any],
+def plan_from_keeps(keeps: list[list[int]], seq_len: int, layout: Layout,
                     key_bits: int = 16, value_bits: int = 16) -> Plan:
     """A Plan from a finite keep table (L, H_kv); all None when every head keeps everything."""
     if all(k >= seq_len for row in keeps for k in row):  # keep-all needs no H2O scores: fewer bytes
         keeps = [[None] * len(row) for row in keeps]
-    return Plan(tuple(tuple(HeadBudget(k, key_bits, value_bits) for k in row) for row in keeps), **layout)
+    return Plan(tuple(tuple(HeadBudget(k, key_bits, value_bits) for k in row) for row in keeps), **layout.keywords())

@@ -24,4 +24,4 @@ class Full(Policy):
         check_fraction("budget", budget)
         if budget < 1:
             raise ValueError(f"policy 'full' compresses nothing: budget must be 1.0, got {budget}")
-        return Plan.full(stats.num_layers, stats.num_kv_heads, **self.layout())
+        return Plan.full(stats.num_layers, stats.num_kv_heads, **self.layout().keywords())

@@ -9,11 +9,10 @@ common scale across heads (attention probabilities: `reconstruction`, `last_quer
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
-from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.plan import HeadBudget, Layout, Plan
 from adaptive_kv.errors import InfeasibleBudget
 from adaptive_kv.policies.base import floor_fraction, last_fitting
 
@@ -30,19 +29,19 @@ def global_keeps(scores: torch.Tensor, count: int, sinks: int, window: int) -> t
     return (counts + fixed).view(num_layers, num_heads)
 
 
-def allocate_globally(scores: torch.Tensor, budget: float, layout: dict[str, Any], *, head_dim: int,
+def allocate_globally(scores: torch.Tensor, budget: float, layout: Layout, *, head_dim: int,
                       dtype_bytes: int, key_bits: int = 16, value_bits: int = 16) -> Plan:
     """The plan keeping the most globally top-ranked tokens within `budget` x the full bytes."""
     num_layers, num_heads, seq_len = scores.shape
-    sinks, window = layout["sink_tokens"], layout["recent_window"]
+    sinks, window = layout.sink_tokens, layout.recent_window
     middle = max(0, seq_len - sinks - window) * num_layers * num_heads
 
     def plan_for(count: int) -> Plan:
         keeps = global_keeps(scores, count, sinks, window).tolist()
         rows = tuple(tuple(HeadBudget(None if k >= seq_len else k, key_bits, value_bits) for k in row) for row in keeps)
-        return Plan(rows, **layout)
+        return Plan(rows, **layout.keywords())
 
-    limit = budget * Plan.full(num_layers, num_heads, **layout).full_nbytes(seq_len, head_dim, dtype_bytes)
+    limit = budget * Plan.full(num_layers, num_heads, **layout.keywords()).full_nbytes(seq_len, head_dim, dtype_bytes)
     fits = lambda count: plan_for(count).nbytes(seq_len, head_dim, dtype_bytes) <= limit  # noqa: E731
     if fits(middle):
         return plan_for(middle)

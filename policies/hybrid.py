@@ -65,4 +65,4 @@ class Hybrid(EvictionPolicy):
         if best is None:
             raise error
         _, keep, bits = best
-        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, key_bits=bits, **layout)
+        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, key_bits=bits, **layout.keywords())

@@ -28,7 +28,7 @@ class KIVI(Policy):
         check_fraction("budget", budget)
         seq_len, head_dim, dtype_bytes = stats.seq_len, stats.head_dim, stats.dtype_bytes
         for bits in KIVI_BITS:
-            plan = Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=None, key_bits=bits, **self.layout())
+            plan = Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=None, key_bits=bits, **self.layout().keywords())
             full = plan.full_nbytes(seq_len, head_dim, dtype_bytes)
             if plan.nbytes(seq_len, head_dim, dtype_bytes) <= budget * full:
                 return plan

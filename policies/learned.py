@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from adaptive_kv.errors import InfeasibleBudget
-from adaptive_kv.plan import HeadBudget, Plan
-from adaptive_kv.policies.allocator import allocate, warm_up
+from adaptive_kv.plan import HeadBudget, Layout, Plan
+from adaptive_kv.policies.controller.allocator import allocate, warm_up
 from adaptive_kv.policies.base import Policy, check_fraction, check_layer
-from adaptive_kv.policies.controller_files import ControllerConfig, load_controller
-from adaptive_kv.policies.controller_net import ControllerNet, FoldedNet
-from adaptive_kv.policies.options import global_keeps_from_share, keeps_nbytes, option_bytes
+from adaptive_kv.policies.controller.files import ControllerConfig, load_controller
+from adaptive_kv.policies.controller.net import ControllerNet, FoldedNet
+from adaptive_kv.policies.controller.options import global_keeps_from_share, keeps_nbytes, option_bytes
 from adaptive_kv.policies.registry import register
 from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
 
@@ -66,7 +66,7 @@ def _feature_index(have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor
 
 
 # The controller trained for the embedded model ships with the package (a few kB).
-SHIPPED = Path(__file__).resolve().parent / "controllers" / "smollm2-135m"
+SHIPPED = Path(__file__).resolve().parent / "controller" / "shipped" / "smollm2-135m"
 
 
 @register("learned")
@@ -107,16 +107,16 @@ class Learned(Policy):
         warm_up()
         return policy
 
-    def layout(self, **overrides: Any) -> dict[str, Any]:
+    def layout(self, **overrides: Any) -> Layout:
         """The layout the controller was trained with."""
-        return {**self.config.layout, **overrides}
+        return dataclasses.replace(self.config.layout, **overrides)
 
     def stats_config(self) -> StatsConfig:
         """Reconstruction is read when the controller's scorer or features use it."""
         layout = self.config.layout
-        recon = (layout["scorer"] == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.config.feature_names)
+        recon = (layout.scorer == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.config.feature_names)
                  or any(o.allocation == "global" for o in self.config.grid))
-        return StatsConfig(sink_tokens=layout["sink_tokens"], group_size=layout["group_size"], reconstruction=recon)
+        return StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size, reconstruction=recon)
 
     def predict(self, stats: AttentionStats, first_layer: int = 0) -> torch.Tensor:
         """Predicted log-distortion (L, H, O) of every option for every head (layers from `first_layer`)."""
@@ -155,7 +155,7 @@ class Learned(Policy):
         layout, seq_len = self._layout, stats.seq_len
         weights = self._layer_weights[first_layer : first_layer + stats.num_layers]
         cost = np.exp(self.predict(stats, first_layer).double().numpy()) * weights[:, None, None]  # (L, H, O)
-        grid, floor = self.config.grid, layout["sink_tokens"] + layout["recent_window"]
+        grid, floor = self.config.grid, layout.floor
         parts = self._grid_parts
         num_heads = stats.num_layers * stats.num_kv_heads
         nbytes = np.empty((num_heads, len(grid)), dtype=np.float64)
@@ -177,7 +177,7 @@ class Learned(Policy):
         check_fraction("budget", budget)
         cost, nbytes, keeps = self.option_tables(stats, first_layer)
         layout, seq_len, grid, parts = self._layout, stats.seq_len, self.config.grid, self._grid_parts
-        floor, num_heads = layout["sink_tokens"] + layout["recent_window"], cost.shape[0]
+        floor, num_heads = layout.floor, cost.shape[0]
         # a DynamicCache's bytes: keys and values of every head and token
         full = 2 * num_heads * seq_len * stats.head_dim * stats.dtype_bytes
         try:
@@ -196,7 +196,7 @@ class Learned(Policy):
                 if picked[n] is None:
                     picked[n] = _head_budget(int(keeps[n, parts.column[c]]), grid[c].key_bits, grid[c].value_bits, seq_len)
         heads = stats.num_kv_heads
-        return Plan(tuple(tuple(picked[l * heads : (l + 1) * heads]) for l in range(stats.num_layers)), **layout)
+        return Plan(tuple(tuple(picked[l * heads : (l + 1) * heads]) for l in range(stats.num_layers)), **layout.keywords())
 
     @functools.cached_property
     def _folded(self) -> FoldedNet:
@@ -204,8 +204,8 @@ class Learned(Policy):
         return self.net.folded()
 
     @functools.cached_property
-    def _layout(self) -> dict[str, Any]:
-        """`layout()` built once: both halves of a decision read it (treated as read-only)."""
+    def _layout(self) -> Layout:
+        """`layout()` built once: both halves of a decision read it."""
         return self.layout()
 
     @functools.cached_property

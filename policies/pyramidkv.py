@@ -46,7 +46,7 @@ class PyramidKV(EvictionPolicy):
         """Row `layer_idx` of the pyramid over `num_layers` layers: the schedule needs no other layer."""
         check_layer(stats, layer_idx, num_layers)
         full = self._plan(num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
-        return Plan((full.heads[layer_idx],), **full.layout())
+        return Plan((full.heads[layer_idx],), **full.layout().keywords())
 
     def _plan(self, num_layers: int, num_kv_heads: int, seq_len: int, budget: float, head_dim: int,
               dtype_bytes: int) -> Plan:

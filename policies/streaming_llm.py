@@ -38,4 +38,4 @@ class StreamingLLM(Policy):
             minimum = floor_fraction(self.layout(), seq_len, head_dim, dtype_bytes)
             raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
         layout = self.layout(recent_window=window)
-        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=sinks + window, **layout)
+        return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=sinks + window, **layout.keywords())

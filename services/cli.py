@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-
-def _fraction(text: str) -> float:
-    from adaptive_kv.cli import _fraction as parse  # one parser for every subcommand's fractions
-
-    return parse(text)
+from adaptive_kv import cli_args
 
 
 def _positive(kind: type) -> Callable[[str], float]:
@@ -64,7 +60,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
     p.add_argument("--policy", help="registered policy name (default: hybrid)")
     p.add_argument("--policy-uri", help="learned controller: a local folder or models:/adaptive-kv-controller@champion")
-    p.add_argument("--budget", type=_fraction, default=0.25, help="default KV bytes as a fraction of the full cache")
+    p.add_argument("--budget", type=cli_args.fraction, default=0.25, help="default KV bytes as a fraction of the full cache")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-queue", type=_positive(int), default=16, help="requests waiting per replica before 429")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptive_kv.policies import Policy, get_policy
+from adaptive_kv.policies.controller import registry
 
 REGISTRY_SCHEME = "models:/"
 LEARNED = "learned"
@@ -35,10 +36,9 @@ class LoadedPolicy:
 def fetch_registered(uri: str) -> Path:
     """Download the controller registered at `uri` (models:/NAME@ALIAS or /VERSION) to a local folder."""
     try:
-        from adaptive_kv.training.tracking import fetch_controller
-    except ImportError as exc:  # the training extra (mlflow) or the controller issue is missing
-        raise ValueError(f"policy_uri {uri!r} needs adaptive_kv.training.tracking.fetch_controller: {exc}") from exc
-    return Path(fetch_controller(uri))
+        return Path(registry.fetch_controller(uri))
+    except ImportError as exc:  # mlflow (the serve extra) is missing
+        raise ValueError(f"policy_uri {uri!r} needs mlflow to fetch a registered controller: {exc}") from exc
 
 
 def resolve_policy(spec: PolicySpec) -> LoadedPolicy:

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
-from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.plan import HeadBudget, Layout, Plan
 import numpy as np
 
-from adaptive_kv.policies.allocator import allocate, allocate_reference
-from adaptive_kv.policies.options import HeadOption, option_bytes, option_grid
+from adaptive_kv.policies.controller.allocator import allocate, allocate_reference
+from adaptive_kv.policies.controller.options import HeadOption, option_bytes, option_grid
 
 
 def _brute_force(cost, nbytes, limit):
@@ -111,7 +111,7 @@ def test_infeasible_limit_raises():
 def test_option_bytes_equal_plan_prediction():
     layout = dict(sink_tokens=4, recent_window=32, group_size=32, scorer="snapkv", selection="per_head")
     grid = option_grid()
-    got = option_bytes(grid, layout, 1000, 64, 2)
+    got = option_bytes(grid, Layout(**layout), 1000, 64, 2)
     for option, nbytes in zip(grid, got):
         plan = Plan(((option.budget(1000, 36), HeadBudget(36)),), **layout)
         assert nbytes == plan.head_nbytes(0, 0, 1000, 64, 2)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from adaptive_kv import CompressedCache, HeadBudget, Plan
+from adaptive_kv.plan import Layout
 from conftest import build_tiny_model
 
 LAYOUT = dict(recent_window=8, group_size=16, sink_tokens=4)
@@ -123,14 +124,14 @@ def test_byte_formula_on_arrays_equals_it_per_head():
     for selection in ("per_head", "shared"):
         layout = dict(sink_tokens=4, recent_window=12, group_size=16, scorer="snapkv", selection=selection)
         for kb, vb in ((16, 16), (8, 8), (4, 2), (2, 2)):
-            got = kept_nbytes(keeps, kb, vb, layout, 64, 2, tracks_scores=True)
+            got = kept_nbytes(keeps, kb, vb, Layout(**layout), 64, 2, tracks_scores=True)
             for keep, value in zip(keeps.tolist(), got.tolist()):
                 plan = Plan(((HeadBudget(keep, kb, vb),),), **layout)
                 assert value == plan.head_nbytes(0, 0, 300, 64, 2), (selection, kb, vb, keep)
         # every bit pair in one call (bits as arrays over columns), as the controller prices its grid
         pairs = ((16, 16), (8, 8), (8, 4), (4, 2), (2, 2), (16, 2))
         key_bits, value_bits = (np.array([p[i] for p in pairs]) for i in (0, 1))
-        table = kept_nbytes(keeps[:, None], key_bits[None, :], value_bits[None, :], layout, 64, 2, tracks_scores=True)
+        table = kept_nbytes(keeps[:, None], key_bits[None, :], value_bits[None, :], Layout(**layout), 64, 2, tracks_scores=True)
         for (keep, (kb, vb)), value in zip([(k, p) for k in keeps.tolist() for p in pairs], table.reshape(-1).tolist()):
             plan = Plan(((HeadBudget(keep, kb, vb),),), **layout)
             assert value == plan.head_nbytes(0, 0, 300, 64, 2), (selection, kb, vb, keep)
@@ -141,14 +142,14 @@ def test_grid_pricing_equals_plan_bytes_per_option():
     each (keep, option) priced alone, asymmetric bit pairs included (16 on one side only: a swap of key and value bits shows)."""
     import numpy as np
 
-    from adaptive_kv.policies.options import HeadOption, keeps_nbytes
+    from adaptive_kv.policies.controller.options import HeadOption, keeps_nbytes
 
     grid = tuple(HeadOption(f, kb, vb, "global") for f in (0.4, 0.1) for kb, vb in ((16, 16), (8, 4), (16, 2), (4, 16)))
     # group 128 > head_dim 64: key scales (per channel per group) and value scales (per token, one
     # group of channels) then cost differently, so swapped key/value bits change the bytes
     layout = dict(sink_tokens=4, recent_window=12, group_size=128, scorer="snapkv", selection="per_head")
     keeps = np.array([[16, 17, 144, 145, 271, 272, 299, 300], [300, 143, 16, 273, 65, 290, 31, 200]])
-    got = keeps_nbytes(grid, keeps, layout, 64, 2)
+    got = keeps_nbytes(grid, keeps, Layout(**layout), 64, 2)
     for n in range(keeps.shape[0]):
         for o, option in enumerate(grid):
             # a second, evicting head: scores are tracked as in any plan that evicts

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
+from adaptive_kv.plan import Layout
 from adaptive_kv.policies import get_policy
-from adaptive_kv.policies.controller_files import ControllerConfig, load_controller, save_controller
+from adaptive_kv.policies.controller.files import ControllerConfig, load_controller, save_controller
 from adaptive_kv.policies.learned import Learned
-from adaptive_kv.policies.options import option_grid
+from adaptive_kv.policies.controller.options import option_grid
 from adaptive_kv.stats import FEATURE_NAMES, AttentionStats
 from adaptive_kv.training.calibration import EVALUATION_SEEDS, CALIBRATION_SEED, VALIDATION_SEED, make_requests
 
@@ -18,7 +19,7 @@ LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=16, scorer="snapkv", se
 def _config(layers=2, heads=2, head_dim=16) -> ControllerConfig:
     return ControllerConfig(
         model_shape=dict(num_layers=layers, num_kv_heads=heads, head_dim=head_dim), feature_names=FEATURE_NAMES,
-        grid=option_grid(), layout=LAYOUT, layer_weights=(1.0,) * layers, hidden=16, layers=1,
+        grid=option_grid(), layout=Layout(**LAYOUT), layer_weights=(1.0,) * layers, hidden=16, layers=1,
     )
 
 
@@ -57,7 +58,7 @@ def test_folded_network_equals_the_module(layers):
     torch.manual_seed(layers)
     config = ControllerConfig(
         model_shape=dict(num_layers=4, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES, grid=option_grid(),
-        layout=LAYOUT, layer_weights=(1.0,) * 4, hidden=16, layers=layers)
+        layout=Layout(**LAYOUT), layer_weights=(1.0,) * 4, hidden=16, layers=layers)
     net = config.build().eval()
     with torch.no_grad():
         net.feature_mean.normal_()
@@ -145,7 +146,7 @@ def _global_config(layers=2, heads=2, head_dim=16) -> ControllerConfig:
     grid = option_grid(global_keeps=GLOBAL_SHARE_FRACTIONS)
     return ControllerConfig(
         model_shape=dict(num_layers=layers, num_kv_heads=heads, head_dim=head_dim),
-        feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES, grid=grid, layout=LAYOUT,
+        feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES, grid=grid, layout=Layout(**LAYOUT),
         layer_weights=(1.0,) * layers, hidden=16, layers=1,
     )
 
@@ -215,7 +216,7 @@ def test_global_grid_round_trips_and_bad_global_options_are_refused(tmp_path):
     save_controller(tmp_path / "g", config, config.build())
     loaded, _ = load_controller(tmp_path / "g")
     assert loaded.grid == config.grid and sum(o.allocation == "global" for o in loaded.grid) == 20
-    from adaptive_kv.policies.options import HeadOption
+    from adaptive_kv.policies.controller.options import HeadOption
 
     with pytest.raises(ValueError, match=r"global option's keep_fraction must be one of \(0.4, 0.2, 0.1, 0.05\)"):
         HeadOption(0.3, 4, 4, "global")
@@ -223,4 +224,4 @@ def test_global_grid_round_trips_and_bad_global_options_are_refused(tmp_path):
         HeadOption(0.2, 4, 4, "random")
     with pytest.raises(ValueError, match=r"global options read features \['recon_global_top10'"):
         ControllerConfig(model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES,
-                         grid=option_grid(global_keeps=(0.1, 0.05)), layout=LAYOUT, layer_weights=(1.0, 1.0))
+                         grid=option_grid(global_keeps=(0.1, 0.05)), layout=Layout(**LAYOUT), layer_weights=(1.0, 1.0))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from adaptive_kv import policies as catalog
 from adaptive_kv.cli import main
 from adaptive_kv.evaluation import EvalConfig, Evaluator
 from adaptive_kv.report import best_per_budget, write_outputs
@@ -23,7 +24,8 @@ def test_smoke_eval_writes_valid_results_and_png(llama_gqa, tiny_tokenizer, tmp_
         context_length=256, samples=1, protocol=protocol, max_new_tokens=4,
     )
     calls = []
-    results = Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny", progress=lambda: calls.append(1)).run()
+    results = Evaluator(llama_gqa, tiny_tokenizer, config, catalog=catalog, model_name="tiny",
+                        progress=lambda: calls.append(1)).run()
     assert len(calls) == 3 * 2  # (full, snapkv@0.5, kivi@0.5) x 2 tasks x 1 sample
     assert results["model"] == "tiny" and results["context_length"] == 256 and results["protocol"] == protocol
     records = results["records"]
@@ -45,7 +47,7 @@ def test_smoke_eval_writes_valid_results_and_png(llama_gqa, tiny_tokenizer, tmp_
 
 def test_infeasible_budget_is_recorded_not_fatal(llama_gqa, tiny_tokenizer):
     config = EvalConfig(policies=("kivi",), budgets=(0.05,), tasks=("fidelity",), context_length=256, samples=1)
-    records = Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny").run()["records"]
+    records = Evaluator(llama_gqa, tiny_tokenizer, config, catalog=catalog, model_name="tiny").run()["records"]
     kivi = next(r for r in records if r["policy"] == "kivi")
     assert kivi["score"] is None and kivi["infeasible_samples"] == 1 and "minimum feasible" in kivi["error"]
 
@@ -72,7 +74,7 @@ def test_eval_cli_rejects_bad_budget(capsys):
 def test_context_longer_than_model_rejected(llama_gqa, tiny_tokenizer):
     config = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("passkey",), context_length=10_000)
     with pytest.raises(ValueError, match="context_length 10000 must be in \\[1, 4096\\]"):
-        Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny")
+        Evaluator(llama_gqa, tiny_tokenizer, config, catalog=catalog, model_name="tiny")
 
 
 # ------------------------------------------------------------------------------ independent references
@@ -88,7 +90,7 @@ def test_fidelity_metrics_match_an_independent_reference(tiny_tokenizer):
 
     model = build_tiny_model("llama_gqa")
     config = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("fidelity",), context_length=256, samples=1)
-    evaluator = Evaluator(model, tiny_tokenizer, config, model_name="tiny")
+    evaluator = Evaluator(model, tiny_tokenizer, config, catalog=catalog, model_name="tiny")
     (sample,) = evaluator.samples()["fidelity"]
     records = {r["policy"]: r for r in evaluator.run()["records"]}
     context, continuation = torch.tensor([sample.context_ids]), torch.tensor([sample.continuation_ids])
@@ -138,7 +140,7 @@ def test_protocols_compress_what_they_say(tiny_tokenizer, protocol, monkeypatch)
     model = build_tiny_model("llama_gqa")
     config = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("passkey",), context_length=256,
                         samples=1, protocol=protocol, max_new_tokens=2)
-    evaluator = Evaluator(model, tiny_tokenizer, config, model_name="tiny")
+    evaluator = Evaluator(model, tiny_tokenizer, config, catalog=catalog, model_name="tiny")
     (sample,) = evaluator.samples()["passkey"]
     calls = _record_forwards(model, monkeypatch)
     evaluator.run()
@@ -169,7 +171,7 @@ def test_per_layer_planning_spec(llama_gqa, tiny_tokenizer):
     # record; hybrid picks one mix from every layer's statistics, so its per-layer plan may differ
     specs = ("snapkv", "snapkv:planning=per_layer", "hybrid", "hybrid:planning=per_layer")
     config = EvalConfig(policies=specs, budgets=(0.3,), tasks=("fidelity",), context_length=256, samples=1)
-    evaluator = Evaluator(llama_gqa, tiny_tokenizer, config, model_name="tiny")
+    evaluator = Evaluator(llama_gqa, tiny_tokenizer, config, catalog=catalog, model_name="tiny")
     captured = evaluator._prefill(tuple(range(5, 261))).cache
     plans = {spec: evaluator._plan(spec, 0.3, captured) for spec in specs}
     assert plans["snapkv"] == plans["snapkv:planning=per_layer"]

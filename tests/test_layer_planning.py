@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adaptive_kv import CompressedCache, Plan
+from adaptive_kv.plan import Layout
 from adaptive_kv.policies import get_policy
 from adaptive_kv.reconstruction import ReconstructionRequest
 from conftest import build_tiny_model
@@ -75,14 +76,14 @@ def test_per_layer_peak_stays_below_the_full_cache():
 
 
 def test_learned_plans_within_each_layer(tmp_path):
-    from adaptive_kv.policies.controller_files import ControllerConfig, save_controller
-    from adaptive_kv.policies.options import option_grid
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
     from adaptive_kv.stats import FEATURE_NAMES
 
     torch.manual_seed(0)
     config = ControllerConfig(
         model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=HEAD_DIM), feature_names=FEATURE_NAMES,
-        grid=option_grid(), layout=dict(sink_tokens=4, recent_window=32, group_size=32, scorer="snapkv",
+        grid=option_grid(), layout=Layout(sink_tokens=4, recent_window=32, group_size=32, scorer="snapkv",
                                         selection="per_head"),
         layer_weights=(1.0, 1.0), hidden=16, layers=1,
     )

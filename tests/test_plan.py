@@ -1,10 +1,11 @@
 """Plan: validation, serialisation and byte prediction."""
 
+import dataclasses
 import math
 
 import pytest
 
-from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.plan import HeadBudget, Layout, Plan
 
 
 def test_full_plan_is_identity_and_predicts_dynamic_cache_bytes():
@@ -68,3 +69,12 @@ def test_prediction_scales_with_bits():
     sizes = [Plan.uniform(4, 2, keep=None, key_bits=b).nbytes(1024, 64, 2) for b in (16, 8, 4, 2)]
     assert sizes == sorted(sizes, reverse=True)
     assert sizes[3] < 0.25 * sizes[0]
+
+
+def test_layout_is_a_frozen_validated_value_that_plans_round_trip():
+    layout = Layout(sink_tokens=2, recent_window=6, group_size=8, scorer="key_norm", selection="shared")
+    assert layout.floor == 8 and Plan.full(2, 3, **layout.keywords()).layout() == layout
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layout.sink_tokens = 3
+    with pytest.raises(ValueError, match="group_size must be a power of two"):
+        Layout(group_size=24)

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from adaptive_kv import CompressedCache, Plan
 from adaptive_kv.errors import InfeasibleBudget
-from adaptive_kv.plan import TOKEN_SCORERS
+from adaptive_kv.plan import TOKEN_SCORERS, Layout
 from adaptive_kv.reconstruction import ReconstructionRequest
 from adaptive_kv.policies import available_policies, get_policy, register, tokens_for_budget
 from adaptive_kv.policies.base import head_bytes, head_full_bytes
@@ -25,13 +25,13 @@ HEAD_DIM, DTYPE_BYTES = 64, 2
 @pytest.fixture(scope="module")
 def tiny_controller(tmp_path_factory):
     """A randomly initialised controller for llama_gqa's shape (2 layers x 2 KV heads, head_dim 16)."""
-    from adaptive_kv.policies.controller_files import ControllerConfig, save_controller
-    from adaptive_kv.policies.options import option_grid
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
 
     torch.manual_seed(0)
     config = ControllerConfig(
         model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES, grid=option_grid(),
-        layout=dict(sink_tokens=4, recent_window=32, group_size=32, scorer="snapkv", selection="per_head"),
+        layout=Layout(sink_tokens=4, recent_window=32, group_size=32, scorer="snapkv", selection="per_head"),
         layer_weights=(1.0, 1.0), hidden=16, layers=1,
     )
     return save_controller(tmp_path_factory.mktemp("controller"), config, config.build())
@@ -143,7 +143,7 @@ def test_budget_below_sinks_and_window_names_minimum(name):
 def test_infeasible_budget_is_typed_and_carries_the_minimum(name, floor):
     """The least plan each policy can make (sinks + window in full precision, or KIVI's 2-bit keep-all) sets the minimum."""
     stats = _stats(seq_len=1000)
-    least = Plan.uniform(2, 2, **floor, **get_policy(name).layout())
+    least = Plan.uniform(2, 2, **floor, **get_policy(name).layout().keywords())
     with pytest.raises(InfeasibleBudget) as caught:
         get_policy(name).plan(stats, 0.01)
     assert caught.value.minimum == pytest.approx(_fraction(least, 1000)) and caught.value.budget == 0.01

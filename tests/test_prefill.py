@@ -43,3 +43,11 @@ def test_capture_equals_a_hand_built_capturing_prefill(llama_gqa, tiny_tokenizer
     assert captured.cache.stats.token_scores.keys() == cache.stats.token_scores.keys()
     assert captured.seconds >= captured.cache.reconstruction_seconds > 0
     assert not capture(llama_gqa, tiny_tokenizer, IDS).cache.stats.has_reconstruction
+
+
+def test_the_prefill_entry_is_public():
+    import adaptive_kv
+    from adaptive_kv import errors, plan, prefill
+
+    assert adaptive_kv.capture is prefill.capture and adaptive_kv.Captured is prefill.Captured
+    assert adaptive_kv.InfeasibleBudget is errors.InfeasibleBudget and adaptive_kv.Layout is plan.Layout

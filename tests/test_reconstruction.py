@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adaptive_kv import CompressedCache, Plan
+from adaptive_kv.plan import Layout
 from adaptive_kv.policies import get_policy
 from adaptive_kv.policies.global_allocation import allocate_globally, global_keeps
 from adaptive_kv.reconstruction import ReconstructionRequest
@@ -109,7 +110,7 @@ def test_global_keeps_follow_the_scores():
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.125, 0.08])
 @pytest.mark.parametrize("bits", [(16, 16), (4, 4), (4, 2), (2, 2)])
 def test_global_allocation_meets_budget_exactly(budget, bits):
-    layout = dict(sink_tokens=4, recent_window=32, group_size=32, scorer="reconstruction", selection="per_head")
+    layout = Layout(sink_tokens=4, recent_window=32, group_size=32, scorer="reconstruction", selection="per_head")
     scores = torch.rand(4, 3, 1000, generator=torch.Generator().manual_seed(0)) ** 4
     plan = allocate_globally(scores, budget, layout, head_dim=64, dtype_bytes=2, key_bits=bits[0], value_bits=bits[1])
     full = plan.full_nbytes(1000, 64, 2)

@@ -108,7 +108,7 @@ def learned_builds(monkeypatch):
 
 
 def test_policy_uri_models_registry_uses_fetch_controller(monkeypatch, tmp_path, learned_builds):
-    import adaptive_kv.training.tracking as tracking
+    import adaptive_kv.policies.controller.registry as registry
 
     fetched: list[str] = []
 
@@ -116,7 +116,7 @@ def test_policy_uri_models_registry_uses_fetch_controller(monkeypatch, tmp_path,
         fetched.append(uri)
         return tmp_path
 
-    monkeypatch.setattr(tracking, "fetch_controller", fetch_controller, raising=False)
+    monkeypatch.setattr(registry, "fetch_controller", fetch_controller, raising=False)
     uri = "models:/adaptive-kv-controller@champion"
     loaded = resolve_policy(PolicySpec(uri=uri))
     assert fetched == [uri] and learned_builds == [("learned", {"path": str(tmp_path)})]

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from adaptive_kv.policies.options import HeadOption
+from adaptive_kv.plan import Layout
+from adaptive_kv.policies.controller.options import HeadOption
 from adaptive_kv.stats import StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.labels import LabelTarget, collect_labels, load_labels, save_labels
@@ -72,7 +73,7 @@ def test_labels_equal_a_direct_computation(target):
     follow = list(range(300, 316))
     request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(follow), 4, 10_000, 0)
     grid = (HeadOption(None, 16, 16), HeadOption(0.25, 16, 16), HeadOption(0.0, 16, 16), HeadOption(None, 4, 4))
-    labels = collect_labels(model, None, request, grid, LAYOUT, StatsConfig(sink_tokens=4, group_size=16), target)
+    labels = collect_labels(model, None, request, grid, Layout(**LAYOUT), StatsConfig(sink_tokens=4, group_size=16), target)
     assert labels.distortion.shape == (2, 2, 4)
     assert torch.all(labels.distortion[..., 0] == 0)  # keep all, 16 bit: nothing changes
     assert torch.all(labels.distortion[..., 3] > 0)  # 4-bit keeps everything but is not exact
@@ -86,7 +87,7 @@ def test_labels_equal_a_direct_computation(target):
     for layer_idx in (0, 1):
         reference = _layer_outputs(model, ids, follow, None, layer_idx)
         for o in (1, 2):  # eviction only: a layer's distortion equals masking its evicted positions
-            fork = captured.fork(option_plan(grid[o], 2, 2, 120, LAYOUT))
+            fork = captured.fork(option_plan(grid[o], 2, 2, 120, Layout(**LAYOUT)))
             layer = fork.layers[layer_idx]
             kept = set(range(4)) | {int(p) for p in layer.residual.positions}
             kept |= {int(p) for b in layer.buckets.values() for p in b.positions}
@@ -101,12 +102,12 @@ def test_global_option_labels_equal_each_heads_uniform_label(tiny_tokenizer):
     """A global option gives each head its own keep (its share of the global top); with per-head
     selection a head's tokens depend only on its own keep, so each head's label must equal its label
     under the uniform option of that keep (whose labels the test above checks directly)."""
-    from adaptive_kv.policies.options import option_keeps
+    from adaptive_kv.policies.controller.options import option_keeps
 
     model = build_tiny_model("llama_gqa")
     ids = torch.randint(0, 1000, (200,), generator=torch.Generator().manual_seed(3)).tolist()
     request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(range(300, 316)), 4, 10_000, 0)
-    layout = {**LAYOUT, "selection": "per_head"}
+    layout = Layout(**{**LAYOUT, "selection": "per_head"})
     stats_config = StatsConfig(sink_tokens=4, group_size=16, reconstruction=True)
     option = HeadOption(0.2, 4, 4, "global")
     labels = collect_labels(model, tiny_tokenizer, request, (option,), layout, stats_config)
@@ -134,7 +135,7 @@ def test_validation_answer_score_equals_a_direct_computation():
         for _ in range(3):
             follow.append(int(model(torch.tensor([ids + follow])).logits[0, -1].argmax()))
     request = CalibrationRequest("niah_single", "query_agnostic", tuple(ids), tuple(follow), 3, 20_000, 0)
-    items = prepare_validation(model, None, [request], StatsConfig(sink_tokens=4, group_size=16), LAYOUT)
+    items = prepare_validation(model, None, [request], StatsConfig(sink_tokens=4, group_size=16), Layout(**LAYOUT))
     with torch.no_grad():  # direct: the answer's log-probabilities in one forward, no compression
         logits = model(torch.tensor([ids + follow]), cache=DynamicCache(config=model.config)).logits[0].float()
     direct = logits[len(ids) + len(follow) - 4 : -1].log_softmax(-1).gather(1, torch.tensor(follow[-3:])[:, None])
@@ -175,7 +176,7 @@ def test_named_search_spaces_suggest_valid_trials(name):
 def test_labels_round_trip(tmp_path):
     model = build_tiny_model("llama_gqa")
     request = CalibrationRequest("fidelity", "query_agnostic", tuple(range(100, 200)), tuple(range(5, 15)), 0, 10_000, 1)
-    labels = [collect_labels(model, None, request, (HeadOption(None, 16, 16), HeadOption(0.5, 2, 2)), LAYOUT,
+    labels = [collect_labels(model, None, request, (HeadOption(None, 16, 16), HeadOption(0.5, 2, 2)), Layout(**LAYOUT),
                              StatsConfig(sink_tokens=4, group_size=16))]
     save_labels(tmp_path / "l.safetensors", labels)
     (back,) = load_labels(tmp_path / "l.safetensors")
@@ -215,7 +216,7 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     from mlflow import MlflowClient
 
     from adaptive_kv.policies import get_policy
-    from adaptive_kv.training.tracking import fetch_controller
+    from adaptive_kv.policies.controller.registry import fetch_controller
     from adaptive_kv.training.train import run_train
 
     summary = run_train(_config(tiny_model_dir, tmp_path), log=lambda *a: None)

@@ -5,41 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _budgets(text: str) -> tuple[float, ...]:
-    from adaptive_kv.cli import _budgets as parse
-
-    return parse(text)
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    from adaptive_kv.cli import _csv as parse
-
-    return parse(text)
-
-
-def _positive(text: str) -> int:
-    from adaptive_kv.cli import _positive as parse
-
-    return parse(text)
+from adaptive_kv import cli_args
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     """Register `train`."""
     p = sub.add_parser("train", help="train the learned controller: labels and Optuna trials on Ray, tracked in MLflow")
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
-    p.add_argument("--budgets", type=_budgets, default=None, help="target budgets (default 0.25,0.125,0.0625)")
-    p.add_argument("--trials", type=_positive, default=None, help="finished Optuna trials the study should hold (default 8)")
-    p.add_argument("--workers", type=_positive, default=2, help="Ray workers (one model copy each)")
+    p.add_argument("--budgets", type=cli_args.budgets, default=None, help="target budgets (default 0.25,0.125,0.0625)")
+    p.add_argument("--trials", type=cli_args.positive, default=None, help="finished Optuna trials the study should hold (default 8)")
+    p.add_argument("--workers", type=cli_args.positive, default=2, help="Ray workers (one model copy each)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUTPUT/optuna.db)")
     p.add_argument("--study", default="adaptive-kv", help="Optuna study name; rerun with the same name to resume")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--output", default="outputs/train", help="folder for labels, trials, the controller and figures")
-    p.add_argument("--tasks", type=_csv, default=None, help="calibration task mix (comma-separated)")
-    p.add_argument("--context-length", type=_positive, default=None, help="calibration context length in tokens")
-    p.add_argument("--train-per-task", type=_positive, default=None, help="calibration samples per task")
-    p.add_argument("--valid-per-task", type=_positive, default=None, help="validation samples per task")
+    p.add_argument("--tasks", type=cli_args.csv, default=None, help="calibration task mix (comma-separated)")
+    p.add_argument("--context-length", type=cli_args.positive, default=None, help="calibration context length in tokens")
+    p.add_argument("--train-per-task", type=cli_args.positive, default=None, help="calibration samples per task")
+    p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="validation samples per task")
     p.add_argument("--space", choices=("network", "selection", "full"), default=None,
                    help="search space: network (layout fixed; default), selection (network + per-head vs shared "
                         "selection) or full (layout, scorer, selection, grid too)")
@@ -87,7 +71,7 @@ def add_quickstart(sub: argparse._SubParsersAction) -> None:
     """Register `quickstart`."""
     p = sub.add_parser("quickstart", help="train a controller briefly, then compare it with the static policies")
     p.add_argument("--output", default="outputs/quickstart", help="folder for everything the run writes")
-    p.add_argument("--samples", type=_positive, default=3, help="held-out samples per task and protocol")
+    p.add_argument("--samples", type=cli_args.positive, default=3, help="held-out samples per task and protocol")
     p.set_defaults(func=cmd_quickstart)
 
 

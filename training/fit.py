@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from adaptive_kv.policies.controller_files import ControllerConfig
-from adaptive_kv.policies.controller_net import ControllerNet
+from adaptive_kv.policies.controller.files import ControllerConfig
+from adaptive_kv.policies.controller.net import ControllerNet
 from adaptive_kv.training.labels import RequestLabels
 
 DISTORTION_FLOOR = 1e-6  # log(distortion + floor): identity options (0) stay finite

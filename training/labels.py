@@ -20,12 +20,11 @@ as it does on the answers; the relative error over every following query ranks t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from adaptive_kv.plan import Plan
-from adaptive_kv.policies.options import HeadOption, option_keeps, plan_from_keeps
+from adaptive_kv.plan import Layout, Plan
+from adaptive_kv.policies.controller.options import HeadOption, option_keeps, plan_from_choices
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import AttentionStats, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
@@ -68,17 +67,17 @@ class RequestLabels:
     distortion: torch.Tensor
 
 
-def option_plan(option: HeadOption, num_layers: int, num_heads: int, seq_len: int, layout: dict[str, Any],
+def option_plan(option: HeadOption, num_layers: int, num_heads: int, seq_len: int, layout: Layout,
                 stats: AttentionStats | None = None) -> Plan:
     """The plan giving every head `option` (a global option's keeps come from the request's `stats`)."""
-    floor = layout["sink_tokens"] + layout["recent_window"]
+    floor = layout.floor
     if option.allocation == "global":
         if stats is None:
             raise ValueError("a global option's plan needs the request's statistics")
         keeps = option_keeps((option,), stats.features, stats.feature_names, seq_len, floor)
-        return plan_from_keeps((option,), torch.zeros(num_layers, num_heads, dtype=torch.long), keeps, seq_len, layout)
+        return plan_from_choices((option,), torch.zeros(num_layers, num_heads, dtype=torch.long), keeps, seq_len, layout)
     budget = option.budget(seq_len, floor)
-    return Plan(tuple((budget,) * num_heads for _ in range(num_layers)), **layout)
+    return Plan(tuple((budget,) * num_heads for _ in range(num_layers)), **layout.keywords())
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor,
@@ -109,12 +108,12 @@ class _Recorder:
 
 @torch.inference_mode()
 def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[HeadOption, ...],
-                   layout: dict[str, Any], stats_config: StatsConfig, target: LabelTarget = LabelTarget()) -> RequestLabels:
+                   layout: Layout, stats_config: StatsConfig, target: LabelTarget = LabelTarget()) -> RequestLabels:
     """Distortion of every (layer, head, option) for one request."""
     captured = capture(model, tokenizer, request.context_ids, stats_config).cache
     num_layers, num_heads, seq_len = captured.num_layers, captured.num_kv_heads, captured.get_seq_length()
     recorder = _Recorder()
-    identity = captured.fork(Plan.full(num_layers, num_heads, **layout))
+    identity = captured.fork(Plan.full(num_layers, num_heads, **layout.keywords()))
     model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity, kv_recorder=recorder)
     rows = target.row_slice(request)
     reference = [_outputs(captured.prefill_states(l), recorder.layers[l], recorder.scaling)[:, :, rows]

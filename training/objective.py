@@ -20,10 +20,10 @@ from typing import Any, Callable
 import torch
 
 from adaptive_kv.cache import CompressedCache
-from adaptive_kv.plan import Plan
-from adaptive_kv.policies.controller_files import ControllerConfig
+from adaptive_kv.plan import Layout, Plan
+from adaptive_kv.policies.controller.files import ControllerConfig
 from adaptive_kv.policies.learned import Learned
-from adaptive_kv.policies.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
+from adaptive_kv.policies.controller.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
@@ -67,10 +67,9 @@ class TrialConfig:
         """What the labels measure."""
         return LabelTarget(rows=self.label_rows, error=self.label_error)
 
-    def layout(self) -> dict[str, Any]:
-        """Plan layout keywords."""
-        return dict(sink_tokens=self.sink_tokens, recent_window=self.recent_window, group_size=self.group_size,
-                    scorer=self.scorer, selection=self.selection)
+    def layout(self) -> Layout:
+        """The cache layout of this trial's plans."""
+        return Layout(self.sink_tokens, self.recent_window, self.group_size, self.scorer, self.selection)
 
     def layout_key(self) -> str:
         """Labels depend on layout, grid and label target only; trials sharing them share labels."""
@@ -122,13 +121,13 @@ class ValidationItem:
 
 @torch.inference_mode()
 def prepare_validation(model, tokenizer, requests: list[CalibrationRequest], stats_config: StatsConfig,
-                       layout: dict[str, Any]) -> list[ValidationItem]:
+                       layout: Layout) -> list[ValidationItem]:
     """Prefill every validation request once."""
     items = []
     for request in requests:
         prefill = capture(model, tokenizer, request.context_ids, stats_config)
         captured, last_logits = prefill.cache, prefill.last_logits
-        identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout))
+        identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout.keywords()))
         reference = model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity).logits[0]
         items.append(ValidationItem(request, captured, last_logits, reference))
     return items

@@ -23,6 +23,7 @@ TASKS = ("passkey", "fidelity")
 
 def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -> dict:
     """Train briefly, evaluate, print the table; returns the summary written to OUTPUT/quickstart.json."""
+    from adaptive_kv import policies as catalog
     from adaptive_kv.evaluation import EvalConfig, Evaluator
     from adaptive_kv.models import load_model
     from adaptive_kv.report import write_outputs
@@ -43,7 +44,7 @@ def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -
     for protocol in ("query_agnostic", "query_aware"):
         config = EvalConfig(policies=policies, budgets=BUDGETS, tasks=TASKS, context_length=1024, samples=samples,
                             protocol=protocol, seed=0, max_new_tokens=10)
-        results[protocol] = Evaluator(model_obj, tokenizer, config, model_name=model).run()
+        results[protocol] = Evaluator(model_obj, tokenizer, config, catalog=catalog, model_name=model).run()
         write_outputs(results[protocol], out / "eval" / protocol)
     _print_table(results, summary["controller"])
     wall = round(time.perf_counter() - start, 1)

@@ -1,4 +1,4 @@
-"""MLflow tracking adapters (the training package is the only place that imports mlflow).
+"""MLflow tracking adapters of evaluation and training (the registry fetch lives in `policies.controller.registry`).
 
 Default store: a local SQLite backend and artifact folder under ./mlruns (inspect with
 `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`); set MLFLOW_TRACKING_URI or pass a
@@ -9,26 +9,16 @@ controller registered as `adaptive-kv-controller` with alias `champion`.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-DEFAULT_DIR = Path("mlruns")
+from adaptive_kv.policies.controller.registry import tracking_uri
+
 EXPERIMENT = "adaptive-kv-eval"
 TRAIN_EXPERIMENT = "adaptive-kv-train"
 REGISTERED_MODEL = "adaptive-kv-controller"
 CHAMPION = "champion"
-
-
-def tracking_uri(uri: str | None = None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
 
 
 def ui_command(uri: str) -> str:
@@ -100,26 +90,6 @@ def register_controller(folder: Path, example: dict[str, Any]) -> str:
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
     return version
-
-
-def fetch_controller(uri: str, tracking: str | None = None) -> Path:
-    """A local controller folder for `uri`: a folder path, or an MLflow model URI (models:/name@alias)."""
-    if not uri.startswith(("models:/", "runs:/")):
-        folder = Path(uri)
-        if not (folder / "controller.json").is_file():
-            raise ValueError(f"policy-uri {uri!r} is neither an MLflow model URI nor a controller folder")
-        return folder
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri(tracking))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:  # MLflow raises several types for unknown names, aliases and stores
-        raise ValueError(f"cannot fetch {uri!r} from {tracking_uri(tracking)}: {exc}") from None
-    found = sorted(local.rglob("controller.json"))
-    if not found:
-        raise ValueError(f"{uri!r} holds no controller.json")
-    return found[0].parent
 
 
 def example_input(stats, budget: float) -> dict[str, Any]:

@@ -205,7 +205,7 @@ class _Pipeline:
         bar.close()
 
     def _save_trial(self, number: int, result: dict) -> Path:
-        from adaptive_kv.policies.controller_files import ControllerConfig, save_controller
+        from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
 
         config = ControllerConfig.from_json(result["config"])
         net = config.build()
@@ -220,7 +220,7 @@ class _Pipeline:
         import mlflow
 
         from adaptive_kv.plan import Plan
-        from adaptive_kv.policies.controller_files import load_controller
+        from adaptive_kv.policies.controller.files import load_controller
         from adaptive_kv.training.objective import TrialConfig
         from adaptive_kv.training.plots import pareto_png, plan_heatmap_png
 
@@ -230,9 +230,7 @@ class _Pipeline:
             shutil.rmtree(target)
         shutil.copytree(source, target)
         config, net = load_controller(target)
-        layout = config.layout
-        trial_config = TrialConfig(sink_tokens=layout["sink_tokens"], recent_window=layout["recent_window"],
-                                   group_size=layout["group_size"], scorer=layout["scorer"], selection=layout["selection"])
+        trial_config = TrialConfig(**config.layout.keywords())
         worker = self.workers[0]
         baselines = self.ray.get(worker.baselines.remote(STATIC_BASELINES, self.valid_requests, trial_config,
                                                          self.config.budgets))

@@ -70,7 +70,7 @@ class TrainingWorker:
     def plans(self, config_json: dict, state: dict, requests: list[CalibrationRequest], trial: TrialConfig,
               budget: float) -> dict[str, str]:
         """The learned plan (JSON) for each validation request at `budget` (heat-maps)."""
-        from adaptive_kv.policies.controller_files import ControllerConfig
+        from adaptive_kv.policies.controller.files import ControllerConfig
         from adaptive_kv.policies.learned import Learned
 
         config = ControllerConfig.from_json(config_json)

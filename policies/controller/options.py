@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptive_kv.plan import ALLOWED_BITS, HeadBudget, Plan, kept_nbytes
+from adaptive_kv.plan import ALLOWED_BITS, HeadBudget, Layout, Plan, kept_nbytes
 from adaptive_kv.stats import GLOBAL_SHARE_FRACTIONS, RECON_GLOBAL_SHARE
 
 DEFAULT_KEEPS: tuple[float | None, ...] = (None, 0.5, 0.25, 0.125, 0.0)
@@ -115,7 +115,7 @@ def option_keeps(grid: tuple[HeadOption, ...], features: torch.Tensor, feature_n
     return torch.stack(columns, dim=-1)
 
 
-def keeps_nbytes(grid: tuple[HeadOption, ...], keeps: np.ndarray, layout: dict[str, Any], head_dim: int,
+def keeps_nbytes(grid: tuple[HeadOption, ...], keeps: np.ndarray, layout: Layout, head_dim: int,
                  dtype_bytes: int) -> np.ndarray:
     """Bytes (N, O) of heads holding keeps (N, O) under each option's bits, scores tracked (a plan that evicts)."""
     key_bits, value_bits = _grid_bits(grid)
@@ -128,8 +128,8 @@ def _grid_bits(grid: tuple[HeadOption, ...]) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([o.key_bits for o in grid], dtype=np.int64), np.array([o.value_bits for o in grid], dtype=np.int64))
 
 
-def plan_from_keeps(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, seq_len: int,
-                    layout: dict[str, Any]) -> Plan:
+def plan_from_choices(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, seq_len: int,
+                      layout: Layout) -> Plan:
     """The plan giving head (l, h) option choice[l, h] with keeps (L, H, O)."""
     rows = []
     for l in range(keeps.shape[0]):
@@ -139,17 +139,17 @@ def plan_from_keeps(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, s
             keep = int(keeps[l, h, int(choice[l][h])])
             row.append(HeadBudget(None if keep >= seq_len else keep, option.key_bits, option.value_bits))
         rows.append(tuple(row))
-    return Plan(tuple(rows), **layout)
+    return Plan(tuple(rows), **layout.keywords())
 
 
-def option_bytes(grid: tuple[HeadOption, ...], layout: dict[str, Any], seq_len: int, head_dim: int,
+def option_bytes(grid: tuple[HeadOption, ...], layout: Layout, seq_len: int, head_dim: int,
                  dtype_bytes: int) -> list[int]:
     """Bytes of one head under each option (exact, from Plan.head_nbytes), for a plan that evicts."""
-    floor = layout["sink_tokens"] + layout["recent_window"]
+    floor = layout.floor
     out = []
     for option in grid:
         # scores are tracked whenever any head of the plan evicts; count them as the full plan will
         evicting = HeadBudget(max(floor, 1), 16, 16)
-        plan = Plan(((option.budget(seq_len, floor), evicting),), **layout)
+        plan = Plan(((option.budget(seq_len, floor), evicting),), **layout.keywords())
         out.append(plan.head_nbytes(0, 0, seq_len, head_dim, dtype_bytes))
     return out

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS
-from adaptive_kv.policies.controller_net import ControllerNet
-from adaptive_kv.policies.options import HeadOption, grid_from_json, grid_to_json
+from adaptive_kv.plan import Layout
+from adaptive_kv.policies.controller.net import ControllerNet
+from adaptive_kv.policies.controller.options import HeadOption, grid_from_json, grid_to_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "controller.json", "controller.safetensors"
@@ -27,7 +27,7 @@ class ControllerConfig:
     model_shape: dict[str, int]  # num_layers, num_kv_heads, head_dim
     feature_names: tuple[str, ...]
     grid: tuple[HeadOption, ...]
-    layout: dict[str, Any]  # sink_tokens, recent_window, group_size, scorer, selection
+    layout: Layout
     layer_weights: tuple[float, ...]
     hidden: int = 64
     layers: int = 2
@@ -45,8 +45,8 @@ class ControllerConfig:
         needed = sorted({o.share_feature for o in self.grid if o.allocation == "global"} - set(self.feature_names))
         if needed:
             raise ValueError(f"the grid's global options read features {needed}, missing from feature_names")
-        if self.layout.get("scorer") not in TOKEN_SCORERS or self.layout.get("selection") not in SELECTIONS:
-            raise ValueError(f"layout.scorer must be in {TOKEN_SCORERS} and layout.selection in {SELECTIONS}")
+        if not isinstance(self.layout, Layout):
+            raise ValueError(f"layout must be an adaptive_kv.plan.Layout, got {type(self.layout).__name__}")
 
     def build(self) -> ControllerNet:
         """A network of this shape (random weights)."""
@@ -73,6 +73,9 @@ class ControllerConfig:
             raise ValueError(f"unknown controller config fields {unknown}")
         data = dict(data)
         data["grid"] = grid_from_json(data.get("grid"))
+        if not isinstance(data.get("layout"), dict):
+            raise ValueError("controller config layout must be an object of Layout fields")
+        data["layout"] = Layout(**data["layout"])
         data["feature_names"] = tuple(data.get("feature_names", ()))
         data["layer_weights"] = tuple(float(w) for w in data.get("layer_weights", ()))
         return cls(**data)

@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 
-from adaptive_kv.policies.allocator_numba import allocate_numba
+from adaptive_kv.policies.controller.allocator_numba import allocate_numba
 
 
 def _hull_steps(cost: np.ndarray, nbytes: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, ...]:
