@@ -1,7 +1,8 @@
 """The Policy contract and the byte arithmetic every policy shares.
 
 A policy turns one request's AttentionStats and a budget into a Plan. The budget is a fraction in
-(0, 1] of the full-precision cache's bytes for `stats.seq_len` tokens (`Plan.full_nbytes`), and
+(0, 1] of the full-precision cache's bytes for `stats.seq_len` tokens (`Plan.full_nbytes`: a
+sliding-window layer counts only the tokens it holds), and
 every policy meets it exactly by the Plan's own prediction (`Plan.nbytes`), which the cache's real
 bytes match. Helpers here size plans in bytes, so eviction and quantisation share one axis.
 """
@@ -72,7 +73,30 @@ class Policy:
         return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size, reconstruction=reconstruction)
 
     def plan(self, stats: AttentionStats, budget: float) -> Plan:
-        """The Plan for this request within `budget` x the full-precision cache bytes (shape from `stats`)."""
+        """The Plan for this request within `budget` x the full-precision cache bytes (shape from `stats`).
+
+        Sliding-window layers hold only their window, so the full cache's bytes count only that: the
+        layers are planned in groups that hold the same tokens (`AttentionStats.window_groups`; one group
+        when no layer slides), each as its own request within `budget` x its bytes, so the whole plan
+        meets `budget` x the real full-cache bytes and no sliding layer keeps more than its window.
+        """
+        check_fraction("budget", budget)
+        groups = stats.window_groups()
+        if len(groups) == 1 and stats.windows is None:
+            return self.plan_uniform(stats, budget)
+        rows: list[tuple[HeadBudget, ...]] = [()] * stats.num_layers
+        layout = None
+        for tokens, layers in groups.items():
+            part = self.plan_uniform(stats.held_request(layers, tokens), budget)
+            layout = layout or part.layout()
+            if part.layout() != layout:
+                raise ValueError(f"{type(self).__name__} planned layouts {layout} and {part.layout()} for one request")
+            for layer, row in zip(layers, part.heads):
+                rows[layer] = row
+        return Plan(tuple(rows), **layout, windows=stats.windows)
+
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
+        """The Plan for a request whose every layer holds all `stats.seq_len` tokens, within `budget` x its bytes."""
         raise NotImplementedError
 
     def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
@@ -116,7 +140,7 @@ class EvictionPolicy(Policy):
         if self.scorer not in TOKEN_SCORERS:
             raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """The largest uniform keep meeting the budget (16-bit keys and values)."""
         keep = tokens_for_budget(stats, budget, self.layout())
         return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, **self.layout())

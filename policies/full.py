@@ -19,7 +19,7 @@ class Full(Policy):
     bytes of group index) and raises ValueError for any smaller budget rather than miss it.
     """
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """The identity plan; ValueError for budget < 1."""
         check_fraction("budget", budget)
         if budget < 1:

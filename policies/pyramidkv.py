@@ -38,7 +38,7 @@ class PyramidKV(EvictionPolicy):
         super().__post_init__()
         check_fraction("beta", self.beta, low=1.0, high=1e6, open_low=False)
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Per-layer keeps from linearly decreasing byte shares; heads of a layer keep alike."""
         return self._plan(stats.num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
 

@@ -23,7 +23,7 @@ class StreamingLLM(Policy):
     window slides by whole groups; over-budget heads then evict by the cache's H2O scores.
     """
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Sinks + the widest recent window meeting the budget, for every head."""
         check_fraction("budget", budget)
         seq_len, sinks, head_dim, dtype_bytes = stats.seq_len, self.sink_tokens, stats.head_dim, stats.dtype_bytes
