@@ -291,7 +291,7 @@ class CompressedCache(Cache):
         start = time.perf_counter()
         keys = [layer.prefill[0] for layer in self.layers]
         values = [layer.prefill[1] for layer in self.layers]
-        scores = reconstruction_scores(self._model, keys, values, self.reconstruction)
+        scores = reconstruction_scores(self._model, keys, values, self.reconstruction, self.layers[0].seen_tokens)
         self.reconstruction_seconds = time.perf_counter() - start
         return scores
 

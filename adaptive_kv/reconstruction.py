@@ -102,12 +102,13 @@ class ReconstructionPass:
 
 @torch.inference_mode()
 def reconstruction_scores(model, keys: list[torch.Tensor], values: list[torch.Tensor],
-                          request: ReconstructionRequest) -> torch.Tensor:
+                          request: ReconstructionRequest, seq_len: int | None = None) -> torch.Tensor:
     """Scores (L, H_kv, T) of the context whose prefill keys/values (per layer (H_kv, T, D)) are given.
 
-    A sliding-window layer gives only the newest tokens it holds: its scores are zero before them.
+    `seq_len` is the prefill's length (default: the longest layer's); a sliding-window layer gives
+    only the newest tokens it holds, and its scores are zero before them.
     """
-    seq_len = max(k.shape[1] for k in keys)
+    seq_len = max(k.shape[1] for k in keys) if seq_len is None else seq_len
     if len(request.context_ids) != seq_len:
         raise ValueError(
             f"reconstruction context_ids has {len(request.context_ids)} tokens, the prefill has {seq_len}"

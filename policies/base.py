@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from adaptive_kv.errors import InfeasibleBudget
-from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan
+from adaptive_kv.plan import POSITION_BYTES, SELECTIONS, TOKEN_SCORERS, HeadBudget, Plan
 from adaptive_kv.stats import AttentionStats, StatsConfig
 
 
@@ -77,8 +77,9 @@ class Policy:
 
         Sliding-window layers hold only their window, so the full cache's bytes count only that: the
         layers are planned in groups that hold the same tokens (`AttentionStats.window_groups`; one group
-        when no layer slides), each as its own request within `budget` x its bytes, so the whole plan
-        meets `budget` x the real full-cache bytes and no sliding layer keeps more than its window.
+        when no layer slides), each as its own request within `budget` x its bytes (less what a sliding
+        layer spends on its tokens' positions), so the whole plan meets `budget` x the real full-cache
+        bytes and no sliding layer keeps more than its window.
         """
         check_fraction("budget", budget)
         groups = stats.window_groups()
@@ -87,17 +88,29 @@ class Policy:
         rows: list[tuple[HeadBudget, ...]] = [()] * stats.num_layers
         layout = None
         for tokens, layers in groups.items():
-            part = self.plan_uniform(stats.held_request(layers, tokens), budget)
+            part = self.plan_uniform(stats.held_request(layers, tokens), budget - self._position_share(stats, layers, tokens))
             layout = layout or part.layout()
             if part.layout() != layout:
                 raise ValueError(f"{type(self).__name__} planned layouts {layout} and {part.layout()} for one request")
             for layer, row in zip(layers, part.heads):
                 rows[layer] = row
-        return Plan(tuple(rows), **layout, windows=stats.windows)
+        plan = Plan(tuple(rows), **layout, windows=stats.windows)
+        full = plan.full_nbytes(stats.seq_len, stats.head_dim, stats.dtype_bytes)
+        if plan.nbytes(stats.seq_len, stats.head_dim, stats.dtype_bytes) > budget * full:
+            raise ValueError(f"{type(self).__name__} missed budget {budget} on sliding-window layers")
+        return plan
 
     def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """The Plan for a request whose every layer holds all `stats.seq_len` tokens, within `budget` x its bytes."""
         raise NotImplementedError
+
+    def _position_share(self, stats: AttentionStats, layers: tuple[int, ...], tokens: int) -> float:
+        """The budget fraction a group's sliding layers spend on their tokens' positions (which the
+        uniform byte arithmetic does not count): at most POSITION_BYTES per token after the sinks."""
+        sliding = sum(stats.windows[layer] is not None for layer in layers)
+        positions = sliding * stats.num_kv_heads * POSITION_BYTES * max(0, tokens - self.sink_tokens)
+        share = positions / (len(layers) * stats.num_kv_heads * head_full_bytes(tokens, stats.head_dim, stats.dtype_bytes))
+        return share
 
     def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
         """One layer's Plan (num_layers 1) from that layer's statistics alone, within `budget` x its bytes.

@@ -19,6 +19,10 @@ class Full(Policy):
     bytes of group index) and raises ValueError for any smaller budget rather than miss it.
     """
 
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+        """The identity plan, sliding-window layers included; ValueError for budget < 1."""
+        return self.plan_uniform(stats, budget).with_windows(stats.windows)
+
     def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """The identity plan; ValueError for budget < 1."""
         check_fraction("budget", budget)

@@ -1,0 +1,147 @@
+"""The family matrix (tier 1): every architecture a user may bring, as a tiny random model built in code.
+
+Llama (GQA, MHA), Qwen2, Qwen3 (q/k norms), Mistral (every layer slides), Gemma-3 (sliding and global
+layers) and Phi-3 (fused projections). The context (64 tokens) and the decode (24 more) run past the
+sliding window (FAMILY_WINDOW = 24), so a layer that ignored its window would attend to tokens
+transformers' own cache no longer holds.
+"""
+
+import functools
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from adaptive_kv import CompressedCache, HeadBudget, Plan
+from adaptive_kv.cache import sliding_windows
+from adaptive_kv.policies import available_policies, get_policy
+from adaptive_kv.reconstruction import ReconstructionRequest
+from conftest import FAMILIES, FAMILY_WINDOW, build_family_model
+
+CONTEXT, DECODE = 64, 24
+LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=8)  # the floor (12) fits in a window's 23 tokens
+# a sliding group holds 23 tokens: its floor (12 tokens plus their scores and positions) costs ~0.55 of them;
+# KIVI keeps its recent window and the ungrouped rest in full precision: 0.72 at 2 bits on 23 tokens
+BUDGET = 0.6
+BUDGETS = {"full": 1.0, "kivi": 0.8}
+NEEDS_TRAINED_CONTROLLER = ("learned",)  # trained for the embedded model's shape, refused for any other
+POLICIES = tuple(p for p in available_policies() if p not in NEEDS_TRAINED_CONTROLLER)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str) -> torch.nn.Module:
+    return build_family_model(family)
+
+
+def _context() -> torch.Tensor:
+    return torch.randint(5, 4000, (1, CONTEXT), generator=torch.Generator().manual_seed(1))
+
+
+def _greedy(model, ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=DECODE, min_new_tokens=DECODE, do_sample=False, **kwargs)
+
+
+def test_matrix_has_sliding_and_global_layers():
+    assert sliding_windows(_model("mistral").config) == (FAMILY_WINDOW,) * 3
+    assert sliding_windows(_model("gemma3").config) == (FAMILY_WINDOW, None, FAMILY_WINDOW)
+    assert all(sliding_windows(_model(f).config) is None for f in ("llama_gqa", "llama_mha", "qwen2", "qwen3", "phi3"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_plan_equals_plain_greedy(family):
+    model = _model(family)
+    ids = _context()
+    reference = _greedy(model, ids)  # transformers' own cache: DynamicCache(config=model.config)
+    windows = sliding_windows(model.config)
+    plan = Plan.full(model.config.num_hidden_layers, model.config.num_key_value_heads, windows=windows, **LAYOUT)
+    cache = CompressedCache(model, plan=plan)
+    assert torch.equal(_greedy(model, ids, cache=cache), reference)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_layer_holds_its_window_and_full_bytes_are_transformers_cache(family):
+    model = _model(family)
+    ids = _context()
+    plan = Plan.full(model.config.num_hidden_layers, model.config.num_key_value_heads,
+                     windows=sliding_windows(model.config), **LAYOUT)
+    ours, theirs = CompressedCache(model, plan=plan), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=ours)
+        model(ids, cache=theirs)
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in theirs.layers)
+        every_token = 2 * plan.num_layers * plan.num_kv_heads * CONTEXT * 16 * 4
+        assert ours.full_nbytes() == held == plan.full_nbytes(CONTEXT, 16, 4) < every_token
+        for token in range(DECODE):  # one step at a time, past the window
+            model(torch.tensor([[7 + token]]), cache=ours)
+            model(torch.tensor([[7 + token]]), cache=theirs)
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in theirs.layers)
+    assert ours.full_nbytes() == held
+    for layer, window in zip(ours.layers, plan.windows):
+        if window is not None:  # the window's tokens: the newest one joins before the next step drops the oldest
+            assert int(layer.head_tokens().max()) <= window
+
+
+def _cache_for(model, policy, ids, budget: float) -> CompressedCache:
+    request = None
+    if policy.stats_config().reconstruction:
+        request = ReconstructionRequest(tuple(ids[0].tolist()), (5, 6, 7), (8, 9))
+    return CompressedCache(model, plan_provider=lambda stats: policy.plan(stats, budget),
+                           stats_config=policy.stats_config(), reconstruction=request)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_policy_meets_its_budget_with_real_bytes(family, name):
+    model = _model(family)
+    ids = _context()
+    policy = get_policy(name, **LAYOUT)
+    budget = BUDGETS.get(name, BUDGET)
+    cache = _cache_for(model, policy, ids, budget)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    assert cache.nbytes() == cache.predicted_nbytes()  # real bytes, not a prediction
+    assert cache.nbytes() <= budget * cache.full_nbytes() or name == "full"
+    assert cache.plan.windows == sliding_windows(model.config)
+    for layer_idx, window in enumerate(cache.plan.windows or ()):
+        if window is not None:  # a sliding layer's plan keeps at most the tokens it can hold
+            assert all(b.keep is None or b.keep <= window - 1 for b in cache.plan.heads[layer_idx])
+    if name == "kvzip":
+        assert cache.reconstruction_seconds > 0  # the reconstruction pass ran
+    with torch.no_grad():  # and decoding over the compressed store runs past the window
+        for token in range(FAMILY_WINDOW + 2):
+            model(torch.tensor([[7 + token]]), cache=cache)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_bounded_prefill_plans_sliding_layers_over_their_window(family):
+    model = _model(family)
+    policy = get_policy("snapkv", **LAYOUT)
+    layers = model.config.num_hidden_layers
+    cache = CompressedCache(model, layer_plan_provider=lambda stats, i: policy.plan_layer(stats, i, layers, BUDGET),
+                            stats_config=policy.stats_config())
+    with torch.no_grad():
+        model(_context(), cache=cache)
+    assert cache.plan.windows == sliding_windows(model.config)
+    assert cache.nbytes() == cache.predicted_nbytes() <= BUDGET * cache.full_nbytes()
+
+
+def test_plan_without_the_models_windows_is_refused():
+    model = _model("gemma3")
+    with pytest.raises(ValueError, match=r"plan.windows must be the model's sliding windows \(24, None, 24\)"):
+        CompressedCache(model, plan=Plan.full(3, 2, **LAYOUT))
+
+
+def test_sliding_plan_bytes_count_only_the_window():
+    windows = (FAMILY_WINDOW, None)
+    plan = Plan.full(2, 1, windows=windows, **LAYOUT)
+    assert plan.full_nbytes(100, 16, 4) == 2 * (FAMILY_WINDOW - 1 + 100) * 16 * 4
+    assert plan.kept_tokens(0, 0, 100) == FAMILY_WINDOW - 1 and plan.kept_tokens(1, 0, 100) == 100
+    with pytest.raises(ValueError, match=r"heads\[0\]\[0\].keep must be <= windows\[0\] - 1 = 23"):
+        Plan(((HeadBudget(30),), (HeadBudget(30),)), windows=windows, **LAYOUT)
+    with pytest.raises(ValueError, match=r"windows\[1\] must be >= 2"):
+        Plan.full(2, 1, windows=(FAMILY_WINDOW, 1))
+    with pytest.raises(ValueError, match="windows must be None or one entry per layer"):
+        Plan.full(2, 1, windows=(FAMILY_WINDOW,))
+    assert Plan.from_json(plan.to_json()) == plan
+    assert "windows" not in Plan.full(2, 1).to_dict()  # plans of models without sliding layers read as before
