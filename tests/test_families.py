@@ -72,6 +72,9 @@ def test_sliding_layer_holds_its_window_and_full_bytes_are_transformers_cache(fa
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in theirs.layers)
         every_token = 2 * plan.num_layers * plan.num_kv_heads * CONTEXT * 16 * 4
         assert ours.full_nbytes() == held == plan.full_nbytes(CONTEXT, 16, 4) < every_token
+        assert ours.nbytes() == plan.nbytes(CONTEXT, 16, 4)  # the prefill kept only each sliding layer's window
+        assert [int(layer.head_tokens().max()) for layer in ours.layers] == [
+            CONTEXT if w is None else w - 1 for w in plan.windows]
         for token in range(DECODE):  # one step at a time, past the window
             model(torch.tensor([[7 + token]]), cache=ours)
             model(torch.tensor([[7 + token]]), cache=theirs)
