@@ -214,6 +214,17 @@ class Plan:
         """This plan for layers with these sliding windows (validated against every head's keep)."""
         return dataclasses.replace(self, windows=windows)
 
+    def fitted_to(self, windows: tuple[int | None, ...] | None, seq_len: int) -> "Plan":
+        """This plan for layers with these sliding windows after `seq_len` tokens: a head whose keep
+        reaches all its layer holds keeps all (None)."""
+        plan = Plan.full(self.num_layers, 1, windows=windows)
+        rows = tuple(
+            tuple(b if b.keep is None or b.keep < plan.layer_tokens(layer, seq_len)
+                  else dataclasses.replace(b, keep=None) for b in row)
+            for layer, row in enumerate(self.heads)
+        )
+        return Plan(rows, **self.layout(), windows=windows)
+
     @classmethod
     def stack(cls, layers: Iterable["Plan"]) -> "Plan":
         """One plan from one-layer plans of the same layout, in layer order (plans made layer by layer)."""

@@ -147,4 +147,6 @@ def test_sliding_plan_bytes_count_only_the_window():
     with pytest.raises(ValueError, match="windows must be None or one entry per layer"):
         Plan.full(2, 1, windows=(FAMILY_WINDOW,))
     assert Plan.from_json(plan.to_json()) == plan
+    uniform = Plan.uniform(2, 1, keep=40, **LAYOUT).fitted_to(windows, 100)  # a uniform keep on a sliding model
+    assert [row[0].keep for row in uniform.heads] == [None, 40] and uniform.windows == windows
     assert "windows" not in Plan.full(2, 1).to_dict()  # plans of models without sliding layers read as before
