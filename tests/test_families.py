@@ -59,6 +59,22 @@ def test_identity_plan_equals_plain_greedy(family):
     assert torch.equal(_greedy(model, ids, cache=cache), reference)
 
 
+@pytest.mark.parametrize("name", ["full", "snapkv", "hybrid"])
+def test_packed_store_decode_slides_too(name):
+    """Decoding straight from the packed store (the kernels' path, no dequantised working copy) drops
+    what leaves the window as well: the identity plan still equals plain greedy on Gemma-3, and an
+    evicting or quantising plan decodes past the window with its sinks gone."""
+    model = _model("gemma3")
+    ids = _context()
+    policy = get_policy(name, **LAYOUT)
+    cache = CompressedCache(model, plan_provider=lambda stats: policy.plan(stats, BUDGETS.get(name, BUDGET)),
+                            stats_config=policy.stats_config(), assembled=False)
+    out = _greedy(model, ids, cache=cache)
+    if name == "full":
+        assert torch.equal(out, _greedy(model, ids))
+    assert cache.layers[0].sinks[0].shape[1] == 0 and cache.layers[1].sinks[0].shape[1] == LAYOUT["sink_tokens"]
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_sliding_layer_holds_its_window_and_full_bytes_are_transformers_cache(family):
     model = _model(family)
