@@ -293,7 +293,8 @@ class CompressedLayer(CacheLayerMixin):
         sink_keep = torch.ones(num_heads, num_sinks, dtype=torch.bool, device=self.device)
         sink_keep[:, :dropped_sinks] = False
         kept = [sink_keep.flatten()]
-        self.sinks = (self.sinks[0][:, dropped_sinks:], self.sinks[1][:, dropped_sinks:])
+        if dropped_sinks:  # a copy: a slice would pin the dropped sinks' storage
+            self.sinks = (self.sinks[0][:, dropped_sinks:].clone(), self.sinks[1][:, dropped_sinks:].clone())
         for bits, bucket in list(self.buckets.items()):
             keep = bucket.positions >= cutoff
             kept.append(keep)

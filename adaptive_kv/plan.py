@@ -217,10 +217,10 @@ class Plan:
     def fitted_to(self, windows: tuple[int | None, ...] | None, seq_len: int) -> "Plan":
         """This plan for layers with these sliding windows after `seq_len` tokens: a head whose keep
         reaches all its layer holds keeps all (None)."""
-        plan = Plan.full(self.num_layers, 1, windows=windows)
+        windows = _check_windows(windows, self.num_layers)
+        held = [window_tokens(seq_len, None if windows is None else windows[layer]) for layer in range(self.num_layers)]
         rows = tuple(
-            tuple(b if b.keep is None or b.keep < plan.layer_tokens(layer, seq_len)
-                  else dataclasses.replace(b, keep=None) for b in row)
+            tuple(b if b.keep is None or b.keep < held[layer] else dataclasses.replace(b, keep=None) for b in row)
             for layer, row in enumerate(self.heads)
         )
         return Plan(rows, **self.layout(), windows=windows)

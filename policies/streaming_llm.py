@@ -34,8 +34,9 @@ class StreamingLLM(Policy):
             return super().plan(stats, budget)
         check_fraction("budget", budget)
         seq_len, sinks, head_dim, dtype_bytes = stats.seq_len, self.sink_tokens, stats.head_dim, stats.dtype_bytes
-        limit = budget * Plan.full(stats.num_layers, 1, windows=stats.windows).full_nbytes(seq_len, head_dim, dtype_bytes)
-        limit *= stats.num_kv_heads
+        full = stats.num_kv_heads * sum(head_full_bytes(stats.layer_tokens(layer), head_dim, dtype_bytes)
+                                        for layer in range(stats.num_layers))
+        limit = budget * full
 
         def plan_for(window: int) -> Plan:
             rows = []
@@ -49,7 +50,7 @@ class StreamingLLM(Policy):
         window = last_fitting(lambda w: plan_for(w).nbytes(seq_len, head_dim, dtype_bytes) <= limit,
                               self.recent_window, max(self.recent_window, seq_len - sinks))
         if window < self.recent_window:
-            minimum = plan_for(self.recent_window).nbytes(seq_len, head_dim, dtype_bytes) / (limit / budget)
+            minimum = plan_for(self.recent_window).nbytes(seq_len, head_dim, dtype_bytes) / full
             raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
         return plan_for(window)
 

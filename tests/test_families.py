@@ -132,6 +132,28 @@ def test_every_policy_meets_its_budget_with_real_bytes(family, name):
             model(torch.tensor([[7 + token]]), cache=cache)
 
 
+def _allocated(cache: CompressedCache) -> int:
+    """Bytes of the distinct storages behind every tensor the cache holds (what the allocator holds)."""
+    tensors = []
+    for layer in cache.layers:
+        tensors += [*(layer.sinks or ()), *(t for part in (*layer.buckets.values(), layer.residual)
+                                            for t in vars(part).values() if isinstance(t, torch.Tensor))]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "hybrid"])
+def test_what_leaves_the_window_is_freed(name):
+    model = _model("gemma3")
+    policy = get_policy(name, **LAYOUT)
+    cache = _cache_for(model, policy, _context(), BUDGETS.get(name, BUDGET))
+    with torch.no_grad():
+        model(_context(), cache=cache)
+        for token in range(FAMILY_WINDOW + 2):  # every prefill token of a sliding layer, sinks included, leaves
+            model(torch.tensor([[7 + token]]), cache=cache)
+    assert cache.nbytes() == _allocated(cache)
+    assert cache.layers[0].first_position == CONTEXT + FAMILY_WINDOW + 1 - (FAMILY_WINDOW - 1)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_bounded_prefill_plans_sliding_layers_over_their_window(family):
     model = _model(family)
