@@ -167,6 +167,13 @@ def test_bounded_prefill_plans_sliding_layers_over_their_window(family):
     assert cache.nbytes() == cache.predicted_nbytes() <= BUDGET * cache.full_nbytes()
 
 
+def test_layer_types_the_cache_cannot_hold_are_refused():
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match=r"layer_types\[0\] is 'chunked_attention'; CompressedCache supports"):
+        sliding_windows(LlamaConfig(num_hidden_layers=2, attention_chunk_size=8))
+
+
 def test_plan_without_the_models_windows_is_refused():
     model = _model("gemma3")
     with pytest.raises(ValueError, match=r"plan.windows must be the model's sliding windows \(24, None, 24\)"):
