@@ -195,3 +195,20 @@ def test_sliding_plan_bytes_count_only_the_window():
     uniform = Plan.uniform(2, 1, keep=40, **LAYOUT).fitted_to(windows, 100)  # a uniform keep on a sliding model
     assert [row[0].keep for row in uniform.heads] == [None, 40] and uniform.windows == windows
     assert "windows" not in Plan.full(2, 1).to_dict()  # plans of models without sliding layers read as before
+
+
+def test_fused_triton_decode_slides_too():
+    """The fused triton decode (interpreted on CPU) reads whatever the sliding layer stores: with
+    groups of 16 a sliding layer packs a group, decode slides tokens out of it and its sinks, and the
+    identity plan still equals plain greedy."""
+    pytest.importorskip("triton")
+    model = _model("gemma3")
+    ids = _context()
+    layout = dict(sink_tokens=2, recent_window=2, group_size=16)  # a tile-sized group: the fused path, not its fallback
+    plan = Plan.full(3, 2, windows=sliding_windows(model.config), **layout)
+    cache = CompressedCache(model, plan=plan, backend="triton", assembled=False)
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, cache=cache)
+        want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+    assert cache.layers[0].sinks[0].shape[1] == 0 and cache.layers[0].buckets
