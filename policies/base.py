@@ -88,7 +88,10 @@ class Policy:
         rows: list[tuple[HeadBudget, ...]] = [()] * stats.num_layers
         layout = None
         for tokens, layers in groups.items():
-            part = self.plan_uniform(stats.held_request(layers, tokens), budget - self._position_share(stats, layers, tokens))
+            positions = self._position_share(stats, layers, tokens)
+            if budget <= positions:
+                raise InfeasibleBudget(budget, positions, tokens, "a sliding-window layer stores every token's position")
+            part = self.plan_uniform(stats.held_request(layers, tokens), budget - positions)
             layout = layout or part.layout()
             if part.layout() != layout:
                 raise ValueError(f"{type(self).__name__} planned layouts {layout} and {part.layout()} for one request")

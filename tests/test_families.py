@@ -212,3 +212,15 @@ def test_fused_triton_decode_slides_too():
         want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert torch.equal(got, want)
     assert cache.layers[0].sinks[0].shape[1] == 0 and cache.layers[0].buckets
+
+
+def test_budget_below_a_sliding_layers_positions_names_them():
+    from adaptive_kv.errors import InfeasibleBudget
+
+    model = _model("mistral")
+    cache = CompressedCache(model, capture=True)
+    with torch.no_grad():
+        model(_context(), cache=cache)
+    with pytest.raises(InfeasibleBudget, match=r"budget 0.02 is below the minimum feasible 0.0\d+ for seq_len=23 "
+                                               r"\(a sliding-window layer stores every token's position\)"):
+        get_policy("snapkv", **LAYOUT).plan(cache.stats, 0.02)
