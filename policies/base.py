@@ -91,7 +91,11 @@ class Policy:
             positions = self._position_share(stats, layers, tokens)
             if budget <= positions:
                 raise InfeasibleBudget(budget, positions, tokens, "a sliding-window layer stores every token's position")
-            part = self.plan_uniform(stats.held_request(layers, tokens), budget - positions)
+            try:
+                part = self.plan_uniform(stats.held_request(layers, tokens), budget - positions)
+            except InfeasibleBudget as err:  # in the caller's terms: its budget, this group's least
+                raise InfeasibleBudget(budget, err.minimum + positions, tokens,
+                                       f"{err.why}; layers {list(layers)} hold {tokens} tokens") from err
             layout = layout or part.layout()
             if part.layout() != layout:
                 raise ValueError(f"{type(self).__name__} planned layouts {layout} and {part.layout()} for one request")

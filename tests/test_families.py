@@ -224,3 +224,7 @@ def test_budget_below_a_sliding_layers_positions_names_them():
     with pytest.raises(InfeasibleBudget, match=r"budget 0.02 is below the minimum feasible 0.0\d+ for seq_len=23 "
                                                r"\(a sliding-window layer stores every token's position\)"):
         get_policy("snapkv", **LAYOUT).plan(cache.stats, 0.02)
+    with pytest.raises(InfeasibleBudget, match=r"budget 0.5 is below the minimum feasible 1.0\d+ for seq_len=23 "
+                                               r"\(sink_tokens \+ recent_window stay in full precision; "
+                                               r"layers \[0, 1, 2\] hold 23 tokens\)"):
+        get_policy("snapkv").plan(cache.stats, 0.5)  # the default floor (36 tokens) exceeds the window
