@@ -241,7 +241,7 @@ class CompressedCache(Cache):
     def _apply_layer_plan(self, layer: CompressedLayer) -> None:
         """Bounded prefill: plan this layer from its own statistics and compress it right away."""
         held = layer.prefill[0].shape[1]  # a sliding layer: its window, planned as a request of those tokens
-        stats = self._stack([layer.observation], held, windows=None)
+        stats = self._stack([layer.observation], held, (layer.window,))
         plan = self.layer_plan_provider(stats, layer.layer_idx)
         if not isinstance(plan, Plan) or (plan.num_layers, plan.num_kv_heads) != (1, self.num_kv_heads):
             raise ValueError(f"layer_plan_provider must return a one-layer Plan of {self.num_kv_heads} KV heads, got {plan!r}")

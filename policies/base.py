@@ -112,8 +112,9 @@ class Policy:
         raise NotImplementedError
 
     def _position_share(self, stats: AttentionStats, layers: tuple[int, ...], tokens: int) -> float:
-        """The budget fraction a group's sliding layers spend on their tokens' positions (which the
-        uniform byte arithmetic does not count): at most POSITION_BYTES per token after the sinks."""
+        """The budget fraction a group's sliding layers spend on their tokens' positions, which the
+        uniform byte arithmetic counts only for an evicting head under shared selection: at most
+        POSITION_BYTES per token after the sinks."""
         sliding = sum(stats.windows[layer] is not None for layer in layers)
         positions = sliding * stats.num_kv_heads * POSITION_BYTES * max(0, tokens - self.sink_tokens)
         share = positions / (len(layers) * stats.num_kv_heads * head_full_bytes(tokens, stats.head_dim, stats.dtype_bytes))

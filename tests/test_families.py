@@ -228,3 +228,29 @@ def test_budget_below_a_sliding_layers_positions_names_them():
                                                r"\(sink_tokens \+ recent_window stay in full precision; "
                                                r"layers \[0, 1, 2\] hold 23 tokens\)"):
         get_policy("snapkv").plan(cache.stats, 0.5)  # the default floor (36 tokens) exceeds the window
+
+
+@pytest.mark.parametrize("name", ["snapkv", "hybrid", "kivi", "kvzip"])
+def test_bounded_prefill_meets_the_budget_of_every_sliding_layer(name):
+    model = _model("gemma3")
+    policy = get_policy(name, **LAYOUT)
+    if policy.stats_config().reconstruction:
+        pytest.skip("reconstruction scores need every layer's prefill: kvzip plans with plan_provider=")
+    layers, budget = model.config.num_hidden_layers, BUDGETS.get(name, BUDGET)
+    cache = CompressedCache(model, layer_plan_provider=lambda stats, i: policy.plan_layer(stats, i, layers, budget),
+                            stats_config=policy.stats_config())
+    with torch.no_grad():
+        model(_context(), cache=cache)
+    for layer in cache.layers:  # a sliding layer's positions count too (kivi at 0.8 misses by them if not)
+        full = 2 * 2 * (CONTEXT if layer.window is None else layer.window - 1) * 16 * 4
+        assert layer.nbytes() <= budget * full
+
+
+def test_pyramid_refuses_to_plan_sliding_layers_one_by_one():
+    model = _model("gemma3")
+    policy = get_policy("pyramidkv", **LAYOUT)
+    cache = CompressedCache(model, layer_plan_provider=lambda stats, i: policy.plan_layer(stats, i, 3, BUDGET),
+                            stats_config=policy.stats_config())
+    with pytest.raises(ValueError, match="pyramidkv plans layer by layer only for models without sliding-window"):
+        with torch.no_grad():
+            model(_context(), cache=cache)
