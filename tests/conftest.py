@@ -105,14 +105,15 @@ def build_tiny_model(kind: str = "llama_gqa", seed: int = 0) -> torch.nn.Module:
 
 # The family matrix (tests/test_families.py): one tiny random model per architecture a user may
 # bring. Sliding windows are small enough that a 64-token context and its decode run past them.
-FAMILIES = ("llama_gqa", "llama_mha", "qwen2", "qwen3", "mistral", "gemma3", "phi3")
+FAMILIES = ("llama_gqa", "llama_mha", "qwen2", "qwen2_sliding", "qwen3", "mistral", "gemma3", "phi3")
 FAMILY_WINDOW = 24
 
 
 def build_family_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random causal LM of `family` (FAMILIES) with sharp attention, in fp32 on CPU: Qwen3 and
     Gemma-3 normalise q and k (their norm weights are sharpened), Phi-3 fuses q/k/v in one projection,
-    Mistral slides every layer and Gemma-3 alternates sliding and global layers (FAMILY_WINDOW)."""
+    Mistral slides every layer, Gemma-3 alternates sliding and global layers and qwen2_sliding slides
+    every layer above its first (`max_window_layers`), all by FAMILY_WINDOW."""
     if family in ("llama_gqa", "llama_mha", "qwen2"):
         return build_tiny_model(family, seed)
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Phi3Config,
@@ -123,6 +124,9 @@ def build_family_model(family: str, seed: int = 0) -> torch.nn.Module:
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, head_dim=16)
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common))
+    elif family == "qwen2_sliding":
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=FAMILY_WINDOW, max_window_layers=1,
+                                             **common))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=FAMILY_WINDOW, **common))
     elif family == "gemma3":

@@ -1,7 +1,7 @@
 """The family matrix (tier 1): every architecture a user may bring, as a tiny random model built in code.
 
-Llama (GQA, MHA), Qwen2, Qwen3 (q/k norms), Mistral (every layer slides), Gemma-3 (sliding and global
-layers) and Phi-3 (fused projections). The context (64 tokens) and the decode (24 more) run past the
+Llama (GQA, MHA), Qwen2 (also with its upper layers sliding), Qwen3 (q/k norms), Mistral (every layer
+slides), Gemma-3 (sliding and global layers) and Phi-3 (fused projections). The context (64 tokens) and the decode (24 more) run past the
 sliding window (FAMILY_WINDOW = 24), so a layer that ignored its window would attend to tokens
 transformers' own cache no longer holds.
 """
@@ -45,6 +45,7 @@ def _greedy(model, ids, **kwargs) -> torch.Tensor:
 def test_matrix_has_sliding_and_global_layers():
     assert sliding_windows(_model("mistral").config) == (FAMILY_WINDOW,) * 3
     assert sliding_windows(_model("gemma3").config) == (FAMILY_WINDOW, None, FAMILY_WINDOW)
+    assert sliding_windows(_model("qwen2_sliding").config) == (None, FAMILY_WINDOW, FAMILY_WINDOW)
     assert all(sliding_windows(_model(f).config) is None for f in ("llama_gqa", "llama_mha", "qwen2", "qwen3", "phi3"))
 
 
