@@ -6,6 +6,10 @@ prefill forward the plan provider is asked once and the Plan is applied, layer b
 over its own store (`cache_layer`). The container holds the Cache API, planning, fork and
 reports.
 
+A sliding-window layer (transformers' `layer_types`, or a `sliding_window` every layer uses) holds
+and attends to only its window, as transformers' own cache does (`sliding_windows`); plans carry
+the windows (`Plan.windows`) so their byte predictions and budgets count what the layer can hold.
+
 Batch size is 1: one cache holds one request, since every head of every request keeps its own
 tokens. Attention runs in `adaptive_kv.attention`, which calls back through the `CacheStep` that
 `update` hands it.
@@ -19,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from adaptive_kv.cache_layer import WORKING_DTYPES, CompressedLayer, DecodeOptions
 from adaptive_kv.kernels import get_backend
-from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.plan import HeadBudget, Plan, window_tokens
 from adaptive_kv.reconstruction import ReconstructionRequest, reconstruction_scores
 from adaptive_kv.stats import AttentionStats, LayerObservation, StatsConfig
 from adaptive_kv.step import CacheStep
@@ -32,6 +36,25 @@ PlanProvider = Callable[[AttentionStats], Plan]
 # bounded prefill: (one layer's statistics, layer index) -> that layer's one-layer Plan, asked as
 # soon as the layer's forward ends, so the prefill never holds more than one layer uncompressed
 LayerPlanProvider = Callable[[AttentionStats, int], Plan]
+
+
+# the layer types whose cache transformers bounds to the newest `sliding_window` tokens and whose
+# queries attend to that window; any other attention-free or shared type is not a KV layer we hold
+FULL_LAYER_TYPES = ("full_attention",)
+SLIDING_LAYER_TYPES = ("sliding_attention",)
+
+
+def sliding_windows(config) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window (None: it attends to every token), as transformers' DynamicCache
+    decides from the model's config; None when no layer slides."""
+    decoder_config = config.get_text_config(decoder=True)
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder_config)
+    windows = []
+    for idx, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+        if kind not in FULL_LAYER_TYPES + SLIDING_LAYER_TYPES:
+            raise ValueError(f"layer_types[{idx}] is {kind!r}; CompressedCache supports {FULL_LAYER_TYPES + SLIDING_LAYER_TYPES}")
+        windows.append(kwargs["sliding_window"] if kind in SLIDING_LAYER_TYPES else None)
+    return None if all(w is None for w in windows) else tuple(windows)
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,7 @@ class CompressedCache(Cache):
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.windows = sliding_windows(config)
         if plan is not None:
             self._check_plan(plan)
         self.plan = plan
@@ -136,7 +160,8 @@ class CompressedCache(Cache):
         self._model = model
         self.stats: AttentionStats | None = None
         options = DecodeOptions(eviction_slack, assembled, working_dtype)
-        super().__init__(layers=[CompressedLayer(i, options) for i in range(self.num_layers)])
+        windows = self.windows or (None,) * self.num_layers
+        super().__init__(layers=[CompressedLayer(i, options, windows[i]) for i in range(self.num_layers)])
 
     # --------------------------------------------------------------- checks
     def _check_plan(self, plan: Plan) -> None:
@@ -146,6 +171,11 @@ class CompressedCache(Cache):
             raise ValueError(
                 f"plan has {plan.num_layers} layers x {plan.num_kv_heads} KV heads, "
                 f"the model has {self.num_layers} x {self.num_kv_heads}"
+            )
+        if plan.windows != self.windows:
+            raise ValueError(
+                f"plan.windows must be the model's sliding windows {self.windows} (None: no layer slides), "
+                f"got {plan.windows}; build it with windows=cache.windows (or adaptive_kv.cache.sliding_windows(config))"
             )
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
@@ -210,11 +240,12 @@ class CompressedCache(Cache):
 
     def _apply_layer_plan(self, layer: CompressedLayer) -> None:
         """Bounded prefill: plan this layer from its own statistics and compress it right away."""
-        seq_len = layer.prefill[0].shape[1]
-        stats = self._stack([layer.observation], seq_len)
+        held = layer.prefill[0].shape[1]  # a sliding layer: its window, planned as a request of those tokens
+        stats = self._stack([layer.observation], held, (layer.window,))
         plan = self.layer_plan_provider(stats, layer.layer_idx)
         if not isinstance(plan, Plan) or (plan.num_layers, plan.num_kv_heads) != (1, self.num_kv_heads):
             raise ValueError(f"layer_plan_provider must return a one-layer Plan of {self.num_kv_heads} KV heads, got {plan!r}")
+        plan = plan.with_windows((layer.window,))
         if self._layer_plans and plan.layout() != self._layer_plans[0].layout():
             raise ValueError(f"layer {layer.layer_idx}'s plan has layout {plan.layout()}, "
                              f"layer 0's has {self._layer_plans[0].layout()}")
@@ -228,16 +259,16 @@ class CompressedCache(Cache):
 
     def _finish_prefill(self) -> None:
         if self.layer_plan_provider is not None:
-            stats = self._stack([layer.observation for layer in self.layers], self.layers[0].seen_tokens)
+            stats = self._stack([layer.observation for layer in self.layers], self.layers[0].seen_tokens, self.windows)
             for layer in self.layers:
                 layer.observation = None
             self.plan = Plan.stack(self._layer_plans)
             self.stats = dataclasses.replace(stats, token_scores={})
             return
-        seq_len = self.layers[0].prefill[0].shape[1]
+        seq_len = self.layers[0].seen_tokens
         stats = None
         if self.collects_stats:
-            stats = self._stack([layer.observation for layer in self.layers], seq_len)
+            stats = self._stack([layer.observation for layer in self.layers], seq_len, self.windows)
             for layer in self.layers:
                 layer.observation = None
             if self.reconstruction is not None:
@@ -249,17 +280,18 @@ class CompressedCache(Cache):
         self._apply_plan(plan, stats)
         self.prefill_peak_nbytes = max(self.prefill_peak_nbytes, self.nbytes())
 
-    def _stack(self, observations: list[LayerObservation], seq_len: int) -> AttentionStats:
+    def _stack(self, observations: list[LayerObservation], seq_len: int,
+               windows: tuple[int | None, ...] | None) -> AttentionStats:
         """The statistics of these layers, with the shape of the states they were read from."""
         itemsize = torch.empty((), dtype=self.layers[0].dtype).element_size()
-        return AttentionStats.stack(observations, seq_len, head_dim=self.head_dim, dtype_bytes=itemsize)
+        return AttentionStats.stack(observations, seq_len, head_dim=self.head_dim, dtype_bytes=itemsize, windows=windows)
 
     def _reconstruct(self) -> torch.Tensor:
         """Reconstruction scores (L, H_kv, T) over this prefill (a nested pass through the decoder, no cache)."""
         start = time.perf_counter()
         keys = [layer.prefill[0] for layer in self.layers]
         values = [layer.prefill[1] for layer in self.layers]
-        scores = reconstruction_scores(self._model, keys, values, self.reconstruction)
+        scores = reconstruction_scores(self._model, keys, values, self.reconstruction, self.layers[0].seen_tokens)
         self.reconstruction_seconds = time.perf_counter() - start
         return scores
 
@@ -300,6 +332,7 @@ class CompressedCache(Cache):
         for mine, theirs in zip(self.layers, new.layers):
             theirs.device, theirs.dtype, theirs.is_initialized = mine.device, mine.dtype, True
             theirs.prefill, theirs.seen_tokens = mine.prefill, mine.seen_tokens  # read-only: _apply copies
+            theirs.first_position = mine.first_position
         new._apply_plan(plan, self.stats)
         return new
 
@@ -336,12 +369,13 @@ class CompressedCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
-        """Bytes a DynamicCache would hold for the same tokens."""
+        """Bytes a DynamicCache(config=model.config) would hold for the same tokens (a sliding layer: its window)."""
         layer = self.layers[0]
         if not layer.is_initialized:
             return 0
         itemsize = torch.empty((), dtype=layer.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * layer.seen_tokens * self.head_dim * itemsize
+        tokens = sum(window_tokens(layer.seen_tokens, layer.window) for layer in self.layers)
+        return 2 * self.num_kv_heads * tokens * self.head_dim * itemsize
 
     def predicted_nbytes(self) -> int | None:
         """The plan's byte prediction for the prefill length (valid right after the plan is applied)."""

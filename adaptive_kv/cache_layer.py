@@ -10,6 +10,11 @@ token competes; under any other scorer the middle tokens the plan selected are t
 (a reconstruction score cannot be compared with attention mass gathered later) and stay: only
 the prefill's recent window and the tokens that come after it are evicted.
 
+A sliding-window layer (`window`) holds only the `window - 1` newest tokens of the prefill, as
+transformers' own cache does, and is observed and compressed over them alone; each decode step
+first drops the tokens that leave its window (`_slide`: they are never attended again), so every
+token it stores carries its position.
+
 Decode reads the store one of two ways: an `AssembledView` kept dequantised between steps (the CPU
 fast path) or, through the kernel backend, straight from the packed store along a `DecodeLayout`
 rebuilt only when the store changes (the triton backend fuses it, without host syncs).
@@ -26,7 +31,7 @@ from transformers.cache_utils import CacheLayerMixin
 from adaptive_kv.assembled import AssembledView
 from adaptive_kv.kernels.layout import DecodeLayout
 from adaptive_kv.kernels.reference import Segment
-from adaptive_kv.plan import HeadBudget, Plan
+from adaptive_kv.plan import HeadBudget, Plan, window_tokens
 from adaptive_kv.selection import kept_middle, layer_ranking
 from adaptive_kv.stats import LayerObservation, StatsConfig, observe_layer
 from adaptive_kv.store import Bucket, Residual, concat_buckets, quantize_groups
@@ -67,11 +72,15 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, options: DecodeOptions = DecodeOptions()) -> None:
+    def __init__(self, layer_idx: int, options: DecodeOptions = DecodeOptions(), window: int | None = None) -> None:
         super().__init__()
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
+            raise ValueError(f"window must be None (attend to every token) or an integer >= 2, got {window!r}")
         self.layer_idx = layer_idx
         self.options = options
+        self.window = window  # sliding window: a decode query attends to this many newest tokens
         self.seen_tokens = 0
+        self.first_position = 0  # position of the oldest token held: the first sink (sinks leave a sliding window too)
         self.prefill: tuple[torch.Tensor, torch.Tensor] | None = None  # (H, T, D) each, until the plan lands
         self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None  # (H, S, D) each
         self.buckets: dict[tuple[int, int], Bucket] = {}
@@ -116,24 +125,31 @@ class CompressedLayer(CacheLayerMixin):
         """Keep the prefill's states (H, T, D) in full precision until the plan lands."""
         if self.prefill is not None:
             raise ValueError("CompressedCache compresses after the first forward: chunked prefill is not supported")
-        self.prefill = (key_states, value_states)
-        self.seen_tokens += key_states.shape[1]
+        seq_len = key_states.shape[1]
+        held = window_tokens(seq_len, self.window)
+        self.prefill = (key_states[:, seq_len - held:], value_states[:, seq_len - held:])
+        self.first_position = seq_len - held
+        self.seen_tokens += seq_len
 
     def observe(self, query: torch.Tensor, scaling: float, num_layers: int, config: StatsConfig, kernels) -> None:
-        """Read this layer's statistics from its prefill queries (H_q, T, D)."""
+        """Read this layer's statistics from its prefill queries (H_q, T, D), over the tokens it holds."""
         keys, values = self.prefill
-        self.observation = observe_layer(query, keys, values, scaling, self.layer_idx, num_layers, config,
-                                         kernels=kernels)
+        held = keys.shape[1]
+        self.observation = observe_layer(query[:, query.shape[1] - held:], keys, values, scaling, self.layer_idx,
+                                         num_layers, config, kernels=kernels)
 
     # --------------------------------------------------------------- planning
     def compress(self, plan: Plan, row: int, select: torch.Tensor | None, acc: torch.Tensor | None, kernels) -> None:
         """Keep sinks + recent + top-ranked tokens per head as `plan`'s row `row` says; pack the middle; free the prefill.
 
         `select` (H, T) ranks the middle tokens (None: keep-all plans need no ranking); `acc` (H, T)
-        starts the H2O scores of an evicting layer.
+        starts the H2O scores of an evicting layer. Of a sliding layer, only the newest tokens it holds are
+        ranked.
         """
         keys, values = self.prefill  # (H, T, D)
         num_heads, seq_len, _ = keys.shape
+        if select is not None:
+            select, acc = select[:, select.shape[1] - seq_len:], acc[:, acc.shape[1] - seq_len:]
         group = plan.group_size
         sinks = min(plan.sink_tokens, seq_len)
         recent_start = max(sinks, seq_len - plan.recent_window)
@@ -153,7 +169,8 @@ class CompressedLayer(CacheLayerMixin):
                     (head, middle[: full_groups * group].view(full_groups, group))
                 )
             residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len, device=keys.device)]))
-        track_positions = plan.layer_tracks_scores(row) and plan.selection == "shared"
+        track_positions = (plan.layer_tracks_scores(row) and plan.selection == "shared") or self.window is not None
+        first = self.first_position
         floor = PROTECTED_SCORE if plan.scorer not in RUNNING_SCORERS else 0.0  # every packed token is middle
         self.buckets = {}
         for bits, parts in grouped.items():
@@ -161,7 +178,7 @@ class CompressedLayer(CacheLayerMixin):
             index = torch.cat([idx for _, idx in parts])  # (G_n, G)
             self.buckets[bits] = quantize_groups(
                 kernels, keys[heads[:, None], index], values[heads[:, None], index], heads, *bits,
-                None if acc is None else acc[heads[:, None], index] + floor, index if track_positions else None,
+                None if acc is None else acc[heads[:, None], index] + floor, index + first if track_positions else None,
             )
         lengths = torch.tensor([idx.numel() for idx in residual_idx], dtype=torch.long, device=keys.device)
         head_of = torch.arange(num_heads, device=keys.device).repeat_interleave(lengths)
@@ -169,7 +186,7 @@ class CompressedLayer(CacheLayerMixin):
         self.residual = Residual(
             keys[head_of, flat_idx].clone(), values[head_of, flat_idx].clone(), lengths,
             None if acc is None else acc[head_of, flat_idx].float() + floor * (flat_idx < recent_start),
-            flat_idx.to(torch.int32) if track_positions else None,
+            (flat_idx + first).to(torch.int32) if track_positions else None,
         )
         self.sinks = (keys[:, :sinks].clone(), values[:, :sinks].clone())
         self.plan, self.row, self.budgets = plan, row, budgets
@@ -194,6 +211,10 @@ class CompressedLayer(CacheLayerMixin):
         q = key_states.shape[1]
         if self.view is not None and (q > 1 or self._store_changes_due()):
             self.sync_scores()  # the store's scores are read or rebuilt below
+        if self.window is not None:
+            # the step's first query sees the window ending at itself (a multi-token step's later
+            # queries then also see up to q - 1 older tokens: nothing masks within a step)
+            self._slide(self.seen_tokens - self.window + 1)
         self._flush(kernels)
         self._evict()
         self.residual = self.residual.append(key_states, value_states, self.seen_tokens, sizes=self.residual_lengths)
@@ -263,6 +284,38 @@ class CompressedLayer(CacheLayerMixin):
             self.residual = rest
             self.residual_lengths = rest.lengths.tolist()
 
+    def _slide(self, cutoff: int) -> None:
+        """Drop every token before position `cutoff`: it left this sliding layer's window for good."""
+        if self.first_position >= cutoff:
+            return
+        num_heads, num_sinks, _ = self.sinks[0].shape
+        dropped_sinks = min(num_sinks, cutoff - self.first_position)
+        sink_keep = torch.ones(num_heads, num_sinks, dtype=torch.bool, device=self.device)
+        sink_keep[:, :dropped_sinks] = False
+        kept = [sink_keep.flatten()]
+        if dropped_sinks:  # a copy: a slice would pin the dropped sinks' storage
+            self.sinks = (self.sinks[0][:, dropped_sinks:].clone(), self.sinks[1][:, dropped_sinks:].clone())
+        for bits, bucket in list(self.buckets.items()):
+            keep = bucket.positions >= cutoff
+            kept.append(keep)
+            if not bool(keep.all()):
+                self.buckets[bits] = bucket.select(keep)
+        self.buckets = {bits: b for bits, b in self.buckets.items() if b.num_tokens}
+        residual_keep = self.residual.positions >= cutoff
+        residual_changed = not bool(residual_keep.all())
+        if residual_changed:
+            self.residual = self.residual.select(residual_keep)
+            self.residual_lengths = self.residual.lengths.tolist()
+        kept = torch.cat(kept)
+        if self.view is not None:
+            if residual_changed:  # the view locates residual tokens by their place: rebuild it
+                self.view = None
+            elif not bool(kept.all()):
+                self.view.drop(kept)
+        self.decode_layout = None
+        self.first_position = cutoff
+        self.held = self.head_tokens().tolist()
+
     def _bucket_end(self, bits: tuple[int, int]) -> int:
         """Index in store order (sinks, buckets, residual) just after bucket `bits` (a new one goes last)."""
         end = self.sinks[0].shape[0] * self.sinks[0].shape[1]
@@ -331,6 +384,8 @@ class CompressedLayer(CacheLayerMixin):
     def _store_changes_due(self) -> bool:
         """Whether the coming step flushes or evicts (the same tests `_flush` and `_evict` run, on the mirrors)."""
         if max(self.residual_lengths) >= self.plan.recent_window + self.plan.group_size:
+            return True
+        if self.window is not None and self.first_position < self.seen_tokens - self.window + 1:
             return True
         slack = self._slack()
         return any(b.keep is not None and n > b.keep + slack for n, b in zip(self.held, self.budgets))

@@ -52,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             config.num_hidden_layers, config.num_key_value_heads, stats.seq_len,
             keep_fraction=args.keep, key_bits=args.bits, sink_tokens=args.sinks, recent_window=args.window,
             group_size=args.group_size,
-        )
+        ).fitted_to(stats.windows, stats.seq_len)
 
     options = {}
     provider = uniform

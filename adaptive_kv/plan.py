@@ -8,6 +8,7 @@ predicts its own storage bytes so the cache's real bytes can be checked against 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -30,8 +31,16 @@ SCALE_BYTES = 2  # fp16 scales and zero points
 # Per head: the int64 length of its full-precision residual segment.
 RESIDUAL_INDEX_BYTES = 8
 # Per evictable token of a shared-selection plan: its int32 original position, so decode-time
-# eviction can rank one position the same way in every head of the layer.
+# eviction can rank one position the same way in every head of the layer, and per token of a
+# sliding-window layer, so the tokens that leave its window can be found.
 POSITION_BYTES = 4
+
+
+def window_tokens(seq_len: int, window: int | None) -> int:
+    """Tokens a layer holds after `seq_len` tokens: all of them, or for a sliding-window layer the
+    `window - 1` newest (what transformers' DynamicSlidingWindowLayer keeps between steps; the next
+    query sees them and itself, `window` tokens)."""
+    return seq_len if window is None else min(seq_len, window - 1)
 
 
 def _check_bits(name: str, value: Any) -> int:
@@ -113,6 +122,9 @@ class Plan:
     group_size: int = 32
     scorer: str = "snapkv"
     selection: str = "per_head"
+    # per layer: None (attends to every token) or its sliding window (attends to that many newest
+    # tokens); None for the whole tuple when no layer slides
+    windows: tuple[int | None, ...] | None = None
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
 
@@ -134,13 +146,20 @@ class Plan:
         object.__setattr__(self, "num_kv_heads", width)
         layout = Layout(self.sink_tokens, self.recent_window, self.group_size, self.scorer, self.selection)
         object.__setattr__(self, "_layout", layout)  # built once: byte counts read it per head
+        object.__setattr__(self, "windows", _check_windows(self.windows, len(heads)))
         floor = layout.floor
         for layer_idx, layer in enumerate(heads):
+            window = self.layer_window(layer_idx)
             for head_idx, budget in enumerate(layer):
                 if budget.keep is not None and budget.keep < floor:
                     raise ValueError(
                         f"heads[{layer_idx}][{head_idx}].keep must be >= sink_tokens + recent_window "
                         f"= {floor} (or None to keep all), got {budget.keep}"
+                    )
+                if budget.keep is not None and window is not None and budget.keep > window - 1:
+                    raise ValueError(
+                        f"heads[{layer_idx}][{head_idx}].keep must be <= windows[{layer_idx}] - 1 = {window - 1} "
+                        f"(the tokens a sliding-window layer holds) or None, got {budget.keep}"
                     )
 
     # ----------------------------------------------------------------- constructors
@@ -208,6 +227,29 @@ class Plan:
         (and, with shared selection, their positions) for decode eviction; other layers carry none."""
         return self._evicting_layers[layer_idx]
 
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of a layer (None: it attends to every token)."""
+        return None if self.windows is None else self.windows[layer_idx]
+
+    def layer_tokens(self, layer_idx: int, seq_len: int) -> int:
+        """Tokens a full cache holds for this layer after `seq_len` tokens (`window_tokens`)."""
+        return window_tokens(seq_len, self.layer_window(layer_idx))
+
+    def with_windows(self, windows: tuple[int | None, ...] | None) -> "Plan":
+        """This plan for layers with these sliding windows (validated against every head's keep)."""
+        return dataclasses.replace(self, windows=windows)
+
+    def fitted_to(self, windows: tuple[int | None, ...] | None, seq_len: int) -> "Plan":
+        """This plan for layers with these sliding windows after `seq_len` tokens: a head whose keep
+        reaches all its layer holds keeps all (None)."""
+        windows = _check_windows(windows, self.num_layers)
+        held = [window_tokens(seq_len, None if windows is None else windows[layer]) for layer in range(self.num_layers)]
+        rows = tuple(
+            tuple(b if b.keep is None or b.keep < held[layer] else dataclasses.replace(b, keep=None) for b in row)
+            for layer, row in enumerate(self.heads)
+        )
+        return Plan(rows, **self.layout().keywords(), windows=windows)
+
     @classmethod
     def stack(cls, layers: Iterable["Plan"]) -> "Plan":
         """One plan from one-layer plans of the same layout, in layer order (plans made layer by layer)."""
@@ -218,7 +260,8 @@ class Plan:
         for idx, p in enumerate(layers):
             if p.layout() != layout:
                 raise ValueError(f"layer {idx}'s plan has layout {p.layout()}, layer 0's has {layout}")
-        return cls(tuple(p.heads[0] for p in layers), **layout.keywords())
+        windows = tuple(p.layer_window(0) for p in layers)
+        return cls(tuple(p.heads[0] for p in layers), **layout.keywords(), windows=windows)
 
     def layout(self) -> Layout:
         """The layout (sinks, window, group, scorer, selection) shared by every head."""
@@ -227,14 +270,16 @@ class Plan:
     def kept_tokens(self, layer_idx: int, head_idx: int, seq_len: int) -> int:
         """Tokens this head holds right after the plan is applied to `seq_len` tokens."""
         keep = self.heads[layer_idx][head_idx].keep
-        return seq_len if keep is None else min(keep, seq_len)
+        held = self.layer_tokens(layer_idx, seq_len)
+        return held if keep is None else min(keep, held)
 
     def head_nbytes(self, layer_idx: int, head_idx: int, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
         """Predicted bytes of one head's keys, values and metadata after applying to `seq_len` tokens."""
         budget = self.heads[layer_idx][head_idx]
         kept = self.kept_tokens(layer_idx, head_idx, seq_len)
         return kept_nbytes(kept, budget.key_bits, budget.value_bits, self.layout(), head_dim, dtype_bytes,
-                           tracks_scores=self.layer_tracks_scores(layer_idx))
+                           tracks_scores=self.layer_tracks_scores(layer_idx),
+                           sliding=self.layer_window(layer_idx) is not None)
 
     def nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
         """Predicted bytes of the whole cache after applying this plan to `seq_len` tokens."""
@@ -246,8 +291,9 @@ class Plan:
         )
 
     def full_nbytes(self, seq_len: int, head_dim: int, dtype_bytes: int) -> int:
-        """Bytes a DynamicCache holds for `seq_len` tokens of this model shape."""
-        return 2 * self.num_layers * self.num_kv_heads * seq_len * head_dim * dtype_bytes
+        """Bytes a DynamicCache holds for `seq_len` tokens of this model shape (a sliding layer: its window)."""
+        tokens = sum(self.layer_tokens(layer, seq_len) for layer in range(self.num_layers))
+        return 2 * self.num_kv_heads * tokens * head_dim * dtype_bytes
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -255,6 +301,10 @@ class Plan:
         data = asdict(self)
         data.pop("num_layers"), data.pop("num_kv_heads")
         data["heads"] = [[asdict(b) for b in layer] for layer in self.heads]
+        if self.windows is None:
+            data.pop("windows")
+        else:
+            data["windows"] = list(self.windows)
         return data
 
     def to_json(self) -> str:
@@ -266,11 +316,14 @@ class Plan:
         """Inverse of `to_dict`; validates everything."""
         if not isinstance(data, dict) or "heads" not in data:
             raise ValueError("plan must be an object with a 'heads' field")
-        unknown = set(data) - {"heads", "sink_tokens", "recent_window", "group_size", "scorer", "selection"}
+        unknown = set(data) - {"heads", "sink_tokens", "recent_window", "group_size", "scorer", "selection", "windows"}
         if unknown:
             raise ValueError(f"unknown plan fields {sorted(unknown)}")
         heads = tuple(tuple(_budget_from(b) for b in layer) for layer in data["heads"])
-        return cls(heads, **{k: v for k, v in data.items() if k != "heads"})
+        fields = {k: v for k, v in data.items() if k != "heads"}
+        if isinstance(fields.get("windows"), list):
+            fields["windows"] = tuple(fields["windows"])
+        return cls(heads, **fields)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -295,6 +348,19 @@ class Plan:
         }
 
 
+def _check_windows(windows: Any, num_layers: int) -> tuple[int | None, ...] | None:
+    """Validated per-layer sliding windows; None when no layer slides."""
+    if windows is None:
+        return None
+    if not isinstance(windows, (tuple, list)) or len(windows) != num_layers:
+        raise ValueError(f"windows must be None or one entry per layer ({num_layers}), got {windows!r}")
+    for idx, window in enumerate(windows):
+        if window is not None:
+            _check_int(f"windows[{idx}]", window, 2)
+    windows = tuple(windows)
+    return None if all(w is None for w in windows) else windows
+
+
 def _budget_from(data: Any) -> HeadBudget:
     if not isinstance(data, dict):
         raise ValueError(f"each head budget must be an object with keep/key_bits/value_bits, got {data!r}")
@@ -312,7 +378,7 @@ def _positive(x):
 
 
 def kept_nbytes(kept, key_bits, value_bits, layout: Layout, head_dim: int, dtype_bytes: int,
-                tracks_scores: bool):
+                tracks_scores: bool, sliding: bool = False):
     """Bytes of a head holding `kept` tokens (an int, or an integer NumPy array of counts) at these bits
     (ints, or integer arrays broadcasting against `kept`).
 
@@ -328,9 +394,10 @@ def kept_nbytes(kept, key_bits, value_bits, layout: Layout, head_dim: int, dtype
     total = total + _key_bytes(key_bits, packed_tokens, groups, head_dim, dtype_bytes)
     total = total + _value_bytes(value_bits, packed_tokens, head_dim, group_size, dtype_bytes)
     total = total + groups * GROUP_INDEX_BYTES
-    if tracks_scores:
-        per_token = SCORE_BYTES + (POSITION_BYTES if layout.selection == "shared" else 0)
-        total = total + _positive(kept - layout.sink_tokens) * per_token  # sinks are never evicted
+    tracks_positions = sliding or (tracks_scores and layout.selection == "shared")
+    per_token = (SCORE_BYTES if tracks_scores else 0) + (POSITION_BYTES if tracks_positions else 0)
+    if per_token:  # sinks carry neither: H2O never evicts them, and their positions are implicit
+        total = total + _positive(kept - layout.sink_tokens) * per_token
     return total
 
 

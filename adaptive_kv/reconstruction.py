@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
 REPEAT_PART_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -101,9 +102,13 @@ class ReconstructionPass:
 
 @torch.inference_mode()
 def reconstruction_scores(model, keys: list[torch.Tensor], values: list[torch.Tensor],
-                          request: ReconstructionRequest) -> torch.Tensor:
-    """Scores (L, H_kv, T) of the context whose prefill keys/values (per layer (H_kv, T, D)) are given."""
-    seq_len = keys[0].shape[1]
+                          request: ReconstructionRequest, seq_len: int | None = None) -> torch.Tensor:
+    """Scores (L, H_kv, T) of the context whose prefill keys/values (per layer (H_kv, T, D)) are given.
+
+    `seq_len` is the prefill's length (default: the longest layer's); a sliding-window layer gives
+    only the newest tokens it holds, and its scores are zero before them.
+    """
+    seq_len = max(k.shape[1] for k in keys) if seq_len is None else seq_len
     if len(request.context_ids) != seq_len:
         raise ValueError(
             f"reconstruction context_ids has {len(request.context_ids)} tokens, the prefill has {seq_len}"
@@ -115,4 +120,4 @@ def reconstruction_scores(model, keys: list[torch.Tensor], values: list[torch.Te
         input_ids = torch.tensor([ids], device=device)
         positions = torch.arange(seq_len, seq_len + len(ids), device=device).unsqueeze(0)
         decoder(input_ids=input_ids, position_ids=positions, use_cache=False, kv_reconstruction=state)
-    return torch.stack(state.scores)
+    return torch.stack([F.pad(layer, (seq_len - layer.shape[-1], 0)) for layer in state.scores])

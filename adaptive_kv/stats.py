@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_kv.kernels import reference as ref
-from adaptive_kv.plan import value_group_size
+from adaptive_kv.plan import value_group_size, window_tokens
 
 TOP_MASS_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.10, 0.25, 0.50)
 QUANT_BITS: tuple[int, ...] = (2, 4, 8)
@@ -75,7 +75,9 @@ class AttentionStats:
     """Statistics of one request: features (L, H_kv, F) and token scores {scorer: (L, H_kv, T)}.
 
     The KV shape travels with them (layers and KV heads from the features, `head_dim` and
-    `dtype_bytes` of the cached states), so a policy sizes its plan in bytes from the statistics alone.
+    `dtype_bytes` of the cached states, each layer's sliding window `windows`), so a policy sizes its
+    plan in bytes from the statistics alone. A sliding-window layer is observed over the tokens it
+    holds (`plan.window_tokens`); its token scores are zero before them.
     """
 
     features: torch.Tensor
@@ -85,6 +87,31 @@ class AttentionStats:
     _: KW_ONLY
     head_dim: int
     dtype_bytes: int
+    windows: tuple[int | None, ...] | None = None
+
+    def layer_tokens(self, layer_idx: int) -> int:
+        """Tokens a full cache holds for this layer (`plan.window_tokens`)."""
+        return window_tokens(self.seq_len, None if self.windows is None else self.windows[layer_idx])
+
+    def window_groups(self) -> dict[int, tuple[int, ...]]:
+        """Layers by the tokens a full cache holds for them: {tokens: layer indices}, one group when no layer slides."""
+        groups: dict[int, list[int]] = {}
+        for layer in range(self.num_layers):
+            groups.setdefault(self.layer_tokens(layer), []).append(layer)
+        return {tokens: tuple(layers) for tokens, layers in groups.items()}
+
+    def held_request(self, layers: tuple[int, ...], tokens: int) -> "AttentionStats":
+        """These layers' statistics as a request of the `tokens` newest tokens, every layer seeing all of
+        them: what a policy plans a group of `window_groups` from."""
+        pick = torch.tensor(layers)
+        return AttentionStats(
+            features=self.features[pick],
+            token_scores={k: v[pick.to(v.device), :, self.seq_len - tokens:] for k, v in self.token_scores.items()},
+            seq_len=tokens,
+            feature_names=self.feature_names,
+            head_dim=self.head_dim,
+            dtype_bytes=self.dtype_bytes,
+        )
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +146,7 @@ class AttentionStats:
             feature_names=self.feature_names + RECONSTRUCTION_FEATURES,
             head_dim=self.head_dim,
             dtype_bytes=self.dtype_bytes,
+            windows=self.windows,
         )
 
     def layer(self, layer_idx: int) -> "AttentionStats":
@@ -126,15 +154,22 @@ class AttentionStats:
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx must be in [0, {self.num_layers - 1}], got {layer_idx}")
         pick = slice(layer_idx, layer_idx + 1)
+        windows = None if self.windows is None else self.windows[pick]
         return replace(self, features=self.features[pick],
-                       token_scores={k: v[pick] for k, v in self.token_scores.items()})
+                       token_scores={k: v[pick] for k, v in self.token_scores.items()}, windows=windows)
 
     @classmethod
-    def stack(cls, layers: list[LayerObservation], seq_len: int, *, head_dim: int, dtype_bytes: int) -> "AttentionStats":
-        """Assemble per-layer observations (in layer order) of states with `head_dim` channels of `dtype_bytes` each."""
+    def stack(cls, layers: list[LayerObservation], seq_len: int, *, head_dim: int, dtype_bytes: int,
+              windows: tuple[int | None, ...] | None = None) -> "AttentionStats":
+        """Assemble per-layer observations (in layer order) of states with `head_dim` channels of
+        `dtype_bytes` each; a sliding layer's scores (over the tokens it holds) are zero-padded in front."""
         features = torch.stack([obs.features for obs in layers])
-        scores = {name: torch.stack([obs.token_scores[name] for obs in layers]) for name in layers[0].token_scores}
-        return cls(features=features, token_scores=scores, seq_len=seq_len, head_dim=head_dim, dtype_bytes=dtype_bytes)
+        padded = lambda t: F.pad(t, (seq_len - t.shape[-1], 0))  # noqa: E731
+        scores = {name: torch.stack([padded(obs.token_scores[name]) for obs in layers]) for name in layers[0].token_scores}
+        if windows is not None and all(w is None for w in windows):
+            windows = None
+        return cls(features=features, token_scores=scores, seq_len=seq_len, head_dim=head_dim, dtype_bytes=dtype_bytes,
+                   windows=None if windows is None else tuple(windows))
 
 
 def _entropy(row_entropy: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -189,6 +189,12 @@ class Residual:
             positions = interleave(self.positions, new)
         return Residual(interleave(self.keys, keys), interleave(self.values, values), self.lengths + q, scores, positions)
 
+    def select(self, keep: torch.Tensor) -> "Residual":
+        """A compact copy holding only the tokens where `keep` (N_r,) is True, still sorted by head."""
+        lengths = torch.bincount(self.token_heads()[keep], minlength=self.lengths.numel())
+        pick = lambda t: None if t is None else t[keep].clone()  # noqa: E731
+        return Residual(self.keys[keep].clone(), self.values[keep].clone(), lengths, pick(self.scores), pick(self.positions))
+
     def split_oldest(self, heads: torch.Tensor, count: int) -> tuple[torch.Tensor, "Residual"]:
         """Take the `count` oldest tokens of each head in `heads`: (index (len(heads), count), rest)."""
         starts = torch.cumsum(self.lengths, 0) - self.lengths

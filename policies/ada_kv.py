@@ -53,7 +53,7 @@ class AdaKV(EvictionPolicy):
         if self.scorer not in ATTENTION_SCORERS:
             raise ValueError(f"scorer must be one of {ATTENTION_SCORERS} for ada_kv, got {self.scorer!r}")
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Per-head keeps: the uniform layer total, reallocated by attention concentration."""
         layout, seq_len, heads = self.layout(), stats.seq_len, stats.num_kv_heads
         head_dim, dtype_bytes = stats.head_dim, stats.dtype_bytes

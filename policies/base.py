@@ -1,7 +1,8 @@
 """The Policy contract and the byte arithmetic every policy shares.
 
 A policy turns one request's AttentionStats and a budget into a Plan. The budget is a fraction in
-(0, 1] of the full-precision cache's bytes for `stats.seq_len` tokens (`Plan.full_nbytes`), and
+(0, 1] of the full-precision cache's bytes for `stats.seq_len` tokens (`Plan.full_nbytes`: a
+sliding-window layer counts only the tokens it holds), and
 every policy meets it exactly by the Plan's own prediction (`Plan.nbytes`), which the cache's real
 bytes match. Helpers here size plans in bytes, so eviction and quantisation share one axis.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from adaptive_kv.errors import InfeasibleBudget
-from adaptive_kv.plan import SELECTIONS, TOKEN_SCORERS, HeadBudget, Layout, Plan, check_int
+from adaptive_kv.plan import POSITION_BYTES, SELECTIONS, TOKEN_SCORERS, HeadBudget, Layout, Plan, check_int
 from adaptive_kv.stats import AttentionStats, StatsConfig
 
 
@@ -67,8 +68,52 @@ class Policy:
         return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size, reconstruction=reconstruction)
 
     def plan(self, stats: AttentionStats, budget: float) -> Plan:
-        """The Plan for this request within `budget` x the full-precision cache bytes (shape from `stats`)."""
+        """The Plan for this request within `budget` x the full-precision cache bytes (shape from `stats`).
+
+        Sliding-window layers hold only their window, so the full cache's bytes count only that: the
+        layers are planned in groups that hold the same tokens (`AttentionStats.window_groups`; one group
+        when no layer slides), each as its own request within `budget` x its bytes (less what a sliding
+        layer spends on its tokens' positions), so the whole plan meets `budget` x the real full-cache
+        bytes and no sliding layer keeps more than its window.
+        """
+        check_fraction("budget", budget)
+        groups = stats.window_groups()
+        if len(groups) == 1 and stats.windows is None:
+            return self.plan_uniform(stats, budget)
+        rows: list[tuple[HeadBudget, ...]] = [()] * stats.num_layers
+        layout = None
+        for tokens, layers in groups.items():
+            positions = self._position_share(stats, layers, tokens)
+            if budget <= positions:
+                raise InfeasibleBudget(budget, positions, tokens, "a sliding-window layer stores every token's position")
+            try:
+                part = self.plan_uniform(stats.held_request(layers, tokens), budget - positions)
+            except InfeasibleBudget as err:  # in the caller's terms: its budget, this group's least
+                raise InfeasibleBudget(budget, err.minimum + positions, tokens,
+                                       f"{err.why}; layers {list(layers)} hold {tokens} tokens") from err
+            layout = layout or part.layout()
+            if part.layout() != layout:
+                raise ValueError(f"{type(self).__name__} planned layouts {layout} and {part.layout()} for one request")
+            for layer, row in zip(layers, part.heads):
+                rows[layer] = row
+        plan = Plan(tuple(rows), **layout.keywords(), windows=stats.windows)
+        full = plan.full_nbytes(stats.seq_len, stats.head_dim, stats.dtype_bytes)
+        if plan.nbytes(stats.seq_len, stats.head_dim, stats.dtype_bytes) > budget * full:
+            raise ValueError(f"{type(self).__name__} missed budget {budget} on sliding-window layers")
+        return plan
+
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
+        """The Plan for a request whose every layer holds all `stats.seq_len` tokens, within `budget` x its bytes."""
         raise NotImplementedError
+
+    def _position_share(self, stats: AttentionStats, layers: tuple[int, ...], tokens: int) -> float:
+        """The budget fraction a group's sliding layers spend on their tokens' positions, which the
+        uniform byte arithmetic counts only for an evicting head under shared selection: at most
+        POSITION_BYTES per token after the sinks."""
+        sliding = sum(stats.windows[layer] is not None for layer in layers)
+        positions = sliding * stats.num_kv_heads * POSITION_BYTES * max(0, tokens - self.sink_tokens)
+        share = positions / (len(layers) * stats.num_kv_heads * head_full_bytes(tokens, stats.head_dim, stats.dtype_bytes))
+        return share
 
     def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
         """One layer's Plan (num_layers 1) from that layer's statistics alone, within `budget` x its bytes.
@@ -111,7 +156,7 @@ class EvictionPolicy(Policy):
         if self.scorer not in TOKEN_SCORERS:
             raise ValueError(f"scorer must be one of {TOKEN_SCORERS}, got {self.scorer!r}")
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """The largest uniform keep meeting the budget (16-bit keys and values)."""
         keep = tokens_for_budget(stats, budget, self.layout())
         return Plan.uniform(stats.num_layers, stats.num_kv_heads, keep=keep, **self.layout().keywords())

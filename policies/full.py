@@ -20,6 +20,10 @@ class Full(Policy):
     """
 
     def plan(self, stats: AttentionStats, budget: float) -> Plan:
+        """The identity plan, sliding-window layers included; ValueError for budget < 1."""
+        return self.plan_uniform(stats, budget).with_windows(stats.windows)
+
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """The identity plan; ValueError for budget < 1."""
         check_fraction("budget", budget)
         if budget < 1:

@@ -51,7 +51,7 @@ class Hybrid(EvictionPolicy):
         super().__post_init__()
         check_fraction("qerr_weight", self.qerr_weight, high=1e6, open_low=False)
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Uniform keep and bits with the lowest estimated error within the budget."""
         layout, best, error = self.layout(), None, None
         for bits in HYBRID_BITS:

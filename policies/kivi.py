@@ -23,7 +23,7 @@ class KIVI(Policy):
     whose plan meets the budget; a budget below the 2-bit plan raises ValueError.
     """
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Keep-all plan at the highest bit-width meeting the budget."""
         check_fraction("budget", budget)
         seq_len, head_dim, dtype_bytes = stats.seq_len, stats.head_dim, stats.dtype_bytes

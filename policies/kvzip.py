@@ -35,7 +35,7 @@ class KVzip(EvictionPolicy):
             if getattr(self, name) not in ALLOWED_BITS:
                 raise ValueError(f"{name} must be one of {ALLOWED_BITS}, got {getattr(self, name)!r}")
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Global top-k allocation of the scorer's tokens at the policy's bits, within the budget."""
         check_fraction("budget", budget)
         if self.scorer not in stats.token_scores:

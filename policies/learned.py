@@ -137,7 +137,7 @@ class Learned(Policy):
             pred = self._folded(features, first)
         return pred.view(stats.num_layers, stats.num_kv_heads, -1)
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """One option per head: least weighted predicted distortion within the budget."""
         return self._decide(stats, 0, budget)
 

@@ -38,13 +38,16 @@ class PyramidKV(EvictionPolicy):
         super().__post_init__()
         check_fraction("beta", self.beta, low=1.0, high=1e6, open_low=False)
 
-    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Per-layer keeps from linearly decreasing byte shares; heads of a layer keep alike."""
         return self._plan(stats.num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
 
     def plan_layer(self, stats: AttentionStats, layer_idx: int, num_layers: int, budget: float) -> Plan:
         """Row `layer_idx` of the pyramid over `num_layers` layers: the schedule needs no other layer."""
         check_layer(stats, layer_idx, num_layers)
+        if stats.windows is not None:  # the schedule's shares average to the budget only over equal layers
+            raise ValueError("pyramidkv plans layer by layer only for models without sliding-window layers "
+                             "(their layers hold different tokens); plan with plan_provider=")
         full = self._plan(num_layers, stats.num_kv_heads, stats.seq_len, budget, stats.head_dim, stats.dtype_bytes)
         return Plan((full.heads[layer_idx],), **full.layout().keywords())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptive_kv.errors import InfeasibleBudget
-from adaptive_kv.plan import Plan
+from adaptive_kv.plan import HeadBudget, Plan
 from adaptive_kv.policies.base import (Policy, check_fraction, floor_fraction, head_bytes, head_full_bytes,
                                        last_fitting)
 from adaptive_kv.policies.registry import register
@@ -24,6 +24,37 @@ class StreamingLLM(Policy):
     """
 
     def plan(self, stats: AttentionStats, budget: float) -> Plan:
+        """Sinks + the widest recent window meeting the budget, for every head.
+
+        The window is one layout knob, so a model with sliding-window layers gets one window for all
+        its layers, sized against the real full-cache bytes; a sliding layer whose window already
+        holds no more than sinks + window keeps all it holds.
+        """
+        if stats.windows is None:
+            return super().plan(stats, budget)
+        check_fraction("budget", budget)
+        seq_len, sinks, head_dim, dtype_bytes = stats.seq_len, self.sink_tokens, stats.head_dim, stats.dtype_bytes
+        full = stats.num_kv_heads * sum(head_full_bytes(stats.layer_tokens(layer), head_dim, dtype_bytes)
+                                        for layer in range(stats.num_layers))
+        limit = budget * full
+
+        def plan_for(window: int) -> Plan:
+            rows = []
+            for layer in range(stats.num_layers):
+                keep = sinks + window
+                held = stats.layer_tokens(layer)
+                sliding_and_bounded = stats.windows[layer] is not None and keep >= held
+                rows.append((HeadBudget(None if sliding_and_bounded else keep),) * stats.num_kv_heads)
+            return Plan(tuple(rows), **self.layout(recent_window=window), windows=stats.windows)
+
+        window = last_fitting(lambda w: plan_for(w).nbytes(seq_len, head_dim, dtype_bytes) <= limit,
+                              self.recent_window, max(self.recent_window, seq_len - sinks))
+        if window < self.recent_window:
+            minimum = plan_for(self.recent_window).nbytes(seq_len, head_dim, dtype_bytes) / full
+            raise InfeasibleBudget(budget, minimum, seq_len, "sink_tokens + recent_window stay in full precision")
+        return plan_for(window)
+
+    def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """Sinks + the widest recent window meeting the budget, for every head."""
         check_fraction("budget", budget)
         seq_len, sinks, head_dim, dtype_bytes = stats.seq_len, self.sink_tokens, stats.head_dim, stats.dtype_bytes

@@ -30,7 +30,7 @@ class RequestPlanner:
             if not self.is_default:
                 raise EngineError(str(exc), param="kv_budget", code="budget_infeasible") from exc
             self.fallback = f"default {exc}; kept the full cache"
-            return Plan.full(stats.num_layers, stats.num_kv_heads, **self.policy.layout().keywords())
+            return Plan.full(stats.num_layers, stats.num_kv_heads, **self.policy.layout().keywords(), windows=stats.windows)
         except ValueError as exc:  # not the budget: this policy cannot plan for this model or request
             raise EngineError(f"policy {self.name!r} cannot plan this request: {exc}",
                               kind="invalid_request" if self.chosen else "internal",

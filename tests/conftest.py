@@ -103,6 +103,59 @@ def build_tiny_model(kind: str = "llama_gqa", seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+# The family matrix (tests/test_families.py): one tiny random model per architecture a user may
+# bring. Sliding windows are small enough that a 64-token context and its decode run past them.
+FAMILIES = ("llama_gqa", "llama_mha", "qwen2", "qwen2_sliding", "qwen3", "mistral", "gemma3", "phi3")
+FAMILY_WINDOW = 24
+
+
+def build_family_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM of `family` (FAMILIES) with sharp attention, in fp32 on CPU: Qwen3 and
+    Gemma-3 normalise q and k (their norm weights are sharpened), Phi-3 fuses q/k/v in one projection,
+    Mistral slides every layer, Gemma-3 alternates sliding and global layers and qwen2_sliding slides
+    every layer above its first (`max_window_layers`), all by FAMILY_WINDOW."""
+    if family in ("llama_gqa", "llama_mha", "qwen2"):
+        return build_tiny_model(family, seed)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, head_dim=16)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
+    elif family == "qwen2_sliding":
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=FAMILY_WINDOW, max_window_layers=1,
+                                             **common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=FAMILY_WINDOW, **common))
+    elif family == "gemma3":
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(sliding_window=FAMILY_WINDOW, layer_types=layer_types,
+                                                   query_pre_attn_scalar=16, **common))
+    elif family == "phi3":
+        common.pop("head_dim")
+        model = Phi3ForCausalLM(Phi3Config(pad_token_id=0, bos_token_id=0, eos_token_id=1, **common))
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if family == "phi3":  # fused rows: queries, then keys, then values
+                q_and_k = attn.head_dim * (model.config.num_attention_heads + model.config.num_key_value_heads)
+                attn.qkv_proj.weight[:q_and_k].mul_(QK_SHARPNESS)
+            elif family == "gemma3":  # Gemma's RMSNorm scales by (1 + weight)
+                for norm in (attn.q_norm, attn.k_norm):
+                    norm.weight.add_(1).mul_(QK_SHARPNESS).sub_(1)
+            elif family == "qwen3":
+                for norm in (attn.q_norm, attn.k_norm):
+                    norm.weight.mul_(QK_SHARPNESS)
+            else:
+                for proj in (attn.q_proj, attn.k_proj):
+                    proj.weight.mul_(QK_SHARPNESS)
+    return model.eval()
+
+
 @pytest.fixture(scope="session", params=["llama_gqa", "qwen2", "llama_mha"])
 def tiny_model(request) -> torch.nn.Module:
     return build_tiny_model(request.param)

@@ -113,7 +113,7 @@ def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[He
     captured = capture(model, tokenizer, request.context_ids, stats_config).cache
     num_layers, num_heads, seq_len = captured.num_layers, captured.num_kv_heads, captured.get_seq_length()
     recorder = _Recorder()
-    identity = captured.fork(Plan.full(num_layers, num_heads, **layout.keywords()))
+    identity = captured.fork(Plan.full(num_layers, num_heads, **layout.keywords(), windows=captured.windows))
     model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity, kv_recorder=recorder)
     rows = target.row_slice(request)
     reference = [_outputs(captured.prefill_states(l), recorder.layers[l], recorder.scaling)[:, :, rows]

@@ -127,7 +127,7 @@ def prepare_validation(model, tokenizer, requests: list[CalibrationRequest], sta
     for request in requests:
         prefill = capture(model, tokenizer, request.context_ids, stats_config)
         captured, last_logits = prefill.cache, prefill.last_logits
-        identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout.keywords()))
+        identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout.keywords(), windows=captured.windows))
         reference = model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity).logits[0]
         items.append(ValidationItem(request, captured, last_logits, reference))
     return items
