@@ -356,7 +356,7 @@ def _check_windows(windows: Any, num_layers: int) -> tuple[int | None, ...] | No
         raise ValueError(f"windows must be None or one entry per layer ({num_layers}), got {windows!r}")
     for idx, window in enumerate(windows):
         if window is not None:
-            _check_int(f"windows[{idx}]", window, 2)
+            check_int(f"windows[{idx}]", window, 2)
     windows = tuple(windows)
     return None if all(w is None for w in windows) else windows
 

@@ -45,7 +45,7 @@ class StreamingLLM(Policy):
                 held = stats.layer_tokens(layer)
                 sliding_and_bounded = stats.windows[layer] is not None and keep >= held
                 rows.append((HeadBudget(None if sliding_and_bounded else keep),) * stats.num_kv_heads)
-            return Plan(tuple(rows), **self.layout(recent_window=window), windows=stats.windows)
+            return Plan(tuple(rows), **self.layout(recent_window=window).keywords(), windows=stats.windows)
 
         window = last_fitting(lambda w: plan_for(w).nbytes(seq_len, head_dim, dtype_bytes) <= limit,
                               self.recent_window, max(self.recent_window, seq_len - sinks))

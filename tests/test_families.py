@@ -188,7 +188,7 @@ def test_sliding_plan_bytes_count_only_the_window():
     assert plan.kept_tokens(0, 0, 100) == FAMILY_WINDOW - 1 and plan.kept_tokens(1, 0, 100) == 100
     with pytest.raises(ValueError, match=r"heads\[0\]\[0\].keep must be <= windows\[0\] - 1 = 23"):
         Plan(((HeadBudget(30),), (HeadBudget(30),)), windows=windows, **LAYOUT)
-    with pytest.raises(ValueError, match=r"windows\[1\] must be >= 2"):
+    with pytest.raises(ValueError, match=r"windows\[1\] must be an integer >= 2"):
         Plan.full(2, 1, windows=(FAMILY_WINDOW, 1))
     with pytest.raises(ValueError, match="windows must be None or one entry per layer"):
         Plan.full(2, 1, windows=(FAMILY_WINDOW,))
