@@ -28,6 +28,15 @@ def _port(text: str) -> int:
     return value
 
 
+def _kv_memory(text: str) -> int | float:
+    from adaptive_kv.services.admission import parse_kv_memory
+
+    try:
+        return parse_kv_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model and its KV policy over HTTP (uvicorn, or Ray Serve replicas)."""
     from adaptive_kv.services.engine import EngineConfig
@@ -42,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     read_api_key(args.api_key_env)  # likewise an unset key variable
     engine = EngineConfig(model=args.model, policy=spec, budget=args.budget, max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_tokens_cap=args.max_tokens_cap,
-                          threads=args.threads)
+                          threads=args.threads, kv_memory=args.kv_memory, max_batch=args.max_batch)
     options = ServeOptions(engine=engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
                            replicas=args.replicas, ray_address=args.ray_address, num_cpus=args.replica_cpus)
     if args.ray_serve:
@@ -66,6 +75,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=_positive(int), default=16, help="requests waiting per replica before 429")
     p.add_argument("--request-timeout", type=_positive(float), default=120.0, help="seconds, queue wait included")
     p.add_argument("--max-tokens-cap", type=_positive(int), default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--kv-memory", type=_kv_memory,
+                   help="KV cache memory per replica: bytes (512MiB, 2GB) or a fraction of free memory "
+                        "(default 0.5); requests wait until their cache fits")
+    p.add_argument("--max-batch", type=_positive(int), default=64,
+                   help="requests decoding together per replica (1: one request at a time)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads per replica (default: torch's choice)")
     p.add_argument("--api-key-env", help="environment variable holding the bearer API key (unset: no key)")
     p.add_argument("--ray-serve", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")

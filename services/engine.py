@@ -1,27 +1,31 @@
-"""The serving engine: one model, its policy, a bounded queue, one worker thread, metrics. No HTTP here.
+"""The serving engine: one model, its policy, the scheduler that batches requests, metrics. No HTTP here.
 
-A CompressedCache holds exactly one request (batch size 1), so a replica runs one request at a
-time on its worker thread; the event loop only enqueues and awaits events. Requests beyond
-`max_queue` waiting are refused at once (QueueFull) instead of piling up latency.
+Requests run through the scheduler (`scheduler`): each is prefilled and planned alone, then
+decodes in one batch with every other running request, each over its own compressed cache.
+Admission is by KV memory (`admission`): a request starts when the most its cache can hold fits
+under `kv_memory` beside the running ones, so a policy that keeps fewer bytes runs more requests
+at once. Requests beyond `max_queue` waiting are refused at once (QueueFull) instead of piling up
+latency. A reload swaps the policy for requests that start their prefill afterwards; running
+ones finish with the policy they took.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import torch
 
+from adaptive_kv.services.admission import KvLedger, format_bytes, resolve_kv_memory
 from adaptive_kv.services.decoding import Sampling, TextAssembler, make_sampler
 from adaptive_kv.services.errors import EngineError
 from adaptive_kv.services.metrics import Metrics
 from adaptive_kv.services.planning import RequestPlanner
 from adaptive_kv.services.policy_source import LoadedPolicy, PolicySpec, resolve_policy
+from adaptive_kv.services.scheduler import Decoding, Job, QueueFull, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class EngineConfig:
     request_timeout: float = 120.0
     max_tokens_cap: int = 1024
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
+    kv_memory: int | float | None = None  # bytes, or a fraction of free memory (None: admission.DEFAULT_FRACTION)
+    max_batch: int = 64  # requests holding a cache at once (prefilling or decoding); 1 runs one at a time
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -49,6 +55,12 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if isinstance(self.kv_memory, float) and not 0 < self.kv_memory < 1:
+            raise ValueError(f"kv_memory as a fraction must be in (0, 1), got {self.kv_memory}")
+        if isinstance(self.kv_memory, int) and self.kv_memory < 1:
+            raise ValueError(f"kv_memory must be >= 1 byte, got {self.kv_memory}")
 
 
 @dataclass(frozen=True)
@@ -92,45 +104,29 @@ class PlanOutput:
     kv: dict[str, Any]
 
 
-@dataclass
-class _Job:
-    """A queued unit of work; `emit` pushes events to the awaiting coroutine from the worker thread."""
-
-    task: Callable[["_Job"], Any]
-    emit: Callable[[Any], None]
-    deadline: float
-    enqueued: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def live(self) -> bool:
-        """False once the client left or the deadline passed: the worker stops at the next token."""
-        return not self.cancelled.is_set() and time.monotonic() < self.deadline
-
-
-_STOP = object()
 _CHECK_TOKENS = 64  # a prompt longer than any sink + recent window, short enough to cost milliseconds
 
 
 class Engine:
-    """Owns the model, the policy, the queue, the worker thread and the metrics."""
+    """Owns the model, the policy, the scheduler and the metrics."""
 
     def __init__(self, config: EngineConfig, loader: Callable[[str], tuple[Any, Any]] | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self._loader = loader
-        self._queue: queue.Queue = queue.Queue(maxsize=config.max_queue)
-        self._worker: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
         self._closing = False
         self._policy: LoadedPolicy | None = None
         self._static: dict[str, Any] = {}  # per-request policies by name, built once
         self._reload_lock: asyncio.Lock | None = None  # made on the event loop that first reloads
         self.model = self.tokenizer = None
+        self.kv_limit = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Load the model and the policy (blocking: seconds), then start the worker."""
         from adaptive_kv.decode import end_tokens
+        from adaptive_kv.memory import KvShape
         from adaptive_kv.models import load_model
 
         self._policy = resolve_policy(self.config.policy)  # cheap, and fails before the slow model load
@@ -140,31 +136,36 @@ class Engine:
         self.model, self.tokenizer = (self._loader or load_model)(self.config.model)
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.eos = end_tokens(self.model, self.tokenizer)
+        self.kv_shape = KvShape.of(self.model)
         self._check_policy(self._policy)  # a controller trained for another model fails here, not per request
-        self._worker = threading.Thread(target=self._serve_forever, name="adaptive-kv-engine", daemon=True)
-        self._worker.start()
-        logger.info("engine ready: model %s, policy %s, budget %g", self.config.model, self.policy_name, self.config.budget)
+        self.kv_limit = resolve_kv_memory(self.config.kv_memory, self.model.device)
+        self._scheduler = Scheduler(self.model, self.metrics, KvLedger(self.kv_limit), max_batch=self.config.max_batch,
+                                    max_queue=self.config.max_queue, timeout_error=self._timeout_error)
+        self._scheduler.start()
+        logger.info("engine ready: model %s, policy %s, budget %g, KV memory %s (%d bytes), max batch %d",
+                    self.config.model, self.policy_name, self.config.budget, format_bytes(self.kv_limit),
+                    self.kv_limit, self.config.max_batch)
 
     @property
     def ready(self) -> bool:
         """Model and policy loaded, worker alive, not shutting down."""
-        return self._policy is not None and self._worker is not None and self._worker.is_alive() and not self._closing
+        return self._policy is not None and self._scheduler is not None and self._scheduler.alive and not self._closing
 
     @property
     def policy_name(self) -> str:
         """The default policy as reported in responses."""
         return self._policy.spec.describe() if self._policy else self.config.policy.describe()
 
+    @property
+    def peak_kv_bytes(self) -> int:
+        """Most KV bytes the caches held at once since start (read between decode steps)."""
+        return self._scheduler.peak_in_use if self._scheduler else 0
+
     def close(self, timeout: float = 30.0) -> None:
         """Refuse new work, let the worker finish what it holds, then stop it."""
         self._closing = True
-        if self._worker is None:
-            return
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            logger.warning("engine queue still full after %.0fs; worker left as a daemon", timeout)
-        self._worker.join(timeout)
+        if self._scheduler is not None:
+            self._scheduler.close(timeout)
 
     async def reload(self, spec: PolicySpec | None = None) -> LoadedPolicy:
         """Re-resolve the policy (a new champion) or switch to `spec`, checked on this model; on failure keep the old."""
@@ -173,7 +174,8 @@ class Engine:
             spec = spec or (self._policy.spec if self._policy else self.config.policy)
             try:
                 loaded = await asyncio.to_thread(resolve_policy, spec)  # may download from the registry
-                async for _ in self._submit(lambda job: self._check_policy(loaded)):  # on the worker: it owns the model
+                work = _Forward(lambda: self._check_policy(loaded))  # on the worker: it owns the model
+                async for _ in self._submit(work, self._capture_nbytes(_CHECK_TOKENS)):
                     pass
             except (ValueError, OSError, EngineError) as exc:
                 reason = exc.message if isinstance(exc, EngineError) else str(exc)
@@ -253,8 +255,9 @@ class Engine:
     # ------------------------------------------------------------------ async API (event loop side)
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationOutput]:
         """Queue a generation and yield its text deltas, then its GenerationOutput."""
-        self.policy_for(request.policy)  # an unknown name fails here, before taking a queue slot
-        async for event in self._submit(lambda job: self._generate(job, request)):
+        name, policy = self.policy_for(request.policy)  # an unknown name fails here, before taking a queue slot
+        reserve = self._request_nbytes(len(request.prompt_ids), request.max_tokens)
+        async for event in self._submit(_Generation(self, request, name, policy), reserve):
             yield event
 
     async def complete(self, request: GenerationRequest) -> GenerationOutput:
@@ -267,22 +270,36 @@ class Engine:
     async def plan(self, prompt_ids: tuple[int, ...], budget: float | None, policy: str | None) -> PlanOutput:
         """Queue a prefill that only plans, and return the plan."""
         self.policy_for(policy)
-        async for event in self._submit(lambda job: self._plan(prompt_ids, budget, policy)):
+        work = _Forward(lambda: self._plan(prompt_ids, budget, policy))
+        async for event in self._submit(work, self._capture_nbytes(len(prompt_ids))):
             return event
         raise EngineError("planning ended without output", kind="unavailable")
 
-    async def _submit(self, task: Callable[[_Job], Any]) -> AsyncIterator[Any]:
+    def _request_nbytes(self, prompt_tokens: int, max_tokens: int) -> int:
+        """What a generation reserves; EngineError when even an idle server could not hold it."""
+        nbytes = self.kv_shape.request_bound_nbytes(prompt_tokens, max_tokens)
+        if nbytes > self.kv_limit:
+            raise EngineError(
+                f"the request may need {format_bytes(nbytes)} of KV cache ({prompt_tokens} prompt tokens, "
+                f"max_tokens {max_tokens}), more than this server's KV memory of {format_bytes(self.kv_limit)}; "
+                "send a shorter prompt or fewer max_tokens", param="prompt", code="kv_memory_exceeded")
+        return nbytes
+
+    def _capture_nbytes(self, prompt_tokens: int) -> int:
+        """What a prefill that only reads statistics reserves: its prompt at full precision."""
+        return min(prompt_tokens * self.kv_shape.slot_nbytes(), self.kv_limit)
+
+    async def _submit(self, work: Any, reserve: int) -> AsyncIterator[Any]:
         if not self.ready:
             raise EngineError("the server is starting or shutting down", kind="unavailable")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = _Job(task, lambda e: _push(loop, events, e), time.monotonic() + self.config.request_timeout)
+        job = Job(work, lambda e: _push(loop, events, e), time.monotonic() + self.config.request_timeout, reserve)
         try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+            self._scheduler.submit(job)
+        except QueueFull:
             raise EngineError(f"the queue is full ({self.config.max_queue} waiting); retry later",
                               kind="queue_full", code="queue_full") from None
-        self.metrics.queue_depth.set(self._queue.qsize())
         try:
             while True:
                 try:
@@ -295,76 +312,15 @@ class Engine:
                 if not isinstance(event, TextDelta):
                     return
         finally:
-            job.cancelled.set()  # client gone, timed out or done: the worker stops or skips it
+            job.cancelled.set()  # client gone, timed out or done: the worker drops it at its next step
 
     def _timeout_error(self) -> EngineError:
         return EngineError(f"request timed out after {self.config.request_timeout:g}s", kind="timeout", code="timeout")
 
-    # ------------------------------------------------------------------ worker thread
-    def _serve_forever(self) -> None:
-        while True:
-            job = self._queue.get()
-            self.metrics.queue_depth.set(self._queue.qsize())
-            if job is _STOP:
-                return
-            if not job.live:
-                continue  # its client already gave up: do not spend a prefill on it
-            self.metrics.queue_wait.observe(time.monotonic() - job.enqueued)
-            self.metrics.running.inc()
-            try:
-                job.emit(job.task(job))
-            except EngineError as exc:
-                job.emit(exc)
-            except Exception as exc:  # one bad request must not stop the worker
-                logger.exception("request failed")
-                job.emit(EngineError(f"internal error: {type(exc).__name__}: {exc}", kind="internal"))
-            finally:
-                self.metrics.running.dec()
-
+    # ------------------------------------------------------------------ worker side
     def _planner(self, name: str, policy: Any, budget: float | None, chosen: bool) -> RequestPlanner:
         """The plan provider of one request: `budget` (explicit) must be met; the default may fall back."""
         return RequestPlanner(name, policy, budget if budget is not None else self.config.budget, budget is None, chosen)
-
-    @torch.inference_mode()
-    def _generate(self, job: _Job, request: GenerationRequest) -> GenerationOutput:
-        from adaptive_kv.cache import CompressedCache
-        from adaptive_kv.decode import decode
-        from adaptive_kv.prefill import cache_inputs, needs_of
-
-        name, policy = self.policy_for(request.policy)
-        planner = self._planner(name, policy, request.budget, request.policy is not None)
-        cache = CompressedCache(self.model, plan_provider=planner,
-                                **cache_inputs(self.tokenizer, request.prompt_ids, needs_of([policy])))
-        start = time.perf_counter()
-        logits = self.model(torch.tensor([list(request.prompt_ids)], device=self.model.device), cache=cache).logits[:, -1]
-        prefill_s = time.perf_counter() - start
-        kv = planner.info(cache.report(), name)
-        self.metrics.prefill.observe(prefill_s)
-        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
-        self.metrics.observe_kv(kv["full_bytes"], kv["bytes"])
-        decoder = TextAssembler(self.tokenizer, request.stop)
-
-        def stream(tokens: list[int]) -> bool:
-            delta, stopped = decoder.add(tokens[-1])
-            if delta:
-                job.emit(TextDelta(delta))
-            return stopped
-
-        start = time.perf_counter()
-        decoded = decode(self.model, cache, logits, request.max_tokens, eos=self.eos,
-                         pick=make_sampler(request.sampling), on_token=stream, live=lambda: job.live)
-        if decoded.finish == "cancelled":
-            raise self._timeout_error()
-        tail = decoder.flush()
-        if tail:
-            job.emit(TextDelta(tail))
-        decode_s = time.perf_counter() - start
-        self.metrics.decode.observe(decode_s)
-        self.metrics.generated_tokens.inc(len(decoder.tokens))
-        final = cache.report()
-        kv.update(final_full_bytes=final["full_bytes"], final_bytes=final["bytes"])
-        return GenerationOutput(decoder.text, len(request.prompt_ids), len(decoder.tokens), decoded.finish, kv, prefill_s,
-                                decode_s)
 
     @torch.inference_mode()
     def _plan(self, prompt_ids: tuple[int, ...], budget: float | None, policy_name: str | None) -> PlanOutput:
@@ -380,6 +336,76 @@ class Engine:
         report = {"full_bytes": full, "bytes": predicted, "ratio": full / predicted if predicted else None,
                   "plan": plan.summary()}
         return PlanOutput(seq_len, plan.to_dict(), planner.info(report, name))
+
+
+class _Forward:
+    """Work that only runs a forward (a plan, a policy check) and answers with its result."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.prefill = fn
+
+    def prefilled(self, result: Any, seconds: float, job: Job) -> Any:
+        return result
+
+
+class _Generation:
+    """One generation: prefill and plan its prompt, then decode in the batch, streaming its text."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, name: str, policy: Any) -> None:
+        self.engine, self.request, self.name = engine, request, name
+        self.planner = engine._planner(name, policy, request.budget, request.policy is not None)
+        self.policy = policy
+        self.cache = None
+        self.kv: dict[str, Any] = {}
+        self.prefill_s = 0.0
+        self.decode_start = 0.0
+
+    def prefill(self) -> torch.Tensor:
+        """On the prefill thread: the prompt through the model into a cache that plans when it ends."""
+        from adaptive_kv.cache import CompressedCache
+        from adaptive_kv.prefill import cache_inputs, needs_of
+
+        model, ids = self.engine.model, self.request.prompt_ids
+        self.cache = CompressedCache(model, plan_provider=self.planner,
+                                     **cache_inputs(self.engine.tokenizer, ids, needs_of([self.policy])))
+        return model(torch.tensor([list(ids)], device=model.device), cache=self.cache).logits[:, -1]
+
+    def prefilled(self, logits: torch.Tensor, seconds: float, job: Job) -> Decoding:
+        from adaptive_kv.memory import in_use_nbytes
+
+        engine, metrics = self.engine, self.engine.metrics
+        self.prefill_s, self.decode_start = seconds, time.perf_counter()
+        self.kv = self.planner.info(self.cache.report(), self.name)
+        metrics.prefill.observe(seconds)
+        metrics.prompt_tokens.inc(len(self.request.prompt_ids))
+        metrics.observe_kv(self.kv["full_bytes"], self.kv["bytes"])
+        self.decoder = TextAssembler(engine.tokenizer, self.request.stop)
+        self.job = job
+
+        def stream(tokens: list[int]) -> bool:
+            delta, stopped = self.decoder.add(tokens[-1])
+            if delta:
+                job.emit(TextDelta(delta))
+            return stopped
+
+        reserve = in_use_nbytes(self.cache) + engine.kv_shape.decode_growth_nbytes(self.request.max_tokens)
+        return Decoding(self.cache, logits, self.request.max_tokens, self.finish, eos=engine.eos,
+                        pick=make_sampler(self.request.sampling), on_token=stream, reserve=reserve)
+
+    def finish(self, decoded: Any) -> GenerationOutput | EngineError:
+        if decoded.finish == "cancelled":
+            return self.engine._timeout_error()
+        tail = self.decoder.flush()
+        if tail:
+            self.job.emit(TextDelta(tail))
+        decode_s = time.perf_counter() - self.decode_start
+        metrics = self.engine.metrics
+        metrics.decode.observe(decode_s)
+        metrics.generated_tokens.inc(len(self.decoder.tokens))
+        final = self.cache.report()
+        self.kv.update(final_full_bytes=final["full_bytes"], final_bytes=final["bytes"])
+        return GenerationOutput(self.decoder.text, len(self.request.prompt_ids), len(self.decoder.tokens),
+                                decoded.finish, self.kv, self.prefill_s, decode_s)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -29,8 +29,17 @@ class Metrics:
         self.kv_bytes = Counter("adaptive_kv_kv_bytes", "KV bytes really held after prefill, summed", registry=r)
         self.ratio = Histogram("adaptive_kv_kv_compression_ratio", "Full / real KV bytes per request",
                                buckets=_RATIO_BUCKETS, registry=r)
-        self.queue_depth = Gauge("adaptive_kv_queue_depth", "Requests waiting for the worker", registry=r)
-        self.running = Gauge("adaptive_kv_requests_running", "Requests the worker is processing", registry=r)
+        self.queue_depth = Gauge("adaptive_kv_queue_depth", "Requests waiting for admission", registry=r)
+        self.running = Gauge("adaptive_kv_requests_running", "Requests in prefill or decoding", registry=r)
+        self.batch_size = Gauge("adaptive_kv_batch_size", "Requests decoding together in the running batch", registry=r)
+        self.kv_limit = Gauge("adaptive_kv_kv_limit_bytes", "KV memory limit of this replica (--kv-memory)", registry=r)
+        self.kv_in_use = Gauge("adaptive_kv_kv_in_use_bytes", "KV bytes the running caches really hold", registry=r)
+        self.kv_peak = Gauge("adaptive_kv_kv_in_use_peak_bytes", "Most KV bytes held at once since start", registry=r)
+        self.kv_reserved = Gauge("adaptive_kv_kv_reserved_bytes",
+                                 "KV bytes reserved by admitted requests (what they hold or may grow to)", registry=r)
+        self.tokens_per_second = Gauge("adaptive_kv_decode_tokens_per_second",
+                                       "Tokens generated per second by the last decode step (all running requests)",
+                                       registry=r)
 
     def observe_kv(self, full_bytes: int, real_bytes: int) -> None:
         """Record one request's KV bytes after its plan was applied."""

@@ -97,7 +97,7 @@ def run_ray_serve(options: ServeOptions) -> None:
             name="adaptive-kv",
             num_replicas=options.replicas,
             # the engine queues and refuses beyond max_queue itself; Serve only needs to let that many through
-            max_ongoing_requests=options.engine.max_queue + 1,
+            max_ongoing_requests=options.engine.max_queue + options.engine.max_batch,
             graceful_shutdown_timeout_s=options.engine.request_timeout + _DRAIN_MARGIN_S,
             ray_actor_options={"num_cpus": options.num_cpus},
         )(serve.ingress()(ServeReplica))
