@@ -20,6 +20,8 @@ from adaptive_kv.cache import CompressedCache
 
 _SCORE_BYTES = 4  # fp32 H2O score per token and head (in the store, and in the working copy)
 _POSITION_BYTES = 4  # int32 position per token and head, kept when heads share a ranking
+_SLOT_BYTES = 8  # int64 slot of a stored token in the working copy
+_HEAD_BYTES = 64  # per (layer, head): token counts and offsets of the store and the working copy
 
 
 def in_use_nbytes(cache: CompressedCache) -> int:
@@ -51,20 +53,38 @@ class KvShape:
         """One token's keys and values in every (layer, KV head) at the model's precision."""
         return self._heads * 2 * self.head_dim * self.dtype_bytes
 
-    def token_nbytes(self) -> int:
-        """Most bytes one token adds: at full precision with its score and position in the store, and in the view."""
-        return 2 * self.slot_nbytes() + self._heads * (2 * _SCORE_BYTES + _POSITION_BYTES)
+    def _store_token(self) -> int:
+        """Most bytes one token takes in one head's store: full precision, its score and position."""
+        return 2 * self.head_dim * self.dtype_bytes + _SCORE_BYTES + _POSITION_BYTES
 
-    def decode_growth_nbytes(self, new_tokens: int) -> int:
-        """Most bytes that decoding `new_tokens` more tokens can add to a cache."""
-        if new_tokens < 0:
-            raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
-        view_step = HEADROOM * self._heads * (2 * self.head_dim * self.dtype_bytes + _SCORE_BYTES)
-        return new_tokens * self.token_nbytes() + view_step
+    def _view_token(self) -> int:
+        """Most bytes one token slot takes in one head's working copy: operands, score, slot index."""
+        return 2 * self.head_dim * self.dtype_bytes + _SCORE_BYTES + _SLOT_BYTES
 
     def request_bound_nbytes(self, prompt_tokens: int, new_tokens: int) -> int:
-        """Most bytes a request's cache can hold at any step boundary: its prompt under any plan (the full
-        plan keeps every token in the store and in the view) and its growth over `new_tokens` tokens."""
+        """Most bytes a request's cache can hold at any step boundary, under any plan: every token of the
+        prompt and of `new_tokens` decoded ones in the store and in the working copy (the full plan's case),
+        the copy padded by HEADROOM slots per head."""
         if prompt_tokens < 1:
             raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
-        return prompt_tokens * self.token_nbytes() + self.decode_growth_nbytes(new_tokens)
+        _check_new(new_tokens)
+        tokens = prompt_tokens + new_tokens
+        per_head = tokens * self._store_token() + (tokens + HEADROOM) * self._view_token() + _HEAD_BYTES
+        return self._heads * per_head
+
+    def decoding_bound_nbytes(self, cache: CompressedCache, new_tokens: int) -> int:
+        """Most bytes a cache whose plan has landed can hold while it decodes `new_tokens` more tokens:
+        what its store holds, each new token in every head's store, and a working copy whose rows are
+        as long as the layer's longest head plus the new tokens and HEADROOM (built or not yet)."""
+        _check_new(new_tokens)
+        total = cache.nbytes() + self._heads * (new_tokens * self._store_token() + _HEAD_BYTES)
+        for layer in cache.layers:
+            longest = int(layer.head_tokens().max()) if layer.is_initialized else 0
+            slots = max(longest + HEADROOM, layer.view.capacity if layer.view is not None else 0) + new_tokens
+            total += self.num_kv_heads * slots * self._view_token()
+        return total
+
+
+def _check_new(new_tokens: int) -> None:
+    if new_tokens < 0:
+        raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")

@@ -371,8 +371,6 @@ class _Generation:
         return model(torch.tensor([list(ids)], device=model.device), cache=self.cache).logits[:, -1]
 
     def prefilled(self, logits: torch.Tensor, seconds: float, job: Job) -> Decoding:
-        from adaptive_kv.memory import in_use_nbytes
-
         engine, metrics = self.engine, self.engine.metrics
         self.prefill_s, self.decode_start = seconds, time.perf_counter()
         self.kv = self.planner.info(self.cache.report(), self.name)
@@ -388,7 +386,7 @@ class _Generation:
                 job.emit(TextDelta(delta))
             return stopped
 
-        reserve = in_use_nbytes(self.cache) + engine.kv_shape.decode_growth_nbytes(self.request.max_tokens)
+        reserve = engine.kv_shape.decoding_bound_nbytes(self.cache, self.request.max_tokens)
         return Decoding(self.cache, logits, self.request.max_tokens, self.finish, eos=engine.eos,
                         pick=make_sampler(self.request.sampling), on_token=stream, reserve=reserve)
 

@@ -32,6 +32,7 @@ class Metrics:
         self.queue_depth = Gauge("adaptive_kv_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("adaptive_kv_requests_running", "Requests in prefill or decoding", registry=r)
         self.batch_size = Gauge("adaptive_kv_batch_size", "Requests decoding together in the running batch", registry=r)
+        self.batch_peak = Gauge("adaptive_kv_batch_size_peak", "Most requests decoding together since start", registry=r)
         self.kv_limit = Gauge("adaptive_kv_kv_limit_bytes", "KV memory limit of this replica (--kv-memory)", registry=r)
         self.kv_in_use = Gauge("adaptive_kv_kv_in_use_bytes", "KV bytes the running caches really hold", registry=r)
         self.kv_peak = Gauge("adaptive_kv_kv_in_use_peak_bytes", "Most KV bytes held at once since start", registry=r)

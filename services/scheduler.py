@@ -96,7 +96,8 @@ class Scheduler:
         self._batch = RunningBatch(model)
         self._decoding: dict[DecodingRequest, tuple[Job, Decoding]] = {}
         self._thread: threading.Thread | None = None
-        self.peak_in_use = 0
+        self.peak_in_use = 0  # most KV bytes held at once, read between steps
+        self.peak_batch = 0  # most requests decoding together
         metrics.kv_limit.set(ledger.limit)
 
     # ------------------------------------------------------------------ any thread
@@ -249,11 +250,13 @@ class Scheduler:
     def _publish(self) -> None:
         in_use = self.in_use_nbytes()
         self.peak_in_use = max(self.peak_in_use, in_use)
+        self.peak_batch = max(self.peak_batch, len(self._batch.running))
         m = self.metrics
         m.kv_in_use.set(in_use)
         m.kv_peak.set(self.peak_in_use)
         m.kv_reserved.set(self.ledger.reserved)
         m.batch_size.set(len(self._batch.running))
+        m.batch_peak.set(self.peak_batch)
         m.running.set(len(self._batch.running) + (self._prefill is not None))
         with self._cond:
             m.queue_depth.set(len(self._waiting))

@@ -112,6 +112,23 @@ def test_completion_stream_and_stop_string(client):
     assert stop not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
+def test_openai_client_eight_concurrent_streams_decode_in_one_batch(server, client, http):
+    prompts = [PROMPT[: 1200 - 60 * i] for i in range(8)]  # different lengths: they join and leave at different steps
+
+    async def streams() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as ac:
+            async def one(prompt: str) -> str:
+                stream = await ac.completions.create(model="tiny-model0", prompt=prompt, max_tokens=40, stream=True)
+                return "".join([chunk.choices[0].text async for chunk in stream])
+
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    texts = asyncio.run(streams())
+    assert metric(http.get("/metrics").text, "adaptive_kv_batch_size_peak") >= 4  # they decoded together
+    for prompt, text in zip(prompts, texts):  # greedy: each stream is what the request gets alone
+        assert text == client.completions.create(model="tiny-model0", prompt=prompt, max_tokens=40).choices[0].text
+
+
 def test_short_prompt_falls_back_to_full_cache_under_default_budget(client):
     response = client.completions.create(model="tiny-model0", prompt="Hello", max_tokens=2)
     kv = _kv(response)
