@@ -1,16 +1,18 @@
-"""The service under load with the embedded model: latency, throughput and peak memory per configuration.
+"""The service under load with the embedded model: continuous batching under one KV memory limit.
 
-Configurations: the full cache, `hybrid` and `learned` at budget 0.125 on uvicorn; `hybrid` at
-0.125 on Ray Serve with 1 and with 2 replicas.
+Scenarios (uvicorn, one process, every one under the same `--kv-memory`): the full cache, `hybrid`
+and `learned` at budget 0.125 (batched), and `hybrid` at 0.125 with `--max-batch 1` (one request
+at a time, as the engine ran before batching). Optionally `hybrid` on Ray Serve with 1 and 2
+replicas (`--ray`).
 
-Each configuration is a real `adaptive-kv serve` process on loopback; a closed loop of
-`--concurrency` clients sends `--requests` completions of ~1k-token prompts (token ids of seeded
-passkey samples, so every prompt differs and has exactly the same length) after one warm-up per
-replica. Reports end-to-end latency p50/p95, requests/s and generated tokens/s, the server's
-compression ratio, and peak RSS (VmHWM) of the processes holding the model: the uvicorn server,
-or each Ray Serve replica.
+Each scenario is a real `adaptive-kv serve` process on loopback. At each concurrency level, that
+many clients send streamed completions at once (closed loop, `--rounds` requests per client) of
+~1k-token prompts (token ids of seeded passkey samples: every prompt differs, all have the same
+length), after one warm-up. Reports generated tokens/s, time to first token and latency p50/p95,
+the largest batch the server reached and the most KV bytes it held (its own metrics), and peak
+RSS (VmHWM) of the process holding the model.
 
-    python benchmarks/service_load.py [--requests 6] [--concurrency 3] [--max-tokens 24] [--skip-ray]
+    python benchmarks/service_load.py [--concurrency 1 4 16 32] [--max-tokens 64] [--kv-memory 350MiB]
 """
 
 from __future__ import annotations
@@ -46,18 +48,22 @@ class Scenario:
 
 @dataclass(frozen=True)
 class Measured:
-    """The figures of one scenario."""
+    """The figures of one scenario at one concurrency level."""
 
     scenario: str
-    requests: int
     concurrency: int
+    requests: int
     prompt_tokens: int
     max_tokens: int
-    p50_s: float
-    p95_s: float
-    mean_s: float
-    requests_per_s: float
+    kv_memory_bytes: int
     tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    requests_per_s: float
+    peak_batch: int
+    peak_kv_bytes: int
     compression_ratio: float
     peak_rss_mib: list[float]
     replicas_seen: int
@@ -99,10 +105,10 @@ def _prompts(count: int, length: int) -> list[list[int]]:
     return [list(s.context_ids) + list(s.question_ids) for s in samples]
 
 
-def _start(scenario: Scenario, port: int, workdir: Path) -> subprocess.Popen:
+def _start(scenario: Scenario, port: int, workdir: Path, kv_memory: str) -> subprocess.Popen:
     log = (workdir / f"{scenario.name}.log").open("w")
     command = [sys.executable, "-m", "adaptive_kv.cli", "serve", "--model", "smollm2-135m", "--port", str(port),
-               "--max-queue", "64", "--request-timeout", "600", *scenario.args]
+               "--max-queue", "64", "--request-timeout", "1800", "--kv-memory", kv_memory, *scenario.args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
                                start_new_session=True)
@@ -120,103 +126,160 @@ def _start(scenario: Scenario, port: int, workdir: Path) -> subprocess.Popen:
     raise RuntimeError(f"{scenario.name}: not ready after 300 s")
 
 
-async def _load(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
-                warmups: int) -> tuple[list[float], list[dict], float]:
-    """Warm up, then run a closed loop; returns latencies, response bodies, wall seconds."""
-    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
-        async def one(ids: list[int]) -> tuple[float, dict, str]:
-            start = time.perf_counter()
-            r = await client.post("/v1/completions", json={"model": "smollm2-135m", "prompt": ids,
-                                                           "max_tokens": max_tokens})
-            r.raise_for_status()
-            return time.perf_counter() - start, r.json(), r.headers.get("x-adaptive-kv-replica", "")
+@dataclass(frozen=True)
+class _Response:
+    latency_s: float
+    ttft_s: float
+    completion_tokens: int
+    ratio: float
+    replica: str
 
-        await asyncio.gather(*(one(prompts[-1 - i]) for i in range(warmups)))
-        queue = list(prompts[: len(prompts) - warmups])
-        results: list[tuple[float, dict, str]] = []
+
+async def _one(client: httpx.AsyncClient, ids: list[int], max_tokens: int) -> _Response:
+    """One streamed completion: time to its first text, to its end, its usage and KV ratio."""
+    body = {"model": "smollm2-135m", "prompt": ids, "max_tokens": max_tokens, "stream": True}
+    start = time.perf_counter()
+    ttft, usage, kv = None, None, None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        replica = r.headers.get("x-adaptive-kv-replica", "")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if ttft is None and chunk.get("choices"):
+                ttft = time.perf_counter() - start  # the first streamed text
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                kv = choice.get("kv_cache") or kv
+            kv = chunk.get("kv_cache") or kv
+    return _Response(time.perf_counter() - start, ttft, usage["completion_tokens"], kv["ratio"], replica)
+
+
+async def _load(url: str, prompts: list[list[int]], concurrency: int, rounds: int,
+                max_tokens: int) -> tuple[list[_Response], float]:
+    """`concurrency` clients send `rounds` requests each, all at once; returns the responses and wall seconds."""
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
+        queue = list(prompts[: concurrency * rounds])
+        results: list[_Response] = []
 
         async def client_loop() -> None:
             while queue:
-                results.append(await one(queue.pop()))
+                results.append(await _one(client, queue.pop(), max_tokens))
 
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    bodies = [{**body, "replica": replica} for _, body, replica in results]
-    return [lat for lat, _, _ in results], bodies, wall
+        return results, time.perf_counter() - start
 
 
-def run_scenario(scenario: Scenario, prompts: list[list[int]], args: argparse.Namespace, workdir: Path) -> Measured:
-    """Start the server, load it, read peak memory, stop it."""
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def run_scenario(scenario: Scenario, prompts: list[list[int]], args: argparse.Namespace,
+                 workdir: Path) -> list[Measured]:
+    """Start the server, warm it up, load it at every concurrency level, stop it."""
     port = _free_port()
-    process = _start(scenario, port, workdir)
+    url = f"http://127.0.0.1:{port}"
+    process = _start(scenario, port, workdir, args.kv_memory)
+    rows = []
     try:
-        warmups = scenario.replicas
-        latencies, bodies, wall = asyncio.run(
-            _load(f"http://127.0.0.1:{port}", prompts, args.concurrency, args.max_tokens, warmups))
-        peaks = [round(_peak_rss_mib(p.pid), 1) for p in _model_processes(psutil.Process(process.pid))]
+        asyncio.run(_load(url, prompts[-scenario.replicas:], scenario.replicas, 1, args.max_tokens))  # warm-up
+        limit = int(_metric(url, "adaptive_kv_kv_limit_bytes"))
+        for concurrency in args.concurrency:
+            # the server's peak gauges count from its start: levels run in rising concurrency, so each
+            # level reads the largest batch and KV bytes reached so far, its own or a lower level's
+            responses, wall = asyncio.run(_load(url, prompts, concurrency, args.rounds, args.max_tokens))
+            peaks = [round(_peak_rss_mib(p.pid), 1) for p in _model_processes(psutil.Process(process.pid))]
+            latencies, ttfts = [r.latency_s for r in responses], [r.ttft_s for r in responses]
+            rows.append(Measured(
+                scenario=scenario.name, concurrency=concurrency, requests=len(responses),
+                prompt_tokens=len(prompts[0]), max_tokens=args.max_tokens, kv_memory_bytes=limit,
+                tokens_per_s=round(sum(r.completion_tokens for r in responses) / wall, 2),
+                ttft_p50_s=round(_percentile(ttfts, 50), 2), ttft_p95_s=round(_percentile(ttfts, 95), 2),
+                latency_p50_s=round(_percentile(latencies, 50), 2), latency_p95_s=round(_percentile(latencies, 95), 2),
+                requests_per_s=round(len(responses) / wall, 3),
+                peak_batch=int(_metric(url, "adaptive_kv_batch_size_peak")),
+                peak_kv_bytes=int(_metric(url, "adaptive_kv_kv_in_use_peak_bytes")),
+                compression_ratio=round(statistics.mean(r.ratio for r in responses), 2),
+                peak_rss_mib=peaks, replicas_seen=len({r.replica for r in responses}), wall_s=round(wall, 1),
+            ))
+            print(_table(rows[-1:]).splitlines()[-1], flush=True)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(180)
         except subprocess.TimeoutExpired:
             process.kill()
-    tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
-    ratios = [b["kv_cache"]["ratio"] for b in bodies]
-    return Measured(
-        scenario=scenario.name, requests=len(latencies), concurrency=args.concurrency,
-        prompt_tokens=bodies[0]["usage"]["prompt_tokens"], max_tokens=args.max_tokens,
-        p50_s=round(_percentile(latencies, 50), 3), p95_s=round(_percentile(latencies, 95), 3),
-        mean_s=round(statistics.mean(latencies), 3), requests_per_s=round(len(latencies) / wall, 3),
-        tokens_per_s=round(tokens / wall, 2), compression_ratio=round(statistics.mean(ratios), 2),
-        peak_rss_mib=peaks, replicas_seen=len({b["replica"] for b in bodies}), wall_s=round(wall, 1),
-    )
+    return rows
 
 
 def _table(rows: list[Measured]) -> str:
-    head = ("| scenario | requests x conc. | prompt tok | p50 s | p95 s | req/s | gen tok/s | KV ratio | "
-            "peak RSS MiB (per model process) | replicas seen |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| scenario | concurrency | requests | gen tok/s | TTFT p50 s | TTFT p95 s | latency p50 s | "
+            "latency p95 s | batch reached | peak KV MiB / limit MiB | KV ratio | peak RSS MiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {m.scenario} | {m.requests} x {m.concurrency} | {m.prompt_tokens} | {m.p50_s} | {m.p95_s} | "
-        f"{m.requests_per_s} | {m.tokens_per_s} | {m.compression_ratio} | {', '.join(map(str, m.peak_rss_mib))} | "
-        f"{m.replicas_seen} |\n" for m in rows)
+        f"| {m.scenario} | {m.concurrency} | {m.requests} | {m.tokens_per_s} | {m.ttft_p50_s} | {m.ttft_p95_s} | "
+        f"{m.latency_p50_s} | {m.latency_p95_s} | {m.peak_batch} | {m.peak_kv_bytes / 2**20:.0f} / "
+        f"{m.kv_memory_bytes / 2**20:.0f} | {m.compression_ratio} | {', '.join(map(str, m.peak_rss_mib))} |\n"
+        for m in rows)
 
 
 def main() -> int:
-    """Run every scenario and write benchmarks/results/service_load.{json,md}."""
+    """Run every scenario and write benchmarks/results/OUTPUT.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=6, help="measured requests per scenario")
-    parser.add_argument("--concurrency", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--rounds", type=int, default=1, help="requests per client at each level")
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=1000, help="passkey context length (question added)")
-    # one core per model process everywhere, so uvicorn, 1 replica and 2 replicas compare like with like
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the uvicorn server")
-    parser.add_argument("--skip-ray", action="store_true")
+    # 350 MiB: the full cache's bound for a 1k prompt and 64 new tokens is ~100 MiB, so it holds 3
+    parser.add_argument("--kv-memory", default="350MiB")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
+    parser.add_argument("--scenarios", nargs="+", help="run only these scenario names")
+    parser.add_argument("--ray", action="store_true", help="add hybrid on Ray Serve with 1 and 2 replicas")
+    parser.add_argument("--output", default="service_load", help="results name under benchmarks/results/")
     args = parser.parse_args()
-    single = ("--threads", str(args.threads))
+    threads = ("--threads", str(args.threads))
     scenarios = [
-        Scenario("uvicorn full", ("--policy", "full", "--budget", "1.0", *single)),
-        Scenario("uvicorn hybrid@0.125", ("--policy", "hybrid", "--budget", "0.125", *single)),
-        Scenario("uvicorn learned@0.125", ("--policy", "learned", "--budget", "0.125", *single)),
+        Scenario("full", ("--policy", "full", "--budget", "1.0", *threads)),
+        Scenario("hybrid@0.125", ("--policy", "hybrid", "--budget", "0.125", *threads)),
+        Scenario("learned@0.125", ("--policy", "learned", "--budget", "0.125", *threads)),
+        Scenario("hybrid@0.125 one at a time", ("--policy", "hybrid", "--budget", "0.125", "--max-batch", "1",
+                                                *threads)),
     ]
-    if not args.skip_ray:  # one CPU (and one torch thread) per replica, so 1 vs 2 replicas compares like with like
+    if args.ray:  # one CPU (and one torch thread) per replica, so 1 vs 2 replicas compares like with like
         ray = ("--policy", "hybrid", "--budget", "0.125", "--ray-serve", "--replica-cpus", "1", "--threads", "1")
         scenarios += [Scenario("ray serve 1 replica hybrid@0.125", (*ray, "--replicas", "1"), 1),
                       Scenario("ray serve 2 replicas hybrid@0.125", (*ray, "--replicas", "2"), 2)]
-    prompts = _prompts(args.requests + 2, args.prompt_tokens)
-    rows = []
+    if args.scenarios:
+        scenarios = [s for s in scenarios if s.name in args.scenarios]
+    prompts = _prompts(max(args.concurrency) * args.rounds + 2, args.prompt_tokens)
+    rows: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="service-load-") as tmp:
         for scenario in scenarios:
-            rows.append(run_scenario(scenario, prompts[: args.requests + scenario.replicas], args, Path(tmp)))
-            print(_table(rows[-1:]).splitlines()[-1], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]}
-    (RESULTS / "service_load.json").write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]},
-                                                          indent=2))
-    table = _table(rows)
-    (RESULTS / "service_load.md").write_text(table)
-    print(table)
+            rows += run_scenario(scenario, prompts, args, Path(tmp))
+            _write(rows, args)
+    print(_table(rows))
     return 0
+
+
+def _write(rows: list[Measured], args: argparse.Namespace) -> None:
+    """Write what is measured so far (a long run keeps its finished scenarios)."""
+    RESULTS.mkdir(exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_1m_at_end": os.getloadavg()[0]}
+    (RESULTS / f"{args.output}.json").write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]},
+                                                            indent=2))
+    header = (f"`python benchmarks/service_load.py {' '.join(sys.argv[1:])}`: SmolLM2-135M-Instruct (fp32) on "
+              f"{os.cpu_count()} CPUs, {args.threads} torch threads; ~{args.prompt_tokens}-token prompts, max_tokens "
+              f"{args.max_tokens}, `--kv-memory {args.kv_memory}`; at each level that many streamed requests are sent "
+              f"at once ({args.rounds} per client). TTFT: time to the first streamed text. Batch reached and peak KV: "
+              "the server's own gauges since its start (levels run in rising concurrency).\n\n")
+    (RESULTS / f"{args.output}.md").write_text(header + _table(rows))
 
 
 if __name__ == "__main__":

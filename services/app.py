@@ -76,6 +76,10 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, message, param=field, code=first.get("type"))
 
 
+_DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+_CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the metrics count it
+
+
 class _Counting:
     """ASGI middleware counting every HTTP response by route and status (streaming included)."""
 
@@ -170,6 +174,12 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
             return error_response(400, f"{exc.detail}: send a UTF-8 encoded JSON object", code="invalid_json")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """Anything unforeseen: logged with its traceback, answered in the OpenAI shape without it."""
+        logger.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
     @app.middleware("http")
     async def replica_header(request: Request, call_next: Any) -> Response:
         """Name the replica that answered."""
@@ -219,22 +229,22 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         return p.ModelList(data=[card])
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
-    async def completions(body: p.CompletionRequest) -> Response:
+    async def completions(body: p.CompletionRequest, http: Request) -> Response:
         """OpenAI completions over the raw prompt (no chat template)."""
         check_model(body.model)
         ids = await asyncio.to_thread(engine.encode_text, body.prompt)
         request = _generation_request(engine, body, ids, body.max_tokens, "prompt")
-        return await _respond(engine, body, request, _CompletionShape(config.served_model, body.stream))
+        return await _respond(engine, body, request, _CompletionShape(config.served_model, body.stream), http)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    async def chat(body: p.ChatCompletionRequest) -> Response:
+    async def chat(body: p.ChatCompletionRequest, http: Request) -> Response:
         """OpenAI chat completions through the tokenizer's chat template."""
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         ids = await asyncio.to_thread(engine.encode_chat, messages)
         request = _generation_request(engine, body, ids, body.token_limit(), "messages")
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _respond(engine, body, request, _ChatShape(config.served_model, usage))
+        return await _respond(engine, body, request, _ChatShape(config.served_model, usage), http)
 
     @app.post("/v1/plan", dependencies=[Depends(authorised)])
     async def plan(body: p.PlanRequest) -> p.PlanResponse:
@@ -335,13 +345,33 @@ def _usage(out: GenerationOutput) -> p.Usage:
                    total_tokens=out.prompt_tokens + out.completion_tokens)
 
 
-async def _respond(engine: Engine, body: Any, request: GenerationRequest, shape: Any) -> Response:
+async def _unless_gone(http: Request, awaitable: Any) -> Any:
+    """`awaitable`'s result; cancelled (and the request dropped by the engine) once the client disconnects."""
+    task = asyncio.ensure_future(awaitable)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await http.is_disconnected():
+            task.cancel()
+            raise _ClientGone()
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the response began."""
+
+
+async def _respond(engine: Engine, body: Any, request: GenerationRequest, shape: Any, http: Request) -> Response:
     """JSON for a plain request; server-sent events for `stream`, begun only once the first event exists,
-    so a full queue, an infeasible budget or a prefill error still gets its proper status code."""
-    if not body.stream:
-        return JSONResponse(shape.final(await engine.complete(request)).model_dump())
-    events = engine.generate(request)
-    first = await anext(events)
+    so a full queue, an infeasible budget or a prefill error still gets its proper status code. A client
+    that disconnects before its response begins frees its place in the queue or the batch at once."""
+    try:
+        if not body.stream:
+            return JSONResponse(shape.final(await _unless_gone(http, engine.complete(request))).model_dump())
+        events = engine.generate(request)
+        first = await _unless_gone(http, anext(events))
+    except _ClientGone:
+        return Response(status_code=_CLIENT_CLOSED)
 
     async def sse() -> AsyncIterator[bytes]:
         try:

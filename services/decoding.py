@@ -29,6 +29,7 @@ def make_sampler(sampling: Sampling) -> Callable[[torch.Tensor], int]:
         probs = torch.softmax(logits[0].float() / sampling.temperature, dim=-1)  # (V,)
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs >= top_p  # tokens after the nucleus is full
+        outside[0] = False  # the most likely token always stays, however small top_p rounds
         sorted_probs[outside] = 0.0
         return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
 

@@ -391,6 +391,7 @@ class _Generation:
                         pick=make_sampler(self.request.sampling), on_token=stream, reserve=reserve)
 
     def finish(self, decoded: Any) -> GenerationOutput | EngineError:
+        cache, self.cache = self.cache, None  # the request's bytes leave with it
         if decoded.finish == "cancelled":
             return self.engine._timeout_error()
         tail = self.decoder.flush()
@@ -400,7 +401,7 @@ class _Generation:
         metrics = self.engine.metrics
         metrics.decode.observe(decode_s)
         metrics.generated_tokens.inc(len(self.decoder.tokens))
-        final = self.cache.report()
+        final = cache.report()
         self.kv.update(final_full_bytes=final["full_bytes"], final_bytes=final["bytes"])
         return GenerationOutput(self.decoder.text, len(self.request.prompt_ids), len(self.decoder.tokens),
                                 decoded.finish, self.kv, self.prefill_s, decode_s)

@@ -11,12 +11,14 @@ nothing from the model beyond transformers' list of its decoder-layer classes (`
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable
 
 import torch
 
+logger = logging.getLogger(__name__)
 _current = threading.local()  # .run: the SteppedRun whose thread this is; unset on any other thread
 _HOOKED = "_adaptive_kv_layer_turns"
 
@@ -42,10 +44,16 @@ def _park(module: torch.nn.Module, args: Any) -> None:
 
 
 def install(model: torch.nn.Module) -> None:
-    """Hook every decoder layer of `model` once (idempotent)."""
+    """Hook every decoder layer of `model` once (idempotent). A model whose decoder layers cannot be
+    found still serves: its prefills run in one turn."""
     if getattr(model, _HOOKED, False):
         return
-    for layer in decoder_layers(model):
+    try:
+        layers = decoder_layers(model)
+    except ValueError as exc:
+        logger.warning("%s; each prefill runs in one turn, pausing running streams while it lasts", exc)
+        layers = []
+    for layer in layers:
         layer.register_forward_pre_hook(_park)
     setattr(model, _HOOKED, True)
 

@@ -11,10 +11,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 # Static bound on max_tokens; the server's own cap (--max-tokens-cap) is checked by the engine.
 MAX_TOKENS_LIMIT = 1_000_000
+# Below these, logits / temperature overflow and the nucleus rounds to nothing: refuse them up front.
+MIN_TEMPERATURE = 0.01
+MIN_TOP_P = 1e-6
+MAX_SEED = 2**63 - 1  # a torch.Generator seed
 
 
 class _Strict(BaseModel):
@@ -26,8 +30,8 @@ class _Sampling(_Strict):
 
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: StrictInt | None = None
+    top_p: float | None = Field(default=None, ge=MIN_TOP_P, le=1.0)
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
     n: StrictInt = Field(default=1, ge=1, le=1, description="one choice per request (batch size 1 per cache)")
     stream: StrictBool = False
     stop: str | list[str] | None = Field(default=None, max_length=4)
@@ -36,6 +40,13 @@ class _Sampling(_Strict):
         default=None, gt=0.0, le=1.0, description="extension: KV bytes as a fraction of the full cache's"
     )
     kv_policy: str | None = Field(default=None, min_length=1, description="extension: a registered policy name")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {value}")
+        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         """The stop sequences as a tuple (empty strings dropped)."""

@@ -22,6 +22,7 @@ from adaptive_kv.decode import Decoded, DecodingRequest, RunningBatch, greedy
 from adaptive_kv.memory import in_use_nbytes
 from adaptive_kv.services.admission import KvLedger
 from adaptive_kv.services.errors import EngineError
+from adaptive_kv.services.host_memory import release_free_memory
 from adaptive_kv.services.layer_turns import SteppedRun
 from adaptive_kv.services.metrics import Metrics
 
@@ -144,7 +145,10 @@ class Scheduler:
             step_seconds = self._step() if self._batch.running else None
             if self._prefill is not None:
                 self._advance_prefill(step_seconds)
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # metrics must never stop the worker
+                logger.exception("could not publish the engine's metrics")
 
     def _drop_gone(self) -> None:
         """Waiting jobs whose client left or whose deadline passed never reach a prefill."""
@@ -190,14 +194,14 @@ class Scheduler:
         for seq in finished:
             job, decoding = self._decoding.pop(seq)
             self.ledger.release(job)
-            if error is not None:
-                job.emit(error)
-                continue
             try:
-                job.emit(decoding.finish(seq.result))
+                job.emit(error if error is not None else decoding.finish(seq.result))
             except Exception as exc:
                 logger.exception("request failed")
                 job.emit(EngineError(f"internal error: {type(exc).__name__}: {exc}", kind="internal"))
+            seq.cache = decoding.cache = None  # its bytes go now, not when the client has read its answer
+        if finished:
+            release_free_memory()
 
     def _advance_prefill(self, step_seconds: float | None) -> None:
         prefill = self._prefill
@@ -234,12 +238,14 @@ class Scheduler:
                                on_token=outcome.on_token, live=lambda: job.live)
         self._decoding[seq] = (job, outcome)
         self._prefill = None
+        release_free_memory()  # the prefill's temporaries are gone
 
     def _end_prefill(self, event: Any) -> None:
         job = self._prefill.job
         self._prefill = None
         self.ledger.release(job)
         job.emit(event)
+        release_free_memory()
 
     def in_use_nbytes(self) -> int:
         """KV bytes the running requests' caches (and the one in prefill) hold now; read between steps."""

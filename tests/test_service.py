@@ -171,6 +171,11 @@ BAD_REQUESTS = {
     "empty_body": ("/v1/completions", b"", 400, None, "missing"),
     "unknown_model": ("/v1/completions", {**GOOD, "model": "gpt-9"}, 404, "model", "not served"),
     "unknown_policy": ("/v1/completions", {**GOOD, "kv_policy": "nope"}, 400, "kv_policy", "policy must be one of"),
+    "tiny_temperature": ("/v1/completions", {**GOOD, "temperature": 1e-40}, 422, "temperature",
+                         "0 (greedy) or in [0.01, 2]"),
+    "huge_seed": ("/v1/completions", {**GOOD, "temperature": 0.5, "seed": 2**64}, 422, "seed", "less than or equal"),
+    "negative_seed": ("/v1/completions", {**GOOD, "temperature": 0.5, "seed": -1}, 422, "seed", "greater than"),
+    "tiny_top_p": ("/v1/completions", {**GOOD, "temperature": 0.5, "top_p": 1e-50}, 422, "top_p", "greater than"),
     "budget_zero": ("/v1/completions", {**GOOD, "kv_budget": 0}, 422, "kv_budget", "greater than 0"),
     "budget_above_one": ("/v1/completions", {**GOOD, "kv_budget": 1.5}, 422, "kv_budget", "less than or equal"),
     "infeasible_budget": ("/v1/completions", {**GOOD, "kv_budget": 0.01}, 400, "kv_budget", "minimum feasible"),
@@ -304,6 +309,27 @@ def test_bounded_load_every_request_200_or_429_and_metrics_add_up(server, http):
                                                               for r in responses if r.status_code == 200)
     assert metric(after, "adaptive_kv_queue_depth") == 0 and metric(after, "adaptive_kv_requests_running") == 0
     assert delta("adaptive_kv_kv_full_bytes_total") > 4 * delta("adaptive_kv_kv_bytes_total") * 0.99
+
+
+# ---------------------------------------------------------------------------- clients that leave
+def test_client_that_disconnects_before_its_response_frees_its_place(server, http):
+    """A plain request whose client hangs up is dropped from the batch, not decoded to the end."""
+    before = http.get("/metrics").text
+    body = {**GOOD, "max_tokens": 512, "kv_budget": 1.0, "kv_policy": "full"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 512 tokens are decoded
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.3) as c:
+            c.post("/v1/completions", json=body)
+    deadline = time.monotonic() + 5
+    while True:
+        after = http.get("/metrics").text
+        if metric(after, "adaptive_kv_requests_running") == 0 and metric(
+                after, "adaptive_kv_requests_total", route="/v1/completions", status="499") > metric(
+                before, "adaptive_kv_requests_total", route="/v1/completions", status="499"):
+            break
+        assert time.monotonic() < deadline, "the dropped request kept running"
+        time.sleep(0.05)
+    # dropped mid-decode: no tokens counted as generated, its prefill was
+    assert metric(after, "adaptive_kv_generated_tokens_total") == metric(before, "adaptive_kv_generated_tokens_total")
 
 
 # ---------------------------------------------------------------------------- graceful shutdown

@@ -70,6 +70,14 @@ def test_cancelled_stepped_forward_stops_and_the_model_stays_usable():
         assert model(ids).logits.shape == (1, 50, TINY_VOCAB)
 
 
+def test_model_without_decoder_layer_names_prefills_in_one_turn():
+    model = _deep_model(2)
+    model._no_split_modules = None  # a model class that does not name its decoder layers
+    ids = torch.randint(0, TINY_VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    run = SteppedRun(model, lambda: model(ids).logits)
+    assert run.advance(0) and run.finish().shape == (1, 20, TINY_VOCAB)
+
+
 # ---------------------------------------------------------------------------- batch equals alone
 def test_concurrent_requests_with_mixed_plans_get_their_alone_tokens(tiny_tokenizer):
     engine = _engine(tiny_tokenizer)

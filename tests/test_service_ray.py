@@ -14,8 +14,8 @@ from service_helpers import PROMPT, save_tiny_model, start_server
 def test_ray_serve_two_replicas_share_the_load(tmp_path, tiny_tokenizer):
     """About 50 s on 2 shared cores (Ray start ~25 s, its shutdown most of the rest): tier 1, not slow."""
     model_dir = save_tiny_model(tmp_path / "tiny-model", tiny_tokenizer)
-    server = start_server(tmp_path, ["--model", str(model_dir), "--ray-serve", "--replicas", "2",
-                                     "--max-queue", "4", "--request-timeout", "60"], ready_timeout=240)
+    server = start_server(tmp_path, ["--model", str(model_dir), "--ray-serve", "--replicas", "2", "--max-queue", "4",
+                                     "--max-batch", "2", "--request-timeout", "60"], ready_timeout=240)
     ray_processes = psutil.Process(server.process.pid).children(recursive=True)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -42,7 +42,7 @@ def test_ray_serve_two_replicas_share_the_load(tmp_path, tiny_tokenizer):
 
                 return await asyncio.gather(*(send() for _ in range(8)))
 
-        # 8 requests need both replicas: each holds 1 running + 4 queued
+        # 8 requests need both replicas: each holds 2 running + 4 queued
         responses = asyncio.run(burst())
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
         replicas = {r.headers["x-adaptive-kv-replica"] for r in responses}
