@@ -109,6 +109,25 @@ class _Counting:
                 count(500)
 
 
+class _ReplicaHeader:
+    """ASGI middleware naming the replica that answered (Ray Serve tests, debugging). Plain ASGI, unlike
+    `@app.middleware`, so an endpoint can still see its client disconnect."""
+
+    def __init__(self, app: Any, replica: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def named_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named_send)
+
+
 class _BodyLimit:
     """ASGI middleware answering 413 to request bodies over `max_bytes` (declared or streamed) unread."""
 
@@ -179,13 +198,6 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         """Anything unforeseen: logged with its traceback, answered in the OpenAI shape without it."""
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
-
-    @app.middleware("http")
-    async def replica_header(request: Request, call_next: Any) -> Response:
-        """Name the replica that answered."""
-        response = await call_next(request)
-        response.headers[REPLICA_HEADER] = config.replica  # which replica answered (Ray Serve tests, debugging)
-        return response
 
     async def authorised(request: Request) -> None:
         """Require `Authorization: Bearer <key>` when a key is configured (constant-time compare)."""
@@ -273,6 +285,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         loaded = await engine.reload(spec)
         return {"status": "reloaded", "policy": loaded.spec.describe(), "source": loaded.source}
 
+    app.add_middleware(_ReplicaHeader, replica=config.replica)
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(_Counting, engine=engine)  # outermost: sees every response, errors included
     return app

@@ -124,12 +124,21 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Load the model and the policy (blocking: seconds), then start the worker."""
+        """Load the model and the policy on the worker thread (blocking: seconds), then serve."""
+        self._policy = resolve_policy(self.config.policy)  # cheap, and fails before the slow model load
+        self._scheduler = Scheduler(self.metrics, max_batch=self.config.max_batch, max_queue=self.config.max_queue,
+                                    timeout_error=self._timeout_error)
+        self._scheduler.start(self._setup)
+        logger.info("engine ready: model %s, policy %s, budget %g, KV memory %s (%d bytes), max batch %d",
+                    self.config.model, self.policy_name, self.config.budget, format_bytes(self.kv_limit),
+                    self.kv_limit, self.config.max_batch)
+
+    def _setup(self) -> tuple[Any, KvLedger]:
+        """On the worker thread: the model, its end tokens and cache shape, the policy check and the KV limit."""
         from adaptive_kv.decode import end_tokens
         from adaptive_kv.memory import KvShape
         from adaptive_kv.models import load_model
 
-        self._policy = resolve_policy(self.config.policy)  # cheap, and fails before the slow model load
         if self.config.threads is not None:
             # on a shared CPU, OpenMP threads spinning against other processes cost far more than they add
             torch.set_num_threads(self.config.threads)
@@ -139,12 +148,7 @@ class Engine:
         self.kv_shape = KvShape.of(self.model)
         self._check_policy(self._policy)  # a controller trained for another model fails here, not per request
         self.kv_limit = resolve_kv_memory(self.config.kv_memory, self.model.device)
-        self._scheduler = Scheduler(self.model, self.metrics, KvLedger(self.kv_limit), max_batch=self.config.max_batch,
-                                    max_queue=self.config.max_queue, timeout_error=self._timeout_error)
-        self._scheduler.start()
-        logger.info("engine ready: model %s, policy %s, budget %g, KV memory %s (%d bytes), max batch %d",
-                    self.config.model, self.policy_name, self.config.budget, format_bytes(self.kv_limit),
-                    self.kv_limit, self.config.max_batch)
+        return self.model, KvLedger(self.kv_limit)
 
     @property
     def ready(self) -> bool:
@@ -303,7 +307,10 @@ class Engine:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(events.get(), max(job.deadline - time.monotonic(), 0.0))
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+                    # that arrives as an event does, and a client that left would be decoded to the end
+                    async with asyncio.timeout(max(job.deadline - time.monotonic(), 0.0)):
+                        event = await events.get()
                 except TimeoutError:
                     raise self._timeout_error() from None
                 if isinstance(event, BaseException):

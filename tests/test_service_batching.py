@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adaptive_kv.memory import KvShape
 from adaptive_kv.services.engine import Engine, EngineConfig, EngineError, GenerationOutput, GenerationRequest, TextDelta
-from adaptive_kv.services.layer_turns import Cancelled, SteppedRun
+from adaptive_kv.services.layer_turns import Cancelled, turns
 from conftest import TINY_VOCAB, build_tiny_model
 from service_helpers import PROMPT
 
@@ -42,31 +42,38 @@ def _prompts(engine: Engine) -> list[tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------- layer turns
-def test_stepped_forward_runs_layer_by_layer_and_gives_the_plain_result():
+def test_turns_run_between_every_decoder_layer_and_leave_the_result_unchanged():
     model = _deep_model(4)
     ids = torch.randint(0, TINY_VOCAB, (1, 50), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         plain = model(ids).logits
-    run = SteppedRun(model, lambda: model(ids).logits)
-    turns = 0
-    while not run.advance(0):  # a zero turn runs one layer
-        turns += 1
-        with torch.inference_mode():  # another forward between turns (the worker's decode) is untouched
+        calls = []
+
+        def between() -> None:  # a whole other forward between layers (the worker's decode step)
+            calls.append(len(calls))
             assert torch.equal(model(ids).logits, plain)
-    assert turns == 4  # parked before each of the 4 decoder layers
-    assert torch.equal(run.finish(), plain)
+
+        with turns(model, between):
+            assert torch.equal(model(ids).logits, plain)
+        assert calls == [0, 1, 2, 3]  # before each of the 4 decoder layers; the nested forwards add none
+        model(ids)  # outside the block nothing is called
+    assert len(calls) == 4
 
 
-def test_cancelled_stepped_forward_stops_and_the_model_stays_usable():
+def test_cancelled_prefill_stops_before_its_next_layer_and_the_model_stays_usable():
     model = _deep_model(4)
     ids = torch.randint(0, TINY_VOCAB, (1, 50), generator=torch.Generator().manual_seed(2))
-    run = SteppedRun(model, lambda: model(ids).logits)
-    run.advance(0)
-    run.cancel()
-    assert run.done and isinstance(run.error, Cancelled)
-    with pytest.raises(Cancelled):
-        run.finish()
+    layers: list[int] = []
+
+    def between() -> None:
+        layers.append(1)
+        if len(layers) == 2:
+            raise Cancelled()
+
     with torch.inference_mode():
+        with pytest.raises(Cancelled), turns(model, between):
+            model(ids)
+        assert len(layers) == 2
         assert model(ids).logits.shape == (1, 50, TINY_VOCAB)
 
 
@@ -74,8 +81,10 @@ def test_model_without_decoder_layer_names_prefills_in_one_turn():
     model = _deep_model(2)
     model._no_split_modules = None  # a model class that does not name its decoder layers
     ids = torch.randint(0, TINY_VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
-    run = SteppedRun(model, lambda: model(ids).logits)
-    assert run.advance(0) and run.finish().shape == (1, 20, TINY_VOCAB)
+    calls = []
+    with torch.inference_mode(), turns(model, lambda: calls.append(1)):
+        assert model(ids).logits.shape == (1, 20, TINY_VOCAB)
+    assert calls == []
 
 
 # ---------------------------------------------------------------------------- batch equals alone
@@ -218,5 +227,5 @@ def test_running_streams_keep_moving_while_a_long_prompt_prefills(tiny_tokenizer
         during, prefill_s = asyncio.run(scenario())
     finally:
         engine.close()
-    # prefilled alone in 9 turns (one per decoder layer and the end), a decode step between each
+    # a decode step may run before each of the 8 decoder layers of the long prompt's prefill
     assert during >= 6, (during, prefill_s)
