@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -274,7 +275,7 @@ def _write(rows: list[Measured], args: argparse.Namespace) -> None:
     machine = {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_1m_at_end": os.getloadavg()[0]}
     (RESULTS / f"{args.output}.json").write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]},
                                                             indent=2))
-    command = " ".join(["python benchmarks/service_load.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/service_load.py", *sys.argv[1:]])
     header = (f"`{command}`: SmolLM2-135M-Instruct (fp32) on "
               f"{os.cpu_count()} CPUs, {args.threads} torch threads; ~{args.prompt_tokens}-token prompts, max_tokens "
               f"{args.max_tokens}, `--kv-memory {args.kv_memory}`; at each level that many streamed requests are sent "
