@@ -55,6 +55,22 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+def _hand_attention_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of an attention module: give its input hidden states to a cache that reads them
+    (a CompressedCache whose predictor scores tokens inside the prefill); any other cache: nothing."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    read = getattr(cache, "read_attention_input", None)
+    if read is not None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        read(module.layer_idx, hidden)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules (those transformers gives a `layer_idx`), in layer order."""
+    found = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
 def prepare_model(model: torch.nn.Module) -> PreTrainedConfig:
     """Select the adaptive_kv attention on `model` (idempotent) and return its text config."""
     config = getattr(model, "config", None)
@@ -63,4 +79,8 @@ def prepare_model(model: torch.nn.Module) -> PreTrainedConfig:
     register()
     if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
+    if not getattr(model, "_adaptive_kv_hooked", False):
+        for module in attention_modules(model):
+            module.register_forward_pre_hook(_hand_attention_input, with_kwargs=True)
+        model._adaptive_kv_hooked = True
     return config

@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 from adaptive_kv.cache_layer import WORKING_DTYPES, CompressedLayer, DecodeOptions
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import HeadBudget, Plan, window_tokens
+from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER
 from adaptive_kv.reconstruction import ReconstructionRequest, reconstruction_scores
 from adaptive_kv.stats import AttentionStats, LayerObservation, StatsConfig
 from adaptive_kv.step import CacheStep
@@ -145,6 +146,10 @@ class CompressedCache(Cache):
             raise ValueError(f"reconstruction must be a ReconstructionRequest, got {type(reconstruction).__name__}")
         self.reconstruction = reconstruction
         self.reconstruction_seconds = 0.0
+        self.predictor = self.stats_config.predictor
+        if self.predictor is not None:
+            self.predictor.check_model(config)
+        self._attention_inputs: dict[int, torch.Tensor] = {}  # a layer's prefill hidden states, until observed
         if eviction_slack is not None and eviction_slack < 0:
             raise ValueError(f"eviction_slack must be >= 0, got {eviction_slack}")
         self.eviction_slack = eviction_slack
@@ -227,16 +232,35 @@ class CompressedCache(Cache):
         planned = self.plan_provider is not None or self.layer_plan_provider is not None
         return self.capture or planned or self.plan.tracks_scores
 
+    def read_attention_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        """Keep the hidden states (1, T, hidden) entering a layer's attention during the prefill, when
+        a predictor scores them (called by the attention module's pre-hook, `adaptive_kv.attention`)."""
+        if self.predictor is not None and self.collects_stats and not self.layers[layer_idx].is_compressed:
+            self._attention_inputs[layer_idx] = hidden_states[0]
+
     def observe(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Read one layer's statistics from its prefill queries (1, H_q, T, D); finish after the last."""
         layer = self.layers[layer_idx]
         if self.collects_stats:
             layer.observe(query[0], scaling, self.num_layers, self.stats_config, self._kernels(query.device))
+            if self.predictor is not None:
+                self._predict(layer)
         self.prefill_peak_nbytes = max(self.prefill_peak_nbytes, self.nbytes())
         if self.layer_plan_provider is not None:
             self._apply_layer_plan(layer)
         if layer_idx == self.num_layers - 1:
             self._finish_prefill()
+
+    def _predict(self, layer: CompressedLayer) -> None:
+        """Add the predictor's scores of the tokens the layer holds to its observation."""
+        hidden = self._attention_inputs.pop(layer.layer_idx, None)
+        if hidden is None:
+            raise ValueError(f"layer {layer.layer_idx}'s attention inputs were not seen: the predictor needs a model "
+                             "prepared by adaptive_kv.attention.prepare_model (its attention modules' pre-hooks)")
+        held = layer.prefill[0].shape[1]
+        predicted = self.predictor.scores(layer.layer_idx, hidden[hidden.shape[0] - held:])
+        scores = {**layer.observation.token_scores, PREDICTED_SCORER: predicted}
+        layer.observation = dataclasses.replace(layer.observation, token_scores=scores)
 
     def _apply_layer_plan(self, layer: CompressedLayer) -> None:
         """Bounded prefill: plan this layer from its own statistics and compress it right away."""
@@ -273,6 +297,8 @@ class CompressedCache(Cache):
                 layer.observation = None
             if self.reconstruction is not None:
                 stats = stats.with_reconstruction(self._reconstruct())
+            if self.predictor is not None:
+                stats = stats.with_reconstruction(stats.token_scores[PREDICTED_SCORER], PREDICTED_SCORER)
         if self.capture:  # keep the full prefill and its statistics for fork()
             self.stats = stats
             return
@@ -327,7 +353,7 @@ class CompressedCache(Cache):
             raise ValueError("fork needs a cache built with capture=True and a finished prefill")
         options.setdefault("backend", self.backend)
         options.setdefault("working_dtype", self.working_dtype)
-        options.setdefault("stats_config", dataclasses.replace(self.stats_config, reconstruction=False))
+        options.setdefault("stats_config", dataclasses.replace(self.stats_config, reconstruction=False, predictor=None))
         new = CompressedCache(self._model, plan=plan, **options)
         for mine, theirs in zip(self.layers, new.layers):
             theirs.device, theirs.dtype, theirs.is_initialized = mine.device, mine.dtype, True

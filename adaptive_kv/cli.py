@@ -248,6 +248,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_train(sub)
 
 
+def _add_train_scorer(sub: argparse._SubParsersAction) -> None:
+    from adaptive_kv.training.cli import add_train_scorer
+
+    add_train_scorer(sub)
+
+
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     from adaptive_kv.training.cli import add_quickstart
 
@@ -255,7 +261,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_generate, _add_plan, _add_eval, _add_train, _add_serve, _add_quickstart,
+    _add_generate, _add_plan, _add_eval, _add_train, _add_train_scorer, _add_serve, _add_quickstart,
 ]
 
 

@@ -42,3 +42,8 @@ def csv(text: str) -> tuple[str, ...]:
 def budgets(text: str) -> tuple[float, ...]:
     """A comma-separated list of fractions in (0, 1]."""
     return tuple(fraction(x) for x in csv(text))
+
+
+def csv_ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers >= 1."""
+    return tuple(positive(x) for x in csv(text))

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 ALLOWED_BITS: tuple[int, ...] = (16, 8, 4, 2)
-TOKEN_SCORERS: tuple[str, ...] = ("snapkv", "window", "last_query", "key_norm", "reconstruction")
+TOKEN_SCORERS: tuple[str, ...] = ("snapkv", "window", "last_query", "key_norm", "reconstruction",
+                                  "predicted_reconstruction")
 # How a layer's KV heads rank their tokens before each takes its top `keep`:
 # "per_head": each head by its own scores; "shared": all heads by one ranking (the mean of their
 # scores, each normalised to a distribution), so kept sets nest and equal keeps hold equal tokens.

@@ -31,12 +31,17 @@ def needs_of(policies: Iterable[ReadsStatistics]) -> StatsConfig:
     """The statistics one prefill must read so that every one of `policies` can plan from it.
 
     One prefill reads one layout (window, sinks, quantisation group): the layout the policies share,
-    else the default one; reconstruction scores are read when any policy plans from them.
+    else the default one; reconstruction scores are read when any policy plans from them, and predicted
+    ones when any policy's predictor does.
     """
     configs = [policy.stats_config() for policy in policies]
-    layouts = {replace(config, reconstruction=False) for config in configs}
+    layouts = {replace(config, reconstruction=False, predictor=None) for config in configs}
     layout = layouts.pop() if len(layouts) == 1 else StatsConfig()
-    return replace(layout, reconstruction=any(config.reconstruction for config in configs))
+    predictors = {id(c.predictor): c.predictor for c in configs if c.predictor is not None}
+    if len(predictors) > 1:
+        raise ValueError("one prefill runs one reconstruction predictor; these policies read different scorer files")
+    return replace(layout, reconstruction=any(config.reconstruction for config in configs),
+                   predictor=next(iter(predictors.values()), None))
 
 
 def cache_inputs(tokenizer, ids: Sequence[int], needs: StatsConfig) -> dict[str, Any]:

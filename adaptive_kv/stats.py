@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import KW_ONLY, dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,13 @@ RECON_TOP_MASS: tuple[str, ...] = tuple(f"recon_top{int(f * 100)}_mass" for f in
 GLOBAL_SHARE_FRACTIONS = (0.4, 0.2, 0.1, 0.05)
 RECON_GLOBAL_SHARE: tuple[str, ...] = tuple(f"recon_global_top{int(f * 100)}" for f in GLOBAL_SHARE_FRACTIONS)
 RECONSTRUCTION_FEATURES: tuple[str, ...] = RECON_TOP_MASS + RECON_GLOBAL_SHARE
+# the same features read from predicted reconstruction scores (`adaptive_kv.predicted_reconstruction`)
+PREDICTED_FEATURES: tuple[str, ...] = tuple(f"predicted_{name}" for name in RECONSTRUCTION_FEATURES)
+# the features each reconstruction scorer's scores give
+SCORE_FEATURES: dict[str, tuple[str, ...]] = {
+    "reconstruction": RECONSTRUCTION_FEATURES,
+    "predicted_reconstruction": PREDICTED_FEATURES,
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class StatsConfig:
     group_size: int = 32
     # read context-reconstruction scores too (a second pass over ~the context; adaptive_kv.reconstruction)
     reconstruction: bool = False
+    # predict them inside the prefill with this ReconstructionPredictor (no second pass)
+    predictor: Any = None
 
     def __post_init__(self) -> None:
         for name in ("window", "group_size"):
@@ -134,16 +144,19 @@ class AttentionStats:
         """True when the context-reconstruction scores and features were read."""
         return "reconstruction" in self.token_scores
 
-    def with_reconstruction(self, scores: torch.Tensor) -> "AttentionStats":
-        """These stats plus reconstruction scores (L, H_kv, T), their per-head top-mass curve and each
-        head's share of the global top scores (`global_shares`)."""
+    def with_reconstruction(self, scores: torch.Tensor, scorer: str = "reconstruction") -> "AttentionStats":
+        """These stats plus reconstruction scores (L, H_kv, T) under `scorer` (exact or predicted), their
+        per-head top-mass curve and each head's share of the global top scores (`global_shares`),
+        named `SCORE_FEATURES[scorer]`."""
+        if scorer not in SCORE_FEATURES:
+            raise ValueError(f"scorer must be one of {tuple(SCORE_FEATURES)}, got {scorer!r}")
         share = scores.float() / scores.float().sum(-1, keepdim=True).clamp_min(1e-12)
         curve = torch.stack([_top_mass(layer) for layer in share])[..., : len(RECON_TOP_MASS)]
         return AttentionStats(
             features=torch.cat([self.features, curve.cpu(), global_shares(scores).cpu()], dim=-1),
-            token_scores={**self.token_scores, "reconstruction": scores},
+            token_scores={**self.token_scores, scorer: scores},
             seq_len=self.seq_len,
-            feature_names=self.feature_names + RECONSTRUCTION_FEATURES,
+            feature_names=self.feature_names + SCORE_FEATURES[scorer],
             head_dim=self.head_dim,
             dtype_bytes=self.dtype_bytes,
             windows=self.windows,

@@ -12,6 +12,7 @@ from adaptive_kv.policies import (  # noqa: F401  (each module registers its pol
     hybrid,
     kivi,
     kvzip,
+    kvzap,
     learned,
     knorm,
     pyramidkv,

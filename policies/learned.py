@@ -19,7 +19,9 @@ from adaptive_kv.policies.controller.files import ControllerConfig, load_control
 from adaptive_kv.policies.controller.net import ControllerNet, FoldedNet
 from adaptive_kv.policies.controller.options import global_keeps_from_share, keeps_nbytes, option_bytes
 from adaptive_kv.policies.registry import register
-from adaptive_kv.stats import RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
+from adaptive_kv.predicted_reconstruction import (PREDICTED_SCORER, SCORER_JSON, ReconstructionPredictor, has_predictor,
+                                                  load_predictor)
+from adaptive_kv.stats import PREDICTED_FEATURES, RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
 
 
 MEMO_LENGTHS = 256  # context lengths whose option bytes and budgets a policy keeps
@@ -65,6 +67,20 @@ def _feature_index(have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor
     return torch.tensor([have.index(f) for f in want])
 
 
+RECONSTRUCTION_SOURCES = ("exact", "predicted")
+
+
+def _predicted_twins(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Each exact reconstruction feature's predicted twin (other names unchanged)."""
+    twin = dict(zip(RECONSTRUCTION_FEATURES, PREDICTED_FEATURES))
+    return tuple(twin.get(name, name) for name in names)
+
+
+def _reads_predicted(layout: Layout, feature_names: tuple[str, ...]) -> bool:
+    """Whether a controller's features or scorer come from a reconstruction predictor."""
+    return layout.scorer == PREDICTED_SCORER or any(f in PREDICTED_FEATURES for f in feature_names)
+
+
 # The controller trained for the embedded model ships with the package (a few kB).
 SHIPPED = Path(__file__).resolve().parent / "controller" / "shipped" / "smollm2-135m"
 
@@ -84,15 +100,29 @@ class Learned(Policy):
     """
 
     path: str | None = None
+    # "predicted": read the reconstruction scores and features a predictor gives inside the prefill
+    # (no second pass) where the controller was trained on exact ones; the predictor's files are in
+    # `scorer_path` (default: the controller's folder)
+    reconstruction: str = "exact"
+    scorer_path: str | None = None
     config: ControllerConfig = field(init=False, repr=False, compare=False)
     net: ControllerNet = field(init=False, repr=False, compare=False)
+    predictor: ReconstructionPredictor | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reconstruction not in RECONSTRUCTION_SOURCES:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_SOURCES}, got {self.reconstruction!r}")
         folder = Path(self.path) if self.path is not None else SHIPPED
         config, net = load_controller(folder)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "net", net)
+        if _reads_predicted(self._layout, self._feature_names):
+            scorer = Path(self.scorer_path) if self.scorer_path is not None else folder
+            if not has_predictor(scorer):
+                raise ValueError(f"scorer_path {scorer} holds no reconstruction predictor ({SCORER_JSON}); "
+                                 "fit one with `adaptive-kv train-scorer`")
+            object.__setattr__(self, "predictor", load_predictor(scorer))
         warm_up()
 
     @classmethod
@@ -108,15 +138,25 @@ class Learned(Policy):
         return policy
 
     def layout(self, **overrides: Any) -> Layout:
-        """The layout the controller was trained with."""
-        return dataclasses.replace(self.config.layout, **overrides)
+        """The layout the controller was trained with (its scorer predicted where `reconstruction` says so)."""
+        layout = self.config.layout
+        if self.reconstruction == "predicted" and layout.scorer == "reconstruction":
+            layout = dataclasses.replace(layout, scorer=PREDICTED_SCORER)
+        return dataclasses.replace(layout, **overrides)
+
+    @functools.cached_property
+    def _feature_names(self) -> tuple[str, ...]:
+        """The statistics' features the controller reads, in its order."""
+        names = tuple(self.config.feature_names)
+        return _predicted_twins(names) if self.reconstruction == "predicted" else names
 
     def stats_config(self) -> StatsConfig:
-        """Reconstruction is read when the controller's scorer or features use it."""
-        layout = self.config.layout
-        recon = (layout.scorer == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.config.feature_names)
-                 or any(o.allocation == "global" for o in self.config.grid))
-        return StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size, reconstruction=recon)
+        """Exact reconstruction is read when the controller's scorer or features use it, the predictor
+        runs when they use predicted scores."""
+        layout = self._layout
+        recon = layout.scorer == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self._feature_names)
+        return StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size, reconstruction=recon,
+                           predictor=self.predictor)
 
     def predict(self, stats: AttentionStats, first_layer: int = 0) -> torch.Tensor:
         """Predicted log-distortion (L, H, O) of every option for every head (layers from `first_layer`)."""
@@ -127,10 +167,10 @@ class Learned(Policy):
                 f"controller was trained for {shape['num_layers']} layers x {shape['num_kv_heads']} KV heads, "
                 f"the statistics have {stats.num_layers} x {stats.num_kv_heads}"
             )
-        missing = [f for f in self.config.feature_names if f not in stats.feature_names]
+        missing = [f for f in self._feature_names if f not in stats.feature_names]
         if missing:
             raise ValueError(f"statistics lack the controller's features {missing}; build the cache with policy.stats_config()")
-        idx = _feature_index(tuple(stats.feature_names), tuple(self.config.feature_names))
+        idx = _feature_index(tuple(stats.feature_names), self._feature_names)
         features = stats.features[..., idx].float().reshape(-1, len(idx))
         first = first_layer * stats.num_kv_heads  # head identities: layer * H + head
         with torch.inference_mode():
@@ -216,4 +256,7 @@ class Learned(Policy):
     @functools.cached_property
     def _grid_parts(self) -> "_GridParts":
         """The grid split once into uniform and global options (hashing 45 options per call costs)."""
-        return _GridParts.of(self.config.grid)
+        parts = _GridParts.of(self.config.grid)
+        if self.reconstruction == "predicted":
+            parts = dataclasses.replace(parts, share_features=_predicted_twins(parts.share_features))
+        return parts

@@ -172,3 +172,33 @@ def smollm2():
     from adaptive_kv import load_model
 
     return load_model("smollm2-135m")
+
+
+def random_predictor(model: torch.nn.Module, kind: str = "linear", seed: int = 0, width: int = 8):
+    """A ReconstructionPredictor of random weights for `model`'s shape (what kvzap reads in tests)."""
+    from adaptive_kv.predicted_reconstruction import PredictorShape, ReconstructionPredictor
+
+    shape = PredictorShape.of(model.config)
+    gen = torch.Generator().manual_seed(seed)
+    L, H, D = shape.num_layers, shape.num_kv_heads, shape.hidden_size
+    weights = {"mean": torch.zeros(L, D), "std": torch.ones(L, D)}
+    if kind == "linear":
+        weights |= {"w": torch.randn(L, D, H, generator=gen) / D**0.5, "b": torch.full((L, H), -3.0)}
+    else:
+        weights |= {"w1": torch.randn(L, D, width, generator=gen) / D**0.5, "b1": torch.zeros(L, width),
+                    "w2": torch.randn(L, width, H, generator=gen) / width**0.5, "b2": torch.full((L, H), -3.0)}
+    return ReconstructionPredictor(kind, shape, weights)
+
+
+_SCORER_FOLDERS: dict[int, str] = {}
+
+
+def scorer_folder(model: torch.nn.Module) -> str:
+    """A folder holding a random predictor for `model` (one per model object, in a temporary directory)."""
+    import tempfile
+
+    if id(model) not in _SCORER_FOLDERS:
+        folder = tempfile.mkdtemp(prefix="adaptive-kv-scorer-")
+        random_predictor(model).save(folder)
+        _SCORER_FOLDERS[id(model)] = folder
+    return _SCORER_FOLDERS[id(model)]

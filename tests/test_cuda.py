@@ -55,7 +55,7 @@ def _run(model, policy, device: str, backend: str, assembled: bool | None = None
     return torch.stack(logits).cpu(), real, predicted
 
 
-_POLICIES = [n for n in available_policies() if n not in ("full", "learned")]
+_POLICIES = [n for n in available_policies() if n not in ("full", "learned", "kvzap")]  # kvzap: test_predicted_reconstruction
 
 
 @pytest.mark.parametrize("name", _POLICIES)

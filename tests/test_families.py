@@ -16,7 +16,7 @@ from adaptive_kv import CompressedCache, HeadBudget, Plan
 from adaptive_kv.cache import sliding_windows
 from adaptive_kv.policies import available_policies, get_policy
 from adaptive_kv.reconstruction import ReconstructionRequest
-from conftest import FAMILIES, FAMILY_WINDOW, build_family_model
+from conftest import FAMILIES, FAMILY_WINDOW, build_family_model, scorer_folder
 
 CONTEXT, DECODE = 64, 24
 LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=8)  # the floor (12) fits in a window's 23 tokens
@@ -115,7 +115,8 @@ def _cache_for(model, policy, ids, budget: float) -> CompressedCache:
 def test_every_policy_meets_its_budget_with_real_bytes(family, name):
     model = _model(family)
     ids = _context()
-    policy = get_policy(name, **LAYOUT)
+    # kvzap's shipped scorer is for the embedded model: each family gets a random one of its shape
+    policy = get_policy(name, **LAYOUT, **({"path": scorer_folder(model)} if name == "kvzap" else {}))
     budget = BUDGETS.get(name, BUDGET)
     cache = _cache_for(model, policy, ids, budget)
     with torch.no_grad():
@@ -231,10 +232,10 @@ def test_budget_below_a_sliding_layers_positions_names_them():
         get_policy("snapkv").plan(cache.stats, 0.5)  # the default floor (36 tokens) exceeds the window
 
 
-@pytest.mark.parametrize("name", ["snapkv", "hybrid", "kivi", "kvzip"])
+@pytest.mark.parametrize("name", ["snapkv", "hybrid", "kivi", "kvzip", "kvzap"])
 def test_bounded_prefill_meets_the_budget_of_every_sliding_layer(name):
     model = _model("gemma3")
-    policy = get_policy(name, **LAYOUT)
+    policy = get_policy(name, **LAYOUT, **({"path": scorer_folder(model)} if name == "kvzap" else {}))
     if policy.stats_config().reconstruction:
         pytest.skip("reconstruction scores need every layer's prefill: kvzip plans with plan_provider=")
     layers, budget = model.config.num_hidden_layers, BUDGETS.get(name, BUDGET)

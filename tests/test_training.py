@@ -12,7 +12,7 @@ from adaptive_kv.policies.controller.options import HeadOption
 from adaptive_kv.stats import StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.labels import LabelTarget, collect_labels, load_labels, save_labels
-from conftest import build_tiny_model
+from conftest import build_tiny_model, random_predictor
 
 LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=16, scorer="snapkv", selection="shared")
 # fp32 attention outputs of two independent computations (our batched softmax vs eager attention)
@@ -219,7 +219,8 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     from adaptive_kv.policies.controller.registry import fetch_controller
     from adaptive_kv.training.train import run_train
 
-    summary = run_train(_config(tiny_model_dir, tmp_path), log=lambda *a: None)
+    scorer = random_predictor(build_tiny_model("llama_gqa")).save(tmp_path / "scorer")
+    summary = run_train(_config(tiny_model_dir, tmp_path, scorer=str(scorer)), log=lambda *a: None)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     version = client.get_model_version_by_alias("adaptive-kv-controller", "champion")
@@ -230,10 +231,18 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/pareto.png", "figures/plans.png", "figures/label_statistics.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "controller")} >= {
-        "controller/controller.json", "controller/controller.safetensors"}
+        "controller/controller.json", "controller/controller.safetensors", "controller/scorer.json",
+        "controller/scorer.safetensors"}
     # the registered pyfunc serves plans, and the service's fetch gives a loadable controller
     folder = fetch_controller("models:/adaptive-kv-controller@champion", uri)
     policy = get_policy("learned", path=str(folder))
+    # the registered version carries the scorer: the controller reads predicted scores from it
+    predicted = get_policy("learned", path=str(folder), reconstruction="predicted")
+    from adaptive_kv.predicted_reconstruction import load_predictor
+
+    assert torch.equal(predicted.predictor.weights["w"], load_predictor(scorer).weights["w"])
+    needs = predicted.stats_config()
+    assert needs.predictor is predicted.predictor and needs.reconstruction is False  # no second pass
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/adaptive-kv-controller@champion")
     from adaptive_kv.stats import AttentionStats

@@ -27,6 +27,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", choices=("network", "selection", "full"), default=None,
                    help="search space: network (layout fixed; default), selection (network + per-head vs shared "
                         "selection) or full (layout, scorer, selection, grid too)")
+    p.add_argument("--scorer", default=None, help="a reconstruction predictor folder (train-scorer's OUTPUT/scorer) "
+                                                "to ship and register with the controller")
     p.add_argument("--no-register", action="store_true", help="do not register the best controller")
     p.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end run (short contexts, 2 small trials)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -40,7 +42,8 @@ def train_config(args: argparse.Namespace):
     given = dict(model=args.model, budgets=args.budgets, trials=args.trials, workers=args.workers,
                  ray_address=args.ray_address, storage=args.storage, study=args.study, mlflow_uri=args.mlflow_uri,
                  output=args.output, tasks=args.tasks, context_length=args.context_length,
-                 train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register)
+                 train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register,
+                 scorer=args.scorer)
     given = {k: v for k, v in given.items() if v is not None}
     if args.space is not None:
         from adaptive_kv.training.search import SearchSpace
@@ -64,6 +67,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"figures: {summary['figures']}")
     print(f"inspect: {summary['ui']}")
     print(f"wall time: {summary['wall_time_s']} s")
+    return 0
+
+
+def add_train_scorer(sub: argparse._SubParsersAction) -> None:
+    """Register `train-scorer`."""
+    from adaptive_kv.predicted_reconstruction import KINDS
+
+    p = sub.add_parser("train-scorer", help="fit the reconstruction predictor (kvzap, learned scores) on Ray, "
+                                            "tracked in MLflow")
+    p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
+    p.add_argument("--context-lengths", type=cli_args.csv_ints, default=None,
+                   help="calibration context lengths in tokens (default 1024,2048)")
+    p.add_argument("--tasks", type=cli_args.csv, default=None, help="calibration task mix (comma-separated)")
+    p.add_argument("--train-per-task", type=cli_args.positive, default=None, help="training contexts per task and length")
+    p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="held-out contexts per task and length")
+    p.add_argument("--sample-tokens", type=cli_args.positive, default=None, help="tokens per training context (default 512)")
+    p.add_argument("--kinds", type=cli_args.csv, default=None, help=f"kinds to fit and compare (default {','.join(KINDS)})")
+    p.add_argument("--workers", type=cli_args.positive, default=2, help="Ray workers (one model copy each)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--output", default="outputs/scorer", help="folder for the scorer and its summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train_scorer)
+
+
+def cmd_train_scorer(args: argparse.Namespace) -> int:
+    """Run `train-scorer` and print where the scorer went."""
+    from adaptive_kv.training.scorer_train import ScorerTrainConfig, run_train_scorer
+
+    given = dict(model=args.model, context_lengths=args.context_lengths, tasks=args.tasks,
+                 train_per_task=args.train_per_task, valid_per_task=args.valid_per_task,
+                 sample_tokens=args.sample_tokens, kinds=args.kinds, workers=args.workers,
+                 ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, output=args.output)
+    summary = run_train_scorer(ScorerTrainConfig(**{k: v for k, v in given.items() if v is not None}))
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0
+    for kind, result in summary["by_kind"].items():
+        mean = result["mean"]
+        print(f"{kind}: held-out Spearman {mean['spearman']:.3f}, top-10% recall {mean['recall_top10']:.3f} "
+              f"(fit {result['fit_s']} s)")
+    print(f"scorer ({summary['kind']}): {summary['scorer']}")
+    print(f"inspect: {summary['ui']}")
     return 0
 
 

@@ -44,6 +44,9 @@ class TrainConfig:
     space: SearchSpace = field(default_factory=SearchSpace.network)
     smoke_test: bool = False
     register: bool = True
+    # a reconstruction predictor's folder (`train-scorer`): copied beside the controller, so the folder
+    # and the registered version carry both (`learned:reconstruction=predicted` reads it)
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         for b in self.budgets:
@@ -52,6 +55,10 @@ class TrainConfig:
         for name in ("trials", "workers", "train_per_task", "valid_per_task", "context_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scorer is not None:
+            from adaptive_kv.predicted_reconstruction import load_predictor
+
+            load_predictor(self.scorer)  # a missing or broken scorer fails before any work starts
 
     @classmethod
     def smoke(cls, **overrides: Any) -> "TrainConfig":
@@ -214,6 +221,15 @@ class _Pipeline:
         (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=1, default=str))
         return folder
 
+    def _add_scorer(self, target: Path) -> None:
+        """Copy the configured scorer's files into the controller folder, after checking its shape."""
+        from adaptive_kv.policies.controller.files import load_controller
+        from adaptive_kv.predicted_reconstruction import SCORER_JSON, SCORER_WEIGHTS
+
+        _check_scorer_shape(self.config.scorer, load_controller(target)[0])
+        for name in (SCORER_JSON, SCORER_WEIGHTS):
+            shutil.copyfile(Path(self.config.scorer) / name, target / name)
+
     # ------------------------------------------------------------------ the end
     def finish(self, best, tracking) -> dict[str, Any]:
         """Copy the best controller, log figures and artifacts, register the champion."""
@@ -229,6 +245,8 @@ class _Pipeline:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(source, target)
+        if self.config.scorer is not None:
+            self._add_scorer(target)
         config, net = load_controller(target)
         trial_config = TrialConfig(**config.layout.keywords())
         worker = self.workers[0]
@@ -261,6 +279,15 @@ class _Pipeline:
             version = tracking.register_controller(target, tracking.example_input(_example_stats(config), budget))
         return {"controller": str(target.resolve()), "registered_model": tracking.REGISTERED_MODEL,
                 "model_version": version, "alias": tracking.CHAMPION, "figures": str(figures.resolve())}
+
+
+def _check_scorer_shape(scorer: str, config) -> None:
+    """Raise ValueError unless the scorer was fitted for the controller's model shape."""
+    from adaptive_kv.predicted_reconstruction import load_predictor
+
+    shape, model = load_predictor(scorer).shape, config.model_shape
+    if (shape.num_layers, shape.num_kv_heads) != (model["num_layers"], model["num_kv_heads"]):
+        raise ValueError(f"scorer {scorer} was fitted for {shape}, the controller's model has {model}")
 
 
 def _one_per_task(plans: dict[str, str]) -> dict[str, str]:

@@ -32,6 +32,19 @@ class TrainingWorker:
                                trial.label_target())
                 for r in requests]
 
+    def scorer_example(self, request: CalibrationRequest, sample_tokens: int, seed: int):
+        """The reconstruction scorer's example of one request's context (`training.scorer`)."""
+        from adaptive_kv.training.scorer import collect_example
+
+        return collect_example(self.model, self.tokenizer, request.context_ids, request.key,
+                               sample_tokens=sample_tokens, seed=seed)
+
+    def predictor_shape(self):
+        """The model's shape as a reconstruction predictor reads it."""
+        from adaptive_kv.predicted_reconstruction import PredictorShape
+
+        return PredictorShape.of(self.model.config)
+
     def _items(self, requests: list[CalibrationRequest], trial: TrialConfig) -> list[ValidationItem]:
         key = f"s{trial.sink_tokens}-g{trial.group_size}"
         if key not in self._validation:

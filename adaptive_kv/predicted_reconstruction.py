@@ -1,0 +1,183 @@
+"""Reconstruction scores predicted inside the prefill (after KVzap, arXiv:2601.07891).
+
+The exact reconstruction scores (`adaptive_kv.reconstruction`) cost a second pass over the
+context. A `ReconstructionPredictor` is a small per-layer model (linear, or a two-layer MLP) that
+reads what the prefill computes anyway, the hidden states entering each layer's attention, and
+predicts every (KV head, token)'s log reconstruction score. It runs inside the prefill, one layer
+at a time, so it also works under bounded per-layer prefill.
+
+Files: `scorer.json` (kind, shape, input statistics' shapes, fit metrics) and `scorer.safetensors`
+(the weights), checked against each other and against the model before use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREDICTED_SCORER = "predicted_reconstruction"
+KINDS = ("linear", "mlp")
+SCORER_JSON = "scorer.json"
+SCORER_WEIGHTS = "scorer.safetensors"
+MAX_JSON_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 256 << 20
+MAX_WIDTH = 4096
+FORMAT_VERSION = 1
+# the exact scores are attention probabilities; below this they all mean "never looked at"
+LOG_FLOOR = math.log(1e-6)
+
+
+@dataclass(frozen=True)
+class PredictorShape:
+    """The model a predictor reads: its layers, KV heads and hidden size."""
+
+    num_layers: int
+    num_kv_heads: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, config) -> "PredictorShape":
+        """The shape of a transformers text config."""
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        return cls(text.num_hidden_layers, heads, text.hidden_size)
+
+
+@dataclass(eq=False)
+class ReconstructionPredictor:
+    """Per-layer models hidden state (hidden_size,) -> log reconstruction score per KV head.
+
+    Inputs are standardised per layer (`mean`, `std`, from the fit's data). `linear`: one matrix
+    (L, hidden, H) and bias (L, H); `mlp`: (L, hidden, width) -> SiLU -> (L, width, H).
+    Compared by identity: one loaded predictor is one scorer.
+    """
+
+    kind: str
+    shape: PredictorShape
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"scorer kind must be one of {KINDS}, got {self.kind!r}")
+        expected = self.expected_shapes()
+        for name, dims in expected.items():
+            if name not in self.weights:
+                raise ValueError(f"scorer weights lack {name!r} (a {self.kind} scorer has {sorted(expected)})")
+            if tuple(self.weights[name].shape) != dims:
+                raise ValueError(f"scorer weight {name!r} has shape {tuple(self.weights[name].shape)}, expected {dims}")
+        extra = sorted(set(self.weights) - set(expected))
+        if extra:
+            raise ValueError(f"scorer weights have unexpected tensors {extra}")
+        self.weights = {k: v.float().contiguous() for k, v in self.weights.items()}
+
+    @property
+    def width(self) -> int:
+        """The MLP's hidden width (0 for a linear scorer)."""
+        return int(self.weights["w1"].shape[-1]) if self.kind == "mlp" else 0
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight's shape for this kind and model shape."""
+        L, H, D = self.shape.num_layers, self.shape.num_kv_heads, self.shape.hidden_size
+        shapes = {"mean": (L, D), "std": (L, D)}
+        if self.kind == "linear":
+            return {**shapes, "w": (L, D, H), "b": (L, H)}
+        width = int(self.weights["w1"].shape[-1]) if "w1" in self.weights else -1
+        if not 1 <= width <= MAX_WIDTH:
+            raise ValueError(f"mlp scorer width must be in [1, {MAX_WIDTH}], got {width}")
+        return {**shapes, "w1": (L, D, width), "b1": (L, width), "w2": (L, width, H), "b2": (L, H)}
+
+    def check_model(self, config) -> None:
+        """Raise ValueError unless this predictor was fitted for a model of `config`'s shape."""
+        theirs = PredictorShape.of(config)
+        if theirs != self.shape:
+            raise ValueError(f"scorer was fitted for {self.shape}, the model is {theirs}")
+
+    def log_scores(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Predicted log scores (H_kv, T) of one layer's attention inputs hidden (T, hidden_size)."""
+        w = self._on(hidden.device)
+        x = (hidden.float() - w["mean"][layer_idx]) / w["std"][layer_idx]
+        if self.kind == "linear":
+            out = x @ w["w"][layer_idx] + w["b"][layer_idx]
+        else:
+            out = torch.nn.functional.silu(x @ w["w1"][layer_idx] + w["b1"][layer_idx]) @ w["w2"][layer_idx] + w["b2"][layer_idx]
+        return out.T
+
+    def scores(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Predicted scores (H_kv, T), on the exact scores' scale (probabilities), for global rankings."""
+        return self.log_scores(layer_idx, hidden).clamp(LOG_FLOOR, 0.0).exp()
+
+    def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        # moved once per device: this runs for every layer of every prefill
+        key = str(device)
+        cache = self.__dict__.setdefault("_devices", {})
+        if key not in cache:
+            cache[key] = {k: v.to(device) for k, v in self.weights.items()}
+        return cache[key]
+
+    # ------------------------------------------------------------------ files
+    def to_json(self) -> dict[str, Any]:
+        """The JSON half of the files."""
+        return {"format": FORMAT_VERSION, "kind": self.kind, "width": self.width,
+                "shape": {"num_layers": self.shape.num_layers, "num_kv_heads": self.shape.num_kv_heads,
+                          "hidden_size": self.shape.hidden_size},
+                "metrics": self.metrics}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write scorer.json and scorer.safetensors into `folder` (created)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.weights, str(folder / SCORER_WEIGHTS))
+        (folder / SCORER_JSON).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+        return folder
+
+
+def has_predictor(folder: str | Path) -> bool:
+    """Whether `folder` holds a scorer's files."""
+    return (Path(folder) / SCORER_JSON).is_file()
+
+
+def load_predictor(folder: str | Path) -> ReconstructionPredictor:
+    """The predictor in `folder`, loaded once per file version (same files, same object)."""
+    folder = Path(folder).resolve()
+    json_path, weights_path = folder / SCORER_JSON, folder / SCORER_WEIGHTS
+    for path in (json_path, weights_path):
+        if not path.is_file():
+            raise ValueError(f"scorer folder {folder} lacks {path.name}")
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (json_path, weights_path))
+    return _load(str(folder), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(folder: str, stamp: tuple) -> ReconstructionPredictor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    json_path, weights_path = Path(folder) / SCORER_JSON, Path(folder) / SCORER_WEIGHTS
+    for path, limit in ((json_path, MAX_JSON_BYTES), (weights_path, MAX_WEIGHTS_BYTES)):
+        if path.stat().st_size > limit:
+            raise ValueError(f"{path} is {path.stat().st_size} bytes, over the {limit}-byte limit for a scorer file")
+    try:
+        meta = json.loads(json_path.read_text())
+        shape = PredictorShape(**{k: int(meta["shape"][k]) for k in ("num_layers", "num_kv_heads", "hidden_size")})
+        kind = meta["kind"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{json_path} is not a scorer description (kind, shape): {err}") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{json_path} has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_path} is not a safetensors file: {err}") from None
+    predictor = ReconstructionPredictor(kind, shape, weights, meta.get("metrics", {}))
+    if predictor.width != int(meta.get("width", 0)):
+        raise ValueError(f"{json_path} says width {meta.get('width')}, the weights have {predictor.width}")
+    return predictor

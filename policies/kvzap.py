@@ -1,0 +1,41 @@
+"""KVzap: predicted reconstruction scores with per-head keeps from one global ranking, plus bits."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER, ReconstructionPredictor, load_predictor
+from adaptive_kv.policies.kvzip import KVzip
+from adaptive_kv.policies.registry import register
+from adaptive_kv.stats import StatsConfig
+
+# The scorer fitted for the embedded model ships beside its controller.
+SHIPPED = Path(__file__).resolve().parent / "controller" / "shipped" / "smollm2-135m"
+
+
+@register("kvzap")
+@dataclass(frozen=True)
+class KVzap(KVzip):
+    """KVzip's allocation over predicted reconstruction scores (after KVzap, arXiv:2601.07891).
+
+    A small per-layer model (`ReconstructionPredictor`, files in `path`; default the one shipped
+    for the embedded model) predicts each token's reconstruction score from the hidden states the
+    prefill computes anyway, so there is no second pass over the context; the scores then compete
+    in one global ranking and kept tokens are stored at `key_bits` / `value_bits`, as in `kvzip`.
+    """
+
+    scorer: str = PREDICTED_SCORER
+    path: str | None = None
+    predictor: ReconstructionPredictor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scorer != PREDICTED_SCORER:
+            raise ValueError(f"kvzap ranks by {PREDICTED_SCORER!r}; for another scorer use kvzip's scorer option")
+        object.__setattr__(self, "predictor", load_predictor(self.path if self.path is not None else SHIPPED))
+
+    def stats_config(self) -> StatsConfig:
+        """The layout's statistics plus the predictor, which scores tokens inside the prefill."""
+        return dataclasses.replace(super().stats_config(), predictor=self.predictor)

@@ -1,0 +1,185 @@
+"""Reconstruction scores predicted inside the prefill: the scorer, its files, its fit (tier 1, tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptive_kv import CompressedCache
+from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER, PredictorShape, load_predictor
+from adaptive_kv.policies import get_policy
+from adaptive_kv.prefill import capture, needs_of
+from adaptive_kv.stats import PREDICTED_FEATURES, StatsConfig
+from adaptive_kv.training.scorer import (FitOptions, ScorerExample, collect_example, fit_predictor, heldout_metrics,
+                                         spearman, top_recall)
+from conftest import build_family_model, build_tiny_model, random_predictor
+
+CONTEXT = 160
+
+
+def _ids(seed: int, length: int = CONTEXT) -> list[int]:
+    return torch.randint(2, 4000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def _direct_scores(model, predictor, ids: list[int]) -> torch.Tensor:
+    """The predictor applied to each layer's normalised residual stream, computed without any hook."""
+    out = model(torch.tensor([ids]), output_hidden_states=True)
+    rows = []
+    for layer_idx, layer in enumerate(model.model.layers):
+        hidden = layer.input_layernorm(out.hidden_states[layer_idx])[0]
+        w = predictor.weights
+        x = (hidden - w["mean"][layer_idx]) / w["std"][layer_idx]
+        if predictor.kind == "linear":
+            logs = x @ w["w"][layer_idx] + w["b"][layer_idx]
+        else:
+            logs = torch.nn.functional.silu(x @ w["w1"][layer_idx] + w["b1"][layer_idx]) @ w["w2"][layer_idx] + w["b2"][layer_idx]
+        rows.append(logs.T.clamp(max=0.0).exp().clamp_min(1e-6))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen3"])
+def test_prefill_scores_equal_the_predictor_on_each_layers_input(family, kind):
+    model = build_family_model(family)
+    predictor = random_predictor(model, kind)
+    ids = _ids(0)
+    captured = capture(model, None, ids, StatsConfig(predictor=predictor))
+    stats = captured.cache.stats
+    torch.testing.assert_close(stats.token_scores[PREDICTED_SCORER], _direct_scores(model, predictor, ids),
+                               atol=1e-6, rtol=1e-5)
+    assert set(PREDICTED_FEATURES) <= set(stats.feature_names)
+    assert "reconstruction" not in stats.token_scores and captured.cache.reconstruction_seconds == 0
+
+
+def test_kvzap_bounded_prefill_gives_the_end_of_prefill_plan(tmp_path):
+    model = build_tiny_model("llama_gqa")
+    random_predictor(model).save(tmp_path)
+    policy, budget, layers = get_policy("kvzap", path=str(tmp_path)), 0.15, model.config.num_hidden_layers
+    ids = torch.tensor([_ids(1, 600)])
+    bounded = CompressedCache(model, layer_plan_provider=lambda stats, i: policy.plan_layer(stats, i, layers, budget),
+                              stats_config=policy.stats_config())
+    with torch.no_grad():
+        model(ids, cache=bounded)
+    end = CompressedCache(model, plan_provider=lambda stats: policy.plan_per_layer(stats, budget),
+                          stats_config=policy.stats_config())
+    with torch.no_grad():
+        model(ids, cache=end)
+    assert bounded.plan == end.plan and bounded.plan.scorer == PREDICTED_SCORER
+    assert bounded.nbytes() == end.nbytes() <= budget * end.full_nbytes()
+    # the plan follows the predicted scores: other weights, another plan
+    other = CompressedCache(model, plan_provider=lambda stats: policy.plan_per_layer(stats, budget),
+                            stats_config=StatsConfig(predictor=random_predictor(model, seed=5)))
+    with torch.no_grad():
+        model(ids, cache=other)
+    assert [[b.keep for b in row] for row in other.plan.heads] != [[b.keep for b in row] for row in end.plan.heads]
+
+
+def test_one_prefill_reads_one_predictor(tmp_path):
+    model = build_tiny_model("llama_gqa")
+    random_predictor(model).save(tmp_path / "a")
+    random_predictor(model, seed=1).save(tmp_path / "b")
+    same = [get_policy("kvzap", path=str(tmp_path / "a")), get_policy("kvzap", path=str(tmp_path / "a"))]
+    assert needs_of(same + [get_policy("kvzip")]).predictor is same[0].predictor  # one file, one object
+    with pytest.raises(ValueError, match="one prefill runs one reconstruction predictor"):
+        needs_of([same[0], get_policy("kvzap", path=str(tmp_path / "b"))])
+
+
+def test_mismatched_or_broken_scorer_files_are_refused(tmp_path, monkeypatch):
+    import adaptive_kv.predicted_reconstruction as pr
+
+    model = build_tiny_model("llama_gqa")
+    other = build_tiny_model("llama_mha")
+    random_predictor(other).save(tmp_path / "mha")
+    with pytest.raises(ValueError, match=r"scorer was fitted for PredictorShape\(num_layers=2, num_kv_heads=4"):
+        CompressedCache(model, capture=True, stats_config=get_policy("kvzap", path=str(tmp_path / "mha")).stats_config())
+    with pytest.raises(ValueError, match="lacks scorer.json"):
+        load_predictor(tmp_path / "nothing")
+    folder = random_predictor(model).save(tmp_path / "big")
+    monkeypatch.setattr(pr, "MAX_WEIGHTS_BYTES", 100)
+    with pytest.raises(ValueError, match="over the 100-byte limit for a scorer file"):
+        load_predictor(folder)
+    monkeypatch.undo()
+    meta = json.loads((folder / "scorer.json").read_text())
+    meta["shape"]["hidden_size"] = 32
+    (folder / "scorer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"scorer weight 'mean' has shape \(2, 64\), expected \(2, 32\)"):
+        load_predictor(folder)
+    (folder / "scorer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a scorer description"):
+        load_predictor(folder)
+    (folder / "scorer.json").write_text(json.dumps({**meta, "kind": "forest"}))
+    with pytest.raises(ValueError, match=r"scorer kind must be one of \('linear', 'mlp'\), got 'forest'"):
+        load_predictor(folder)
+
+
+def test_ranking_metrics_against_hand_counts():
+    exact = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]])
+    assert spearman(exact, exact).item() == pytest.approx(1.0)
+    assert spearman(-exact, exact).item() == pytest.approx(-1.0)
+    shifted = torch.tensor([[9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 0.0]])  # top 2 of exact: 9, 8 -> got 0, 8
+    assert top_recall(shifted, exact, 0.2).item() == pytest.approx(0.5)
+    # d = ranks differ by 9 at two positions: 1 - 6 * 162 / (10 * 99)
+    assert spearman(shifted, exact).item() == pytest.approx(1 - 6 * 162 / 990, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_tokenizer):
+    model = build_tiny_model("llama_gqa")
+    return model, [collect_example(model, tiny_tokenizer, _ids(10 + i), f"r{i}") for i in range(14)]
+
+
+def test_a_fitted_scorer_ranks_tokens_as_the_exact_pass_does(examples):
+    model, data = examples
+    train, held_out = data[:10], data[10:]
+    shape = PredictorShape.of(model.config)
+    fitted = heldout_metrics(fit_predictor(train, "mlp", shape, FitOptions(steps=300)), held_out)
+    assert min(fitted["recall_top25"]) > 0.4 and min(fitted["spearman"]) > 0.3  # chance: 0.25 and 0
+    # the same fit on hidden states shuffled across tokens learns nothing about which token matters
+    gen = torch.Generator().manual_seed(0)
+    shuffled = [ScorerExample(e.key, e.inputs[:, torch.randperm(e.tokens, generator=gen)], e.targets) for e in train]
+    blind = heldout_metrics(fit_predictor(shuffled, "mlp", shape, FitOptions(steps=300)), held_out)
+    assert max(blind["recall_top25"]) < 0.33 and max(blind["spearman"]) < 0.15
+
+
+def test_examples_hold_the_exact_scores_of_the_prefill(examples, tiny_tokenizer):
+    model, data = examples
+    captured = capture(model, tiny_tokenizer, _ids(10), StatsConfig(reconstruction=True))
+    exact = captured.cache.stats.token_scores["reconstruction"][:, :, 4:]
+    torch.testing.assert_close(data[0].targets, exact.clamp_min(1e-6).log())
+    assert data[0].inputs.shape == (2, CONTEXT - 4, model.config.hidden_size)
+
+
+def test_learned_reads_predicted_scores_as_it_reads_exact_ones(tmp_path):
+    from adaptive_kv.plan import Layout
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
+    from adaptive_kv.stats import FEATURE_NAMES, RECONSTRUCTION_FEATURES
+
+    model = build_tiny_model("llama_gqa")
+    torch.manual_seed(0)
+    config = ControllerConfig(
+        model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES,
+        grid=option_grid(global_keeps=(0.2, 0.1)), layout=Layout(scorer="reconstruction", selection="per_head"),
+        layer_weights=(1.0, 1.0), hidden=16, layers=1)
+    folder = save_controller(tmp_path, config, config.build())
+    predictor = random_predictor(model)
+    predictor.save(folder)
+    exact, predicted = get_policy("learned", path=str(folder)), get_policy("learned", path=str(folder),
+                                                                            reconstruction="predicted")
+    needs = predicted.stats_config()
+    assert needs.predictor is not None and not needs.reconstruction and exact.stats_config().reconstruction
+    ids = _ids(2, 600)
+    stats = capture(model, None, ids, needs).cache.stats
+    # the same prefill's statistics with the predicted scores standing in for exact ones, by their exact names
+    plain = capture(model, None, ids, StatsConfig()).cache.stats
+    as_exact = plain.with_reconstruction(stats.token_scores[PREDICTED_SCORER], "reconstruction")
+    for budget in (0.3, 0.15):
+        want, got = exact.plan(as_exact, budget), predicted.plan(stats, budget)
+        assert got.heads == want.heads and got.scorer == PREDICTED_SCORER and want.scorer == "reconstruction"
+    with pytest.raises(ValueError, match="holds no reconstruction predictor"):
+        get_policy("learned", path=str(folder), reconstruction="predicted", scorer_path=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match=r"reconstruction must be one of \('exact', 'predicted'\), got 'guess'"):
+        get_policy("learned", path=str(folder), reconstruction="guess")

@@ -1,0 +1,151 @@
+"""`adaptive-kv train-scorer`: examples on Ray workers -> linear and MLP fits -> held-out metrics -> MLflow.
+
+The examples are calibration contexts (the task generators and natural text, seeds disjoint from
+evaluation) at each of `context_lengths`; each worker prefills its contexts once with the exact
+reconstruction pass. Both kinds are fitted on growing shares of the training requests (how much
+data the scorer needs), and the kind with the best held-out Spearman correlation on all of them
+is saved as `OUTPUT/scorer` (scorer.json + scorer.safetensors), with the metrics in MLflow: per
+layer as a metric stepped by layer index, the learning curve stepped by training requests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptive_kv.training.calibration import CALIBRATION_SEED, DEFAULT_MIX, VALIDATION_SEED, make_requests
+from adaptive_kv.training.scorer import KINDS, FitOptions
+
+SCORER_EXPERIMENT = "adaptive-kv-scorer"
+MAX_CONTEXT = 16384
+
+
+@dataclass(frozen=True)
+class ScorerTrainConfig:
+    """Everything `train-scorer` takes; validated before anything starts."""
+
+    model: str = "smollm2-135m"
+    tasks: tuple[str, ...] = DEFAULT_MIX
+    context_lengths: tuple[int, ...] = (1024, 2048)
+    train_per_task: int = 2
+    valid_per_task: int = 1
+    sample_tokens: int = 512  # tokens per training context and layer
+    valid_tokens: int = 1024  # tokens per held-out context and layer
+    kinds: tuple[str, ...] = KINDS
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+    workers: int = 2
+    ray_address: str | None = None
+    mlflow_uri: str | None = None
+    output: str = "outputs/scorer"
+    fit: FitOptions = field(default_factory=FitOptions)
+
+    def __post_init__(self) -> None:
+        for name in ("train_per_task", "valid_per_task", "sample_tokens", "valid_tokens", "workers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.context_lengths or any(not 64 <= n <= MAX_CONTEXT for n in self.context_lengths):
+            raise ValueError(f"context_lengths must be in [64, {MAX_CONTEXT}], got {self.context_lengths}")
+        unknown = sorted(set(self.kinds) - set(KINDS))
+        if not self.kinds or unknown:
+            raise ValueError(f"kinds must be among {KINDS}, got {self.kinds}")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions) or 1.0 not in self.fractions:
+            raise ValueError(f"fractions must be in (0, 1] and include 1.0, got {self.fractions}")
+
+    def requests(self, tokenizer) -> tuple[list, list]:
+        """Training and held-out calibration requests (query-agnostic contexts) at every length."""
+        train, valid = [], []
+        for length in self.context_lengths:
+            common = dict(tasks=self.tasks, context_length=length, protocols=("query_agnostic",))
+            train += make_requests(tokenizer, per_task=self.train_per_task, seed=CALIBRATION_SEED, **common)
+            valid += make_requests(tokenizer, per_task=self.valid_per_task, seed=VALIDATION_SEED, **common)
+        return train, valid
+
+
+def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
+    """Run the whole step; returns a summary (chosen kind, its metrics, the scorer folder, the MLflow run)."""
+    import mlflow
+    import ray as _ray  # fails early with a clear ImportError if the train extra is missing
+
+    from adaptive_kv.models import load_model
+    from adaptive_kv.training import search, tracking
+
+    start = time.perf_counter()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    _, tokenizer = load_model(config.model)
+    train_requests, valid_requests = config.requests(tokenizer)
+    owns_ray = not _ray.is_initialized()
+    ray = search.start_ray(config.ray_address, config.workers)
+    workers = search.make_workers(ray, config.model, config.workers)
+    try:
+        train = _examples(ray, workers, train_requests, config.sample_tokens, log)
+        valid = _examples(ray, workers, valid_requests, config.valid_tokens, log)
+        shape = ray.get(workers[0].predictor_shape.remote())
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+        if owns_ray:
+            ray.shutdown()
+    collect_s = time.perf_counter() - start
+    uri = tracking.tracking_uri(config.mlflow_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(SCORER_EXPERIMENT)
+    with mlflow.start_run(run_name=f"scorer-{Path(config.model).name}") as run:
+        mlflow.log_params({k: v for k, v in asdict(config).items() if k not in ("fit", "mlflow_uri")})
+        mlflow.log_params({f"fit.{k}": v for k, v in asdict(config.fit).items()})
+        mlflow.log_metric("collect_s", collect_s)
+        chosen, results = _fit_all(config, shape, train, valid)
+        folder = results[chosen]["predictor"].save(out / "scorer")
+        mlflow.log_artifacts(str(folder), "scorer")
+        summary = {
+            "kind": chosen, "scorer": str(folder.resolve()), "run_id": run.info.run_id, "tracking_uri": uri,
+            "ui": tracking.ui_command(uri), "train_requests": len(train), "valid_requests": len(valid),
+            "by_kind": {k: {key: v for key, v in r.items() if key != "predictor"} for k, r in results.items()},
+            "collect_s": round(collect_s, 1), "wall_time_s": round(time.perf_counter() - start, 1),
+        }
+        mlflow.log_dict(summary, "summary.json")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"scorer: {chosen}, held-out Spearman {summary['by_kind'][chosen]['mean']['spearman']:.3f} -> {folder}")
+    return summary
+
+
+def _examples(ray, workers, requests, sample_tokens: int, log) -> list:
+    """Every request's example, computed over the workers one request per task."""
+    from tqdm import tqdm
+
+    futures = [workers[i % len(workers)].scorer_example.remote(r, sample_tokens, i) for i, r in enumerate(requests)]
+    return [ray.get(f) for f in tqdm(futures, desc="scorer examples", unit="request")]
+
+
+def _fit_all(config: ScorerTrainConfig, shape, train: list, valid: list) -> tuple[str, dict[str, Any]]:
+    """Fit every kind on every data share, log metrics; the kind with the best held-out Spearman on all data."""
+    import mlflow
+
+    from adaptive_kv.training.scorer import fit_predictor, heldout_metrics
+
+    results: dict[str, dict[str, Any]] = {}
+    for kind in config.kinds:
+        curve = {}
+        for fraction in sorted(config.fractions):
+            count = max(1, round(fraction * len(train)))
+            began = time.perf_counter()
+            predictor = fit_predictor(train[::max(1, len(train) // count)][:count], kind, shape, config.fit)
+            fit_s = time.perf_counter() - began
+            metrics = heldout_metrics(predictor, valid)
+            mean = {name: sum(values) / len(values) for name, values in metrics.items()}
+            curve[count] = mean
+            for name, value in mean.items():
+                mlflow.log_metric(f"{kind}/curve/{name}", value, step=count)
+        predictor.metrics = {"heldout": metrics, "mean": mean, "train_requests": count, "fit_s": round(fit_s, 2)}
+        for name, values in metrics.items():
+            for layer, value in enumerate(values):
+                mlflow.log_metric(f"{kind}/layer/{name}", value, step=layer)
+            mlflow.log_metric(f"{kind}/{name}", mean[name])
+        results[kind] = {"predictor": predictor, "mean": mean, "per_layer": metrics, "curve": curve,
+                         "fit_s": round(fit_s, 2)}
+    chosen = max(results, key=lambda k: results[k]["mean"]["spearman"])
+    mlflow.set_tag("chosen_kind", chosen)
+    return chosen, results
