@@ -67,6 +67,19 @@ class EvalConfig:
 PLANNINGS = ("end_of_prefill", "per_layer")
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(scores: list[float], level: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval [low, high] of the mean of `scores` (resampled with a fixed seed)."""
+    values = torch.tensor(scores, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(0, len(scores), (BOOTSTRAP_RESAMPLES, len(scores)), generator=gen)].mean(1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return [round(low, 4), round(high, 4)]
+
+
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'name' or 'name:opt=value:opt=value' (e.g. 'tova:selection=shared') -> (name, options).
 
@@ -219,6 +232,9 @@ class Evaluator:
                 "kv_bytes": int(sum(t.kv_bytes) / len(t.kv_bytes)) if t.kv_bytes else None,
                 "full_kv_bytes": int(sum(t.full_bytes) / len(t.full_bytes)) if t.full_bytes else None,
             }
+            if t.scores:
+                record["score_ci95"] = bootstrap_interval(t.scores)
+                record["sample_scores"] = [round(x, 4) for x in t.scores]
             if t.errors:
                 record["infeasible_samples"], record["error"] = len(t.errors), t.errors[0]
             for key, values in t.extra.items():

@@ -74,8 +74,43 @@ class ReconstructionPass:
                scaling: float) -> torch.Tensor:
         """Attention of the pass's queries (1, H_q, q, D) over context + own causal tokens: (1, q, H_q, D).
 
-        Records, per context token, the max probability over queries and the GQA group's heads.
+        Records, per context token, the max probability over queries and the GQA group's heads. On CPU
+        the output comes from the fused flash attention, which also returns each query's log-sum-exp,
+        so a context token's largest probability is exp(max over queries of logit - lse): no softmax is
+        materialised and the own tokens' logits are never formed (`attend_reference` does it all in
+        plain torch, and serves every other device).
         """
+        if query.device.type != "cpu":
+            return self.attend_reference(layer_idx, query, key_states, value_states, scaling)
+        ctx_k, ctx_v = self.keys[layer_idx], self.values[layer_idx]  # (H_kv, T, D)
+        num_kv, seq_len, head_dim = ctx_k.shape
+        q = query[0]  # (H_q, q, D)
+        group, q_len = q.shape[0] // num_kv, q.shape[1]
+        keys = torch.cat([ctx_k, key_states[0]], dim=1)  # (H_kv, T + q, D)
+        values = torch.cat([ctx_v, value_states[0]], dim=1)
+        mask = torch.zeros(q_len, seq_len + q_len, dtype=q.dtype, device=q.device)
+        mask[:, seq_len:] = torch.full((q_len, q_len), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys.repeat_interleave(group, 0)[None], values.repeat_interleave(group, 0)[None],
+            attn_mask=mask, scale=scaling)
+        lse = lse[0].float().reshape(num_kv, group * q_len, 1)  # (H_kv, G*q, 1): GQA heads of a KV head side by side
+        grouped = q.float().reshape(num_kv, group * q_len, head_dim)
+        ctx_t = ctx_k.float().transpose(1, 2)
+        best = torch.full((num_kv, seq_len), float("-inf"), device=q.device)
+        for start in range(0, group * q_len, QUERY_BLOCK * group):
+            rows = slice(start, start + QUERY_BLOCK * group)
+            logits = torch.baddbmm(-lse[:, rows], grouped[:, rows], ctx_t, alpha=scaling)  # (H_kv, b, T): log probs
+            best = torch.maximum(best, logits.amax(1))
+        self._record(layer_idx, best.exp())
+        return out.transpose(1, 2)
+
+    def _record(self, layer_idx: int, best: torch.Tensor) -> None:
+        previous = self.scores[layer_idx]
+        self.scores[layer_idx] = best if previous is None else torch.maximum(previous, best)
+
+    def attend_reference(self, layer_idx: int, query: torch.Tensor, key_states: torch.Tensor,
+                         value_states: torch.Tensor, scaling: float) -> torch.Tensor:
+        """`attend` in plain torch: fp32 softmax over context + own tokens, per block of queries."""
         ctx_k, ctx_v = self.keys[layer_idx], self.values[layer_idx]  # (H_kv, T, D)
         num_kv, seq_len, head_dim = ctx_k.shape
         q = query[0]  # (H_q, q, D)
@@ -95,8 +130,7 @@ class ReconstructionPass:
             probs = logits.softmax(-1)
             best = torch.maximum(best, probs[..., :seq_len].amax(1))
             out[:, rows] = (probs @ values).view(q.shape[0], rows.numel(), head_dim)
-        previous = self.scores[layer_idx]
-        self.scores[layer_idx] = best if previous is None else torch.maximum(previous, best)
+        self._record(layer_idx, best)
         return out.to(query.dtype).transpose(0, 1).unsqueeze(0)
 
 

@@ -32,7 +32,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# adaptive-kv eval: {results['model']}, context {results['context_length']}, {results['protocol']}",
         "",
-        f"Wall time {results.get('wall_time_s', '?')} s. Scores 0-100 (fidelity: top-1 agreement with the full cache).",
+        f"Wall time {results.get('wall_time_s', '?')} s. Scores 0-100 (fidelity: top-1 agreement with the full cache), "
+        "with the 95 % bootstrap interval of the mean over samples in brackets.",
         "",
         "| policy | budget | " + " | ".join(tasks) + " | mean | real bytes fraction |",
         "|---|---|" + "---|" * len(tasks) + "---|---|",
@@ -41,7 +42,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         scores = []
         for task in tasks:
             r = cell.get((policy, budget, task))
-            scores.append("n/a" if r is None or r["score"] is None else f"{r['score']:.1f}")
+            scores.append("n/a" if r is None or r["score"] is None else _with_interval(r))
         m = means.get((policy, budget))
         tail = f"{m['score']:.1f} | {m['bytes_fraction']:.4f}" if m else "infeasible | -"
         lines.append(f"| {policy} | {budget:g} | " + " | ".join(scores) + f" | {tail} |")
@@ -49,6 +50,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if best:
         lines += ["", "Best policy per budget (mean score): " + ", ".join(f"{b:g}: {p}" for b, p in best.items())]
     return "\n".join(lines) + "\n"
+
+
+def _with_interval(record: dict[str, Any]) -> str:
+    """'61.5 [40-80]': the score and, where recorded, its 95 % bootstrap interval."""
+    if "score_ci95" not in record:
+        return f"{record['score']:.1f}"
+    low, high = record["score_ci95"]
+    return f"{record['score']:.1f} [{low:.0f}-{high:.0f}]"
 
 
 def best_per_budget(results: dict[str, Any]) -> dict[float, str]:

@@ -181,3 +181,21 @@ def test_per_layer_planning_spec(llama_gqa, tiny_tokenizer):
     assert records["snapkv"]["score"] == records["snapkv:planning=per_layer"]["score"]
     with pytest.raises(ValueError, match="planning in 'snapkv:planning=later' must be one of"):
         EvalConfig(policies=("snapkv:planning=later",), budgets=(0.5,), tasks=("fidelity",)).validate(None, ("snapkv",))
+
+
+def test_bootstrap_interval_matches_the_exact_resampling_distribution():
+    import itertools
+
+    from adaptive_kv.evaluation import bootstrap_interval
+
+    scores = [0.0, 100.0, 100.0, 50.0]
+    # every resample of 4 from 4 is equally likely: the exact distribution of the resampled mean
+    means = [sum(pick) / 4 for pick in itertools.product(scores, repeat=4)]
+    below = lambda x: sum(m < x for m in means) / len(means)  # noqa: E731
+    at_most = lambda x: sum(m <= x for m in means) / len(means)  # noqa: E731
+    low, high = bootstrap_interval(scores)
+    # each end is its quantile of the exact distribution, within the 2000 resamples' Monte Carlo error
+    assert below(low) <= 0.025 + 0.01 and at_most(low) >= 0.025 - 0.01
+    assert below(high) <= 0.975 + 0.01 and at_most(high) >= 0.975 - 0.01
+    assert low < sum(scores) / 4 < high
+    assert bootstrap_interval([100.0] * 5) == [100.0, 100.0]

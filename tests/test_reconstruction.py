@@ -127,3 +127,21 @@ def test_kvzip_policy_infeasible_budget_names_the_minimum():
                            head_dim=16, dtype_bytes=4)
     with pytest.raises(ValueError, match=r"budget 0.01 is below the minimum feasible 0\.\d+ for seq_len=300"):
         get_policy("kvzip").plan(stats, 0.01)
+
+
+@pytest.mark.parametrize("num_kv, group, q_len", [(2, 2, 37), (3, 3, 300), (4, 1, 5)])
+def test_fused_pass_equals_its_torch_reference(num_kv, group, q_len):
+    from adaptive_kv.reconstruction import ReconstructionPass
+
+    gen = torch.Generator().manual_seed(q_len)
+    seq_len, dim = 90, 16
+    keys, values = [torch.randn(num_kv, seq_len, dim, generator=gen) * 3], [torch.randn(num_kv, seq_len, dim, generator=gen)]
+    query = torch.randn(1, num_kv * group, q_len, dim, generator=gen) * 3
+    k_new, v_new = torch.randn(1, num_kv, q_len, dim, generator=gen), torch.randn(1, num_kv, q_len, dim, generator=gen)
+    fused, reference = ReconstructionPass(keys, values), ReconstructionPass(keys, values)
+    for _ in range(2):  # a second chunk keeps the running max
+        got = fused.attend(0, query, k_new, v_new, 0.25)
+        want = reference.attend_reference(0, query, k_new, v_new, 0.25)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        query = query.roll(1, dims=2)
+    torch.testing.assert_close(fused.scores[0], reference.scores[0], atol=1e-6, rtol=1e-4)
