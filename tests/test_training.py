@@ -12,7 +12,7 @@ from adaptive_kv.policies.controller.options import HeadOption
 from adaptive_kv.stats import StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.labels import LabelTarget, collect_labels, load_labels, save_labels
-from conftest import build_tiny_model, random_predictor
+from conftest import build_tiny_model
 
 LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=16, scorer="snapkv", selection="shared")
 # fp32 attention outputs of two independent computations (our batched softmax vs eager attention)
@@ -219,8 +219,8 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     from adaptive_kv.policies.controller.registry import fetch_controller
     from adaptive_kv.training.train import run_train
 
-    scorer = random_predictor(build_tiny_model("llama_gqa")).save(tmp_path / "scorer")
-    summary = run_train(_config(tiny_model_dir, tmp_path, scorer=str(scorer)), log=lambda *a: None)
+    summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True), log=lambda *a: None)
+    scorer = tmp_path / "scorer_step" / "scorer"  # the scorer step ran first, on the same workers and MLflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     version = client.get_model_version_by_alias("adaptive-kv-controller", "champion")
@@ -230,6 +230,9 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     assert len(children) == 2 and all("score" in c.data.metrics and "train_loss" in c.data.metrics for c in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/pareto.png", "figures/plans.png", "figures/label_statistics.json"} <= artifacts
+    (scorer_run,) = client.search_runs([client.get_experiment_by_name("adaptive-kv-scorer").experiment_id])
+    assert {"linear/spearman", "mlp/spearman", "linear/recall_top10"} <= set(scorer_run.data.metrics)
+    assert len(client.get_metric_history(scorer_run.info.run_id, "linear/layer/spearman")) == 2  # one per layer
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "controller")} >= {
         "controller/controller.json", "controller/controller.safetensors", "controller/scorer.json",
         "controller/scorer.safetensors"}

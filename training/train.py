@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class TrainConfig:
     # a reconstruction predictor's folder (`train-scorer`): copied beside the controller, so the folder
     # and the registered version carry both (`learned:reconstruction=predicted` reads it)
     scorer: str | None = None
+    # fit a scorer first (`train-scorer` on the same workers, contexts and MLflow) and ship that one
+    fit_scorer: bool = False
 
     def __post_init__(self) -> None:
         for b in self.budgets:
@@ -55,6 +57,8 @@ class TrainConfig:
         for name in ("trials", "workers", "train_per_task", "valid_per_task", "context_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scorer is not None and self.fit_scorer:
+            raise ValueError("give scorer (a fitted scorer's folder) or fit_scorer, not both")
         if self.scorer is not None:
             from adaptive_kv.predicted_reconstruction import load_predictor
 
@@ -86,6 +90,8 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
+    if config.fit_scorer:
+        config = replace(config, scorer=_fit_scorer(config, log), fit_scorer=False)
     _, tokenizer = load_model(config.model)
     train_requests = make_requests(tokenizer, tasks=config.tasks, context_length=config.context_length,
                                    per_task=config.train_per_task, seed=CALIBRATION_SEED)
@@ -279,6 +285,17 @@ class _Pipeline:
             version = tracking.register_controller(target, tracking.example_input(_example_stats(config), budget))
         return {"controller": str(target.resolve()), "registered_model": tracking.REGISTERED_MODEL,
                 "model_version": version, "alias": tracking.CHAMPION, "figures": str(figures.resolve())}
+
+
+def _fit_scorer(config: TrainConfig, log) -> str:
+    """Run the `train-scorer` step for this training's model, workers, task mix and tracking; its folder."""
+    from adaptive_kv.training.scorer_train import ScorerTrainConfig, run_train_scorer
+
+    lengths = (config.context_length,) if config.smoke_test else ScorerTrainConfig().context_lengths
+    step = ScorerTrainConfig(model=config.model, tasks=config.tasks, context_lengths=lengths, workers=config.workers,
+                             ray_address=config.ray_address, mlflow_uri=config.mlflow_uri,
+                             output=str(Path(config.output) / "scorer_step"))
+    return run_train_scorer(step, log=log)["scorer"]
 
 
 def _check_scorer_shape(scorer: str, config) -> None:
