@@ -101,24 +101,30 @@ class ReconstructionPredictor:
 
     def log_scores(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Predicted log scores (H_kv, T) of one layer's attention inputs hidden (T, hidden_size)."""
-        w = self._on(hidden.device)
-        x = (hidden.float() - w["mean"][layer_idx]) / w["std"][layer_idx]
-        if self.kind == "linear":
-            out = x @ w["w"][layer_idx] + w["b"][layer_idx]
-        else:
-            out = torch.nn.functional.silu(x @ w["w1"][layer_idx] + w["b1"][layer_idx]) @ w["w2"][layer_idx] + w["b2"][layer_idx]
+        w, b = self._folded(hidden.device)
+        out = torch.addmm(b[0][layer_idx], hidden.float(), w[0][layer_idx])
+        if self.kind == "mlp":
+            out = torch.addmm(b[1][layer_idx], torch.nn.functional.silu(out), w[1][layer_idx])
         return out.T
 
     def scores(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Predicted scores (H_kv, T), on the exact scores' scale (probabilities), for global rankings."""
         return self.log_scores(layer_idx, hidden).clamp(LOG_FLOOR, 0.0).exp()
 
-    def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        # moved once per device: this runs for every layer of every prefill
+    def _folded(self, device: torch.device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The first map with the input standardisation folded in ((x - m) / s) @ W + b = x @ (W / s) + (b - (m / s) @ W),
+        and the MLP's second map, on `device`: computed once per device, as this runs for every layer of every prefill."""
         key = str(device)
         cache = self.__dict__.setdefault("_devices", {})
         if key not in cache:
-            cache[key] = {k: v.to(device) for k, v in self.weights.items()}
+            first, bias = (self.weights["w"], self.weights["b"]) if self.kind == "linear" else (self.weights["w1"], self.weights["b1"])
+            inv = 1.0 / self.weights["std"]
+            w1 = first * inv[..., None]
+            b1 = bias - torch.einsum("ld,ldh->lh", self.weights["mean"] * inv, first)
+            weights, biases = (w1,), (b1,)
+            if self.kind == "mlp":
+                weights, biases = (w1, self.weights["w2"]), (b1, self.weights["b2"])
+            cache[key] = (tuple(t.to(device) for t in weights), tuple(t.to(device) for t in biases))
         return cache[key]
 
     # ------------------------------------------------------------------ files

@@ -86,13 +86,14 @@ class ReconstructionPass:
         num_kv, seq_len, head_dim = ctx_k.shape
         q = query[0]  # (H_q, q, D)
         group, q_len = q.shape[0] // num_kv, q.shape[1]
-        keys = torch.cat([ctx_k, key_states[0]], dim=1)  # (H_kv, T + q, D)
-        values = torch.cat([ctx_v, value_states[0]], dim=1)
-        mask = torch.zeros(q_len, seq_len + q_len, dtype=q.dtype, device=q.device)
-        mask[:, seq_len:] = torch.full((q_len, q_len), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, keys.repeat_interleave(group, 0)[None], values.repeat_interleave(group, 0)[None],
-            attn_mask=mask, scale=scaling)
+        # two fused calls, merged by their log-sum-exps: the context (every query sees every token, no
+        # mask) and the pass's own tokens (causal, so the flash kernel skips the blocks above the diagonal)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        expand = lambda t: t.repeat_interleave(group, 0)[None]  # noqa: E731  (GQA: the op wants H_q heads)
+        out_ctx, lse_ctx = flash(query, expand(ctx_k), expand(ctx_v), scale=scaling)
+        out_own, lse_own = flash(query, expand(key_states[0]), expand(value_states[0]), is_causal=True, scale=scaling)
+        lse = torch.logaddexp(lse_ctx, lse_own)
+        out = out_ctx * (lse_ctx - lse).exp()[..., None] + out_own * (lse_own - lse).exp()[..., None]
         lse = lse[0].float().reshape(num_kv, group * q_len, 1)  # (H_kv, G*q, 1): GQA heads of a KV head side by side
         grouped = q.float().reshape(num_kv, group * q_len, head_dim)
         ctx_t = ctx_k.float().transpose(1, 2)

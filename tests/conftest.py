@@ -181,7 +181,7 @@ def random_predictor(model: torch.nn.Module, kind: str = "linear", seed: int = 0
     shape = PredictorShape.of(model.config)
     gen = torch.Generator().manual_seed(seed)
     L, H, D = shape.num_layers, shape.num_kv_heads, shape.hidden_size
-    weights = {"mean": torch.zeros(L, D), "std": torch.ones(L, D)}
+    weights = {"mean": torch.randn(L, D, generator=gen) * 0.1, "std": torch.rand(L, D, generator=gen) + 0.5}
     if kind == "linear":
         weights |= {"w": torch.randn(L, D, H, generator=gen) / D**0.5, "b": torch.full((L, H), -3.0)}
     else:

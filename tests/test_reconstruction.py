@@ -13,8 +13,10 @@ from adaptive_kv.reconstruction import ReconstructionRequest
 from conftest import build_tiny_model
 
 PROMPT, PART_PROMPT = (11, 12, 13), (21, 22)
-# fp32 attention probabilities, our blocked softmax vs transformers' eager attention
-SCORE_ATOL = 1e-5
+# fp32 attention probabilities: the fused pass (two flash calls merged by their log-sum-exps) vs
+# transformers' eager attention, within 1e-4 of each probability (the blocked torch reference
+# agrees to 1e-5 absolute)
+SCORE_ATOL, SCORE_RTOL = 1e-5, 1e-4
 
 
 def _sharp(kind: str) -> torch.nn.Module:
@@ -56,7 +58,7 @@ def test_scores_equal_a_direct_computation(kind, chunk):
     with torch.no_grad():
         model(torch.tensor([context]), cache=cache)
     got = cache.stats.token_scores["reconstruction"]
-    torch.testing.assert_close(got, _direct_scores(model, context, request), atol=SCORE_ATOL, rtol=0)
+    torch.testing.assert_close(got, _direct_scores(model, context, request), atol=SCORE_ATOL, rtol=SCORE_RTOL)
     assert len(request.chunks()) == -(-97 // chunk)
     names = cache.stats.feature_names
     assert names[-5] == "recon_top25_mass" and cache.stats.features.shape[-1] == len(names)
