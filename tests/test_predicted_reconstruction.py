@@ -183,3 +183,17 @@ def test_learned_reads_predicted_scores_as_it_reads_exact_ones(tmp_path):
         get_policy("learned", path=str(folder), reconstruction="predicted", scorer_path=str(tmp_path / "none"))
     with pytest.raises(ValueError, match=r"reconstruction must be one of \('exact', 'predicted'\), got 'guess'"):
         get_policy("learned", path=str(folder), reconstruction="guess")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-scorer", "--context-lengths", "1024,32"], "context_lengths must be in [64, 16384], got (1024, 32)"),
+    (["train-scorer", "--kinds", "linear,forest"], "kinds must be among ('linear', 'mlp'), got ('linear', 'forest')"),
+    (["train", "--scorer", "/nonexistent/scorer"], "scorer folder /nonexistent/scorer lacks scorer.json"),
+    (["train", "--scorer", "/nonexistent/scorer", "--fit-scorer"], "give scorer (a fitted scorer's folder) or fit_scorer"),
+])
+def test_scorer_flags_are_refused_in_one_line(argv, message, capsys):
+    from adaptive_kv.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
