@@ -162,6 +162,15 @@ class AttentionStats:
             windows=self.windows,
         )
 
+    def predicted_as_exact(self) -> "AttentionStats":
+        """These stats with the predicted reconstruction scores and features under the exact ones' names,
+        so a controller trained on predicted scores is trained and validated by the code that reads exact ones."""
+        if "predicted_reconstruction" not in self.token_scores or self.has_reconstruction:
+            raise ValueError("predicted_as_exact needs predicted reconstruction scores and no exact ones")
+        twin = dict(zip(PREDICTED_FEATURES, RECONSTRUCTION_FEATURES))
+        scores = {("reconstruction" if k == "predicted_reconstruction" else k): v for k, v in self.token_scores.items()}
+        return replace(self, token_scores=scores, feature_names=tuple(twin.get(f, f) for f in self.feature_names))
+
     def layer(self, layer_idx: int) -> "AttentionStats":
         """The statistics of one layer, as a one-layer request (what bounded prefill plans from)."""
         if not 0 <= layer_idx < self.num_layers:

@@ -70,6 +70,14 @@ def _feature_index(have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor
 RECONSTRUCTION_SOURCES = ("exact", "predicted")
 
 
+def trained_on(config: ControllerConfig) -> str:
+    """The reconstruction source a controller was trained on (its notes; "exact" when they say nothing)."""
+    source = config.notes.get("reconstruction", "exact")
+    if source not in RECONSTRUCTION_SOURCES:
+        raise ValueError(f"controller notes.reconstruction must be one of {RECONSTRUCTION_SOURCES}, got {source!r}")
+    return source
+
+
 def _predicted_twins(names: tuple[str, ...]) -> tuple[str, ...]:
     """Each exact reconstruction feature's predicted twin (other names unchanged)."""
     twin = dict(zip(RECONSTRUCTION_FEATURES, PREDICTED_FEATURES))
@@ -100,10 +108,10 @@ class Learned(Policy):
     """
 
     path: str | None = None
-    # "predicted": read the reconstruction scores and features a predictor gives inside the prefill
-    # (no second pass) where the controller was trained on exact ones; the predictor's files are in
-    # `scorer_path` (default: the controller's folder)
-    reconstruction: str = "exact"
+    # where the reconstruction scores and features come from: "exact" (the second pass), "predicted"
+    # (the predictor in `scorer_path`, default the controller's folder: no second pass), or "auto":
+    # what the controller was trained on (`controller.json` notes; exact when they say nothing)
+    reconstruction: str = "auto"
     scorer_path: str | None = None
     config: ControllerConfig = field(init=False, repr=False, compare=False)
     net: ControllerNet = field(init=False, repr=False, compare=False)
@@ -111,10 +119,12 @@ class Learned(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.reconstruction not in RECONSTRUCTION_SOURCES:
-            raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_SOURCES}, got {self.reconstruction!r}")
+        if self.reconstruction not in ("auto", *RECONSTRUCTION_SOURCES):
+            raise ValueError(f"reconstruction must be one of {('auto', *RECONSTRUCTION_SOURCES)}, got {self.reconstruction!r}")
         folder = Path(self.path) if self.path is not None else SHIPPED
         config, net = load_controller(folder)
+        if self.reconstruction == "auto":
+            object.__setattr__(self, "reconstruction", trained_on(config))
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "net", net)
         if _reads_predicted(self._layout, self._feature_names):
@@ -127,11 +137,13 @@ class Learned(Policy):
 
     @classmethod
     def from_parts(cls, config: ControllerConfig, net: ControllerNet) -> "Learned":
-        """A policy over an in-memory controller (training and tests), with no files read."""
+        """A policy over an in-memory controller (training and tests), with no files read. It reads
+        reconstruction features by their exact names, as training presents them (`capture_reading`)."""
         policy = object.__new__(cls)
         for f in dataclasses.fields(cls):
             if f.init:
                 object.__setattr__(policy, f.name, f.default)
+        object.__setattr__(policy, "reconstruction", "exact")
         object.__setattr__(policy, "config", config)
         object.__setattr__(policy, "net", net.eval())
         warm_up()

@@ -181,7 +181,7 @@ def test_learned_reads_predicted_scores_as_it_reads_exact_ones(tmp_path):
         assert got.heads == want.heads and got.scorer == PREDICTED_SCORER and want.scorer == "reconstruction"
     with pytest.raises(ValueError, match="holds no reconstruction predictor"):
         get_policy("learned", path=str(folder), reconstruction="predicted", scorer_path=str(tmp_path / "none"))
-    with pytest.raises(ValueError, match=r"reconstruction must be one of \('exact', 'predicted'\), got 'guess'"):
+    with pytest.raises(ValueError, match=r"reconstruction must be one of \('auto', 'exact', 'predicted'\), got 'guess'"):
         get_policy("learned", path=str(folder), reconstruction="guess")
 
 

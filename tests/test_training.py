@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adaptive_kv.plan import Layout
+from adaptive_kv.plan import Layout, Plan
 from adaptive_kv.policies.controller.options import HeadOption
 from adaptive_kv.stats import StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
@@ -219,7 +219,9 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     from adaptive_kv.policies.controller.registry import fetch_controller
     from adaptive_kv.training.train import run_train
 
-    summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True), log=lambda *a: None)
+    # the controller is trained on the predictions of a scorer fitted first, on the same workers and MLflow
+    summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True, reconstruction="predicted"),
+                        log=lambda *a: None)
     scorer = tmp_path / "scorer_step" / "scorer"  # the scorer step ran first, on the same workers and MLflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -228,6 +230,7 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
     parent = client.get_run(summary["parent_run"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and all("score" in c.data.metrics and "train_loss" in c.data.metrics for c in children)
+    assert {c.data.params["reconstruction"] for c in children} == {"predicted"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/pareto.png", "figures/plans.png", "figures/label_statistics.json"} <= artifacts
     (scorer_run,) = client.search_runs([client.get_experiment_by_name("adaptive-kv-scorer").experiment_id])
@@ -238,25 +241,29 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
         "controller/scorer.safetensors"}
     # the registered pyfunc serves plans, and the service's fetch gives a loadable controller
     folder = fetch_controller("models:/adaptive-kv-controller@champion", uri)
-    policy = get_policy("learned", path=str(folder))
-    # the registered version carries the scorer: the controller reads predicted scores from it
-    predicted = get_policy("learned", path=str(folder), reconstruction="predicted")
+    policy = get_policy("learned", path=str(folder))  # reads what it was trained on: the shipped scorer's predictions
     from adaptive_kv.predicted_reconstruction import load_predictor
 
-    assert torch.equal(predicted.predictor.weights["w"], load_predictor(scorer).weights["w"])
-    needs = predicted.stats_config()
-    assert needs.predictor is predicted.predictor and needs.reconstruction is False  # no second pass
+    fitted = load_predictor(scorer)
+    assert policy.reconstruction == "predicted" and policy.predictor.kind == fitted.kind
+    assert all(torch.equal(policy.predictor.weights[k], v) for k, v in fitted.weights.items())
+    needs = policy.stats_config()
+    assert needs.predictor is policy.predictor and needs.reconstruction is False  # no second pass
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/adaptive-kv-controller@champion")
-    from adaptive_kv.stats import AttentionStats
+    from adaptive_kv.stats import PREDICTED_FEATURES, RECONSTRUCTION_FEATURES, AttentionStats
     from adaptive_kv.training.tracking import example_input
 
-    stats = AttentionStats(torch.rand(2, 2, len(policy.config.feature_names)), {}, 200, policy.config.feature_names,
-                           head_dim=16, dtype_bytes=4)
+    # the pyfunc takes features under the controller's own names; the policy reads their predicted twins
+    names = policy.config.feature_names
+    features = torch.rand(2, 2, len(names))
+    stats = AttentionStats(features, {}, 200, names, head_dim=16, dtype_bytes=4)
+    twins = dict(zip(RECONSTRUCTION_FEATURES, PREDICTED_FEATURES))
+    predicted = AttentionStats(features, {}, 200, tuple(twins.get(n, n) for n in names), head_dim=16, dtype_bytes=4)
     import pandas as pd
 
     out = model.predict(pd.DataFrame([example_input(stats, 0.3)]))
-    assert json.loads(out["plan"][0]) == policy.plan(stats, 0.3).to_dict()
+    assert Plan.from_json(out["plan"][0]).heads == policy.plan(predicted, 0.3).heads
 
 
 def test_interrupted_study_resumes_without_losing_or_repeating_trials(tiny_model_dir, tmp_path, ray_local):

@@ -31,6 +31,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                                 "to ship and register with the controller")
     p.add_argument("--fit-scorer", action="store_true", help="fit a reconstruction predictor first (train-scorer's "
                                                                "step) and ship it with the controller")
+    p.add_argument("--reconstruction", choices=("exact", "predicted"), default=None,
+                   help="train the controller on exact reconstruction scores (default) or on the scorer's "
+                        "predictions (no second pass at serving; needs --scorer or --fit-scorer)")
     p.add_argument("--no-register", action="store_true", help="do not register the best controller")
     p.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end run (short contexts, 2 small trials)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -45,7 +48,7 @@ def train_config(args: argparse.Namespace):
                  ray_address=args.ray_address, storage=args.storage, study=args.study, mlflow_uri=args.mlflow_uri,
                  output=args.output, tasks=args.tasks, context_length=args.context_length,
                  train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register,
-                 scorer=args.scorer, fit_scorer=args.fit_scorer or None)
+                 scorer=args.scorer, fit_scorer=args.fit_scorer or None, reconstruction=args.reconstruction)
     given = {k: v for k, v in given.items() if v is not None}
     if args.space is not None:
         from adaptive_kv.training.search import SearchSpace

@@ -25,7 +25,7 @@ import torch
 
 from adaptive_kv.plan import Layout, Plan
 from adaptive_kv.policies.controller.options import HeadOption, option_keeps, plan_from_choices
-from adaptive_kv.prefill import capture
+from adaptive_kv.prefill import Captured, capture
 from adaptive_kv.stats import AttentionStats, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 
@@ -106,11 +106,21 @@ class _Recorder:
         self.scaling = scaling
 
 
+def capture_reading(model, tokenizer, ids, stats_config: StatsConfig) -> Captured:
+    """The capturing prefill of `ids`; when `stats_config` predicts reconstruction scores (and reads no
+    exact ones) they stand under the exact names (`AttentionStats.predicted_as_exact`), so labels, fits
+    and validation treat a controller on predicted scores as one on exact scores."""
+    prefill = capture(model, tokenizer, ids, stats_config)
+    if stats_config.predictor is not None and not stats_config.reconstruction:
+        prefill.cache.stats = prefill.cache.stats.predicted_as_exact()
+    return prefill
+
+
 @torch.inference_mode()
 def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[HeadOption, ...],
                    layout: Layout, stats_config: StatsConfig, target: LabelTarget = LabelTarget()) -> RequestLabels:
     """Distortion of every (layer, head, option) for one request."""
-    captured = capture(model, tokenizer, request.context_ids, stats_config).cache
+    captured = capture_reading(model, tokenizer, request.context_ids, stats_config).cache
     num_layers, num_heads, seq_len = captured.num_layers, captured.num_kv_heads, captured.get_seq_length()
     recorder = _Recorder()
     identity = captured.fork(Plan.full(num_layers, num_heads, **layout.keywords(), windows=captured.windows))

@@ -22,13 +22,13 @@ import torch
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.plan import Layout, Plan
 from adaptive_kv.policies.controller.files import ControllerConfig
-from adaptive_kv.policies.learned import Learned
+from adaptive_kv.policies.learned import RECONSTRUCTION_SOURCES, Learned
+from adaptive_kv.predicted_reconstruction import load_predictor
 from adaptive_kv.policies.controller.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
-from adaptive_kv.prefill import capture
 from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.fit import FitConfig, fit
-from adaptive_kv.training.labels import LabelTarget, RequestLabels
+from adaptive_kv.training.labels import LabelTarget, RequestLabels, capture_reading
 
 # option_grid arguments: uniform keeps, their bits[, global keeps, their bits]
 GRIDS: dict[str, tuple] = {
@@ -57,11 +57,19 @@ class TrialConfig:
     label_rows: str = "answer"
     label_error: str = "residual"
     fit: FitConfig = field(default_factory=FitConfig)
+    # where the reconstruction scores and features come from: the exact pass, or the predictor in
+    # `scorer_path` (the controller then decides without a second pass)
+    reconstruction: str = "exact"
+    scorer_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {self.grid!r}")
         self.label_target()  # validates label_rows and label_error
+        if self.reconstruction not in RECONSTRUCTION_SOURCES:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_SOURCES}, got {self.reconstruction!r}")
+        if (self.reconstruction == "predicted") != (self.scorer_path is not None):
+            raise ValueError("reconstruction='predicted' needs scorer_path (a scorer folder), and only it does")
 
     def label_target(self) -> LabelTarget:
         """What the labels measure."""
@@ -74,10 +82,13 @@ class TrialConfig:
     def layout_key(self) -> str:
         """Labels depend on layout, grid and label target only; trials sharing them share labels."""
         return (f"s{self.sink_tokens}-w{self.recent_window}-g{self.group_size}-{self.scorer}-{self.selection}-{self.grid}"
-                f"-{self.label_rows}-{self.label_error}")
+                f"-{self.label_rows}-{self.label_error}" + ("-predicted" if self.reconstruction == "predicted" else ""))
 
     def stats_config(self) -> StatsConfig:
-        """What the cache reads: reconstruction always (its features help every scorer)."""
+        """What the cache reads: reconstruction scores always (their features help every scorer), exact or predicted."""
+        if self.reconstruction == "predicted":
+            return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size,
+                               predictor=load_predictor(self.scorer_path))
         return StatsConfig(sink_tokens=self.sink_tokens, group_size=self.group_size, reconstruction=True)
 
     def options(self):
@@ -106,6 +117,7 @@ def controller_config(trial: TrialConfig, model, model_name: str) -> ControllerC
         model_shape=shape, feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES, grid=trial.options(),
         layout=trial.layout(), layer_weights=layer_weights(shape["num_layers"], trial.layer_weight_slope),
         hidden=trial.hidden, layers=trial.layers, embedding=trial.embedding, model_name=model_name,
+        notes={"reconstruction": trial.reconstruction},
     )
 
 
@@ -122,10 +134,10 @@ class ValidationItem:
 @torch.inference_mode()
 def prepare_validation(model, tokenizer, requests: list[CalibrationRequest], stats_config: StatsConfig,
                        layout: Layout) -> list[ValidationItem]:
-    """Prefill every validation request once."""
+    """Prefill every validation request once (`capture_reading`: predicted scores under the exact names)."""
     items = []
     for request in requests:
-        prefill = capture(model, tokenizer, request.context_ids, stats_config)
+        prefill = capture_reading(model, tokenizer, request.context_ids, stats_config)
         captured, last_logits = prefill.cache, prefill.last_logits
         identity = captured.fork(Plan.full(captured.num_layers, captured.num_kv_heads, **layout.keywords(), windows=captured.windows))
         reference = model(torch.tensor([list(request.follow_ids)], device=model.device), cache=identity).logits[0]

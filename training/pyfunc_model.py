@@ -1,7 +1,9 @@
 """The registered controller as an MLflow pyfunc (logged as code, so loading unpickles nothing).
 
 Input: one row per request with `features` (JSON: L x H x F nested list), `feature_names` (JSON
-list), `seq_len`, `budget`, `head_dim`, `dtype_bytes`. Output: one `plan` column of Plan JSON.
+list: the controller's own names, `controller.json`; reconstruction features under their exact names
+whichever source the controller was trained on), `seq_len`, `budget`, `head_dim`, `dtype_bytes`.
+Output: one `plan` column of Plan JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class ControllerModel(mlflow.pyfunc.PythonModel):
         """Load the controller files."""
         from adaptive_kv.policies import get_policy
 
-        self.policy = get_policy("learned", path=context.artifacts["controller"])
+        self.policy = get_policy("learned", path=context.artifacts["controller"], reconstruction="exact")
 
     def predict(self, context, model_input, params=None):
         """A DataFrame with one `plan` (JSON) per input row."""

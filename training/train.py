@@ -49,6 +49,9 @@ class TrainConfig:
     scorer: str | None = None
     # fit a scorer first (`train-scorer` on the same workers, contexts and MLflow) and ship that one
     fit_scorer: bool = False
+    # what the controller reads its reconstruction features from: "exact" (the second pass) or
+    # "predicted" (the shipped scorer, no second pass; needs scorer or fit_scorer)
+    reconstruction: str = "exact"
 
     def __post_init__(self) -> None:
         for b in self.budgets:
@@ -59,6 +62,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.scorer is not None and self.fit_scorer:
             raise ValueError("give scorer (a fitted scorer's folder) or fit_scorer, not both")
+        if self.reconstruction not in ("exact", "predicted"):
+            raise ValueError(f"reconstruction must be 'exact' or 'predicted', got {self.reconstruction!r}")
+        if self.reconstruction == "predicted" and self.scorer is None and not self.fit_scorer:
+            raise ValueError("reconstruction='predicted' trains on a scorer's predictions: give scorer or fit_scorer")
         if self.scorer is not None:
             from adaptive_kv.predicted_reconstruction import load_predictor
 
@@ -183,7 +190,8 @@ class _Pipeline:
         while todo > 0 or running:
             while free and todo > 0:
                 trial = study.ask()
-                trial_config = search.suggest(trial, self.config.space, self.config.group_size, seed=trial.number)
+                trial_config = self._reading(search.suggest(trial, self.config.space, self.config.group_size,
+                                                            seed=trial.number))
                 train, valid = self.labels_for(trial_config, tqdm)
                 worker = free.pop()
                 future = worker.trial.remote(trial_config, train, valid, self.valid_requests, self.config.budgets, progress)
@@ -227,6 +235,12 @@ class _Pipeline:
         (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=1, default=str))
         return folder
 
+    def _reading(self, trial_config):
+        """The trial with this training's reconstruction source."""
+        if self.config.reconstruction == "exact":
+            return trial_config
+        return replace(trial_config, reconstruction="predicted", scorer_path=str(Path(self.config.scorer).resolve()))
+
     def _add_scorer(self, target: Path) -> None:
         """Copy the configured scorer's files into the controller folder, after checking its shape."""
         from adaptive_kv.policies.controller.files import load_controller
@@ -267,7 +281,7 @@ class _Pipeline:
         pareto_png(baselines, figures / "pareto.png", f"{Path(self.config.model).name}: validation, learned vs static")
         budget = sorted(self.config.budgets)[len(self.config.budgets) // 2]
         plans_json = self.ray.get(worker.plans.remote(config.to_json(), {k: v for k, v in net.state_dict().items()},
-                                                      self.valid_requests, trial_config, budget))
+                                                      self.valid_requests, self._reading(trial_config), budget))
         examples = _one_per_task(plans_json)
         seq_len = self.config.context_length
         plan_heatmap_png({k: Plan.from_json(v) for k, v in examples.items()}, seq_len, figures / "plans.png",

@@ -46,7 +46,7 @@ class TrainingWorker:
         return PredictorShape.of(self.model.config)
 
     def _items(self, requests: list[CalibrationRequest], trial: TrialConfig) -> list[ValidationItem]:
-        key = f"s{trial.sink_tokens}-g{trial.group_size}"
+        key = f"s{trial.sink_tokens}-g{trial.group_size}-{trial.reconstruction}"
         if key not in self._validation:
             self._validation[key] = prepare_validation(self.model, self.tokenizer, requests, trial.stats_config(), trial.layout())
         return self._validation[key]
