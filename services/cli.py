@@ -45,7 +45,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.policy and args.policy_uri:
         raise ValueError("give at most one of --policy and --policy-uri")
-    spec = PolicySpec(uri=args.policy_uri) if args.policy_uri else PolicySpec(name=args.policy or "hybrid")
+    name = args.policy or "hybrid"
+    if args.reconstruction != "auto" and not (args.policy_uri or name == "learned"):
+        raise ValueError("--reconstruction applies to the learned controller: give --policy learned or --policy-uri")
+    spec = (PolicySpec(uri=args.policy_uri, reconstruction=args.reconstruction) if args.policy_uri
+            else PolicySpec(name=name, reconstruction=args.reconstruction))
     if spec.uri is None:
         resolve_policy(spec)  # an unknown name fails here, before any model loads
     read_api_key(args.api_key_env)  # likewise an unset key variable
@@ -69,6 +73,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
     p.add_argument("--policy", help="registered policy name (default: hybrid)")
     p.add_argument("--policy-uri", help="learned controller: a local folder or models:/adaptive-kv-controller@champion")
+    p.add_argument("--reconstruction", choices=("auto", "exact", "predicted"), default="auto",
+                   help="learned controller: reconstruction scores from the exact second pass, from the scorer shipped "
+                        "with it (no second pass), or what it was trained on (auto, the default)")
     p.add_argument("--budget", type=cli_args.fraction, default=0.25, help="default KV bytes as a fraction of the full cache")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=_port, default=8000)

@@ -250,10 +250,17 @@ class Engine:
             from adaptive_kv.policies import available_policies, get_policy
 
             try:
-                self._static[name] = get_policy(name)
+                policy = get_policy(name)
             except ValueError as exc:  # an unknown name, or a known one whose files are missing
                 code = "unknown_policy" if name not in available_policies() else "policy_unavailable"
                 raise EngineError(str(exc), param="kv_policy", code=code) from exc
+            predictor = policy.stats_config().predictor
+            if predictor is not None:
+                try:  # a scorer fitted for another model: the client's choice, refused before any work
+                    predictor.check_model(self.model.config)
+                except ValueError as exc:
+                    raise EngineError(f"kv_policy {name!r}: {exc}", param="kv_policy", code="policy_failed") from exc
+            self._static[name] = policy
         return name, self._static[name]
 
     # ------------------------------------------------------------------ async API (event loop side)

@@ -18,10 +18,12 @@ class PolicySpec:
 
     name: str = "hybrid"
     uri: str | None = None
+    reconstruction: str = "auto"  # the learned controller's reconstruction source (`Learned.reconstruction`)
 
     def describe(self) -> str:
         """The name reported in responses: the policy, and its source when it is a controller."""
-        return self.name if self.uri is None else f"{LEARNED}:{self.uri}"
+        base = self.name if self.uri is None else f"{LEARNED}:{self.uri}"
+        return base if self.reconstruction == "auto" else f"{base}:reconstruction={self.reconstruction}"
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,12 @@ def fetch_registered(uri: str) -> Path:
 def resolve_policy(spec: PolicySpec) -> LoadedPolicy:
     """Build the policy `spec` names; ValueError with a clear message when it cannot."""
     if spec.uri is None:
-        return LoadedPolicy(spec, get_policy(spec.name), spec.name)
+        options = {"reconstruction": spec.reconstruction} if spec.name == LEARNED else {}
+        return LoadedPolicy(spec, get_policy(spec.name, **options), spec.name)
     if spec.uri.startswith(REGISTRY_SCHEME):
         folder = fetch_registered(spec.uri)
     else:
         folder = Path(spec.uri).expanduser()
         if not folder.is_dir():
             raise ValueError(f"policy_uri {spec.uri!r} is neither {REGISTRY_SCHEME}NAME@ALIAS nor an existing folder")
-    return LoadedPolicy(spec, get_policy(LEARNED, path=str(folder)), str(folder))
+    return LoadedPolicy(spec, get_policy(LEARNED, path=str(folder), reconstruction=spec.reconstruction), str(folder))

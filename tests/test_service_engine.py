@@ -119,12 +119,30 @@ def test_policy_uri_models_registry_uses_fetch_controller(monkeypatch, tmp_path,
     monkeypatch.setattr(registry, "fetch_controller", fetch_controller, raising=False)
     uri = "models:/adaptive-kv-controller@champion"
     loaded = resolve_policy(PolicySpec(uri=uri))
-    assert fetched == [uri] and learned_builds == [("learned", {"path": str(tmp_path)})]
+    assert fetched == [uri] and learned_builds == [("learned", {"path": str(tmp_path), "reconstruction": "auto"})]
     assert loaded.source == str(tmp_path) and loaded.spec.describe() == f"learned:{uri}"
 
 
 def test_policy_uri_local_folder(tmp_path, learned_builds):
     loaded = resolve_policy(PolicySpec(uri=str(tmp_path)))
-    assert learned_builds == [("learned", {"path": str(tmp_path)})] and loaded.source == str(tmp_path)
+    assert learned_builds == [("learned", {"path": str(tmp_path), "reconstruction": "auto"})] and loaded.source == str(tmp_path)
     with pytest.raises(ValueError, match="neither models:/NAME@ALIAS nor an existing folder"):
         resolve_policy(PolicySpec(uri=str(tmp_path / "missing")))
+
+
+def test_learned_served_on_predicted_scores_needs_no_second_pass():
+    loaded = resolve_policy(PolicySpec("learned", reconstruction="predicted"))
+    needs = loaded.policy.stats_config()
+    assert needs.predictor is not None and not needs.reconstruction
+    assert loaded.spec.describe() == "learned:reconstruction=predicted"
+    assert resolve_policy(PolicySpec("learned")).policy.stats_config().reconstruction  # the shipped one: exact
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--policy", "hybrid", "--reconstruction", "predicted"], "--reconstruction applies to the learned controller"),
+])
+def test_serve_refuses_reconstruction_for_other_policies(argv, message, capsys):
+    from adaptive_kv.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
