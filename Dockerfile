@@ -29,5 +29,6 @@ USER app
 WORKDIR /home/app
 
 EXPOSE 8000
-# binds all interfaces inside the container only; docker-compose publishes the port on the host's loopback
-CMD ["adaptive-kv", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# binds all interfaces inside the container, so a key is required: `docker run -e ADAPTIVE_KV_API_KEY=...`
+# (serve refuses to start when the variable is unset); docker-compose publishes the port on the host's loopback
+CMD ["adaptive-kv", "serve", "--host", "0.0.0.0", "--port", "8000", "--api-key-env", "ADAPTIVE_KV_API_KEY"]

@@ -37,6 +37,18 @@ def _kv_memory(text: str) -> int | float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` serves only this machine (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve beyond this machine
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model and its KV policy over HTTP (uvicorn, or Ray Serve replicas)."""
     from adaptive_kv.services.engine import EngineConfig
@@ -52,7 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             else PolicySpec(name=name, reconstruction=args.reconstruction))
     if spec.uri is None:
         resolve_policy(spec)  # an unknown name fails here, before any model loads
-    read_api_key(args.api_key_env)  # likewise an unset key variable
+    key = read_api_key(args.api_key_env)  # likewise an unset key variable
+    if key is None and not is_loopback(args.host) and not args.insecure:
+        raise ValueError(f"--host {args.host} serves beyond this machine without an API key: give --api-key-env VAR "
+                         "(the bearer key clients must send), or --insecure to serve it open")
     engine = EngineConfig(model=args.model, policy=spec, budget=args.budget, max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_tokens_cap=args.max_tokens_cap,
                           threads=args.threads, kv_memory=args.kv_memory, max_batch=args.max_batch)
@@ -89,6 +104,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests decoding together per replica (1: one request at a time)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads per replica (default: torch's choice)")
     p.add_argument("--api-key-env", help="environment variable holding the bearer API key (unset: no key)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key (anyone who reaches the port may use it)")
     p.add_argument("--ray-serve", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")
     p.add_argument("--replicas", type=_positive(int), default=1, help="Ray Serve replicas (each loads the model)")
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local Ray)")

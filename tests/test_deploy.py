@@ -3,10 +3,12 @@ interpolates and checks the file against the Compose schema (it needs no daemon)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,32 @@ def test_dockerfile_pins_cpu_torch_and_installs_the_project():
     for folder in ("adaptive_kv", "policies", "training", "services"):
         assert f"COPY {folder} ./{folder}" in text
     assert (ROOT / "deploy" / "postgres-init.sql").read_text().count("CREATE DATABASE optuna") == 1
+
+
+def test_dockerfile_default_command_needs_the_api_key():
+    cmd = re.search(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
+    argv = json.loads(cmd.group(1))
+    assert argv[:2] == ["adaptive-kv", "serve"] and "0.0.0.0" in argv and "--insecure" not in argv
+    # run as the image would with no key in its environment: refused before any model loads, in one line
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTIVE_KV_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "adaptive_kv.cli", *argv[1:]], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 2
+    assert "--api-key-env ADAPTIVE_KV_API_KEY: the environment variable is unset or empty" in done.stderr
+
+
+@pytest.mark.parametrize("host, refused", [("0.0.0.0", True), ("192.168.1.5", True), ("example.org", True),
+                                           ("127.0.0.1", False), ("localhost", False), ("::1", False)])
+def test_serve_refuses_an_open_non_loopback_bind(host, refused, capsys, monkeypatch):
+    from adaptive_kv.cli import main
+    from adaptive_kv.services import serve
+
+    started = []
+    monkeypatch.setattr(serve, "run_uvicorn", lambda options: started.append(options.host))  # no server in this test
+    code = main(["serve", "--host", host, "--policy", "full"])
+    if refused:
+        assert code == 2 and started == []
+        assert f"--host {host} serves beyond this machine without an API key" in capsys.readouterr().err
+        assert main(["serve", "--host", host, "--policy", "full", "--insecure"]) == 0 and started == [host]
+    else:
+        assert code == 0 and started == [host]
