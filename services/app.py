@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -31,6 +31,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/plan", "/v1/admin/reload", "/healthz",
           "/readyz", "/metrics")
 REPLICA_HEADER = "x-adaptive-kv-replica"
+PROTECTED_PREFIX = "/v1/"  # the API; probes and metrics stay open
 
 
 # A 128k-token prompt is about 1 MB as text or token ids; anything far larger is refused before it is parsed
@@ -162,6 +163,24 @@ class _BodyLimit:
         await error_response(413, message, code="body_too_large")(scope, receive, send)
 
 
+class _BearerAuth:
+    """ASGI middleware answering 401 to an API request without `Authorization: Bearer <key>` (constant-time
+    compare) before its body is read: an unauthenticated client costs neither parsing nor tokenising."""
+
+    def __init__(self, app: Any, api_key: str | None) -> None:
+        self.app, self.key = app, None if api_key is None else api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.key is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        refused = error_response(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await refused(scope, receive, send)
+
+
 def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     """The FastAPI app over `engine` (started in the lifespan, closed after in-flight requests finish)."""
 
@@ -199,16 +218,6 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
 
-    async def authorised(request: Request) -> None:
-        """Require `Authorization: Bearer <key>` when a key is configured (constant-time compare)."""
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise EngineError("invalid or missing API key (send Authorization: Bearer <key>)", kind="unauthorized",
-                              code="invalid_api_key")
-
     def check_model(model: str | None) -> None:
         """404 unless `model` is the served one (its id or the --model value)."""
         if model is not None and model not in (config.served_model, engine.config.model):
@@ -233,14 +242,14 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         body, content_type = engine.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    @app.get("/v1/models")
     async def models() -> p.ModelList:
         """The served model, with its default KV policy and budget."""
         card = p.ModelCard(id=config.served_model, created=p.now(), max_model_len=engine.context,
                            kv_policy=engine.policy_name, kv_budget=engine.config.budget)
         return p.ModelList(data=[card])
 
-    @app.post("/v1/completions", dependencies=[Depends(authorised)])
+    @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, http: Request) -> Response:
         """OpenAI completions over the raw prompt (no chat template)."""
         check_model(body.model)
@@ -248,7 +257,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         request = _generation_request(engine, body, ids, body.max_tokens, "prompt")
         return await _respond(engine, body, request, _CompletionShape(config.served_model, body.stream), http)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    @app.post("/v1/chat/completions")
     async def chat(body: p.ChatCompletionRequest, http: Request) -> Response:
         """OpenAI chat completions through the tokenizer's chat template."""
         check_model(body.model)
@@ -258,7 +267,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(engine, body, request, _ChatShape(config.served_model, usage), http)
 
-    @app.post("/v1/plan", dependencies=[Depends(authorised)])
+    @app.post("/v1/plan")
     async def plan(body: p.PlanRequest) -> p.PlanResponse:
         """The plan the policy picks for a prompt, and its predicted bytes, without generating."""
         check_model(body.model)
@@ -273,7 +282,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         return p.PlanResponse(model=config.served_model, prompt_tokens=out.prompt_tokens,
                               kv_cache=p.KVCacheInfo(**out.kv), plan=out.plan)
 
-    @app.post("/v1/admin/reload", dependencies=[Depends(authorised)])
+    @app.post("/v1/admin/reload")
     async def reload(body: p.ReloadRequest | None = None) -> dict[str, Any]:
         """Re-resolve the policy (a new champion) or switch to another; the old one stays on failure."""
         if config.api_key is None:
@@ -287,6 +296,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     app.add_middleware(_ReplicaHeader, replica=config.replica)
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(_BearerAuth, api_key=config.api_key)  # before any body is read
     app.add_middleware(_Counting, engine=engine)  # outermost: sees every response, errors included
     return app
 

@@ -358,3 +358,34 @@ def test_graceful_shutdown_finishes_in_flight_request(tmp_path, model_dir):
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens"] > 200
     assert code in STOPPED and "Application shutdown complete" in srv.log_tail(), srv.log_tail()
+
+
+def test_an_unauthenticated_request_is_refused_before_its_body_is_read(server):
+    # an unparseable body is a 400 once read: without a key it is a 401, with one the 400
+    response = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    authed = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
+                        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    assert authed.status_code == 400 and authed.json()["error"]["code"] != "invalid_api_key"
+
+
+def test_bearer_middleware_never_reads_a_refused_body():
+    import asyncio
+
+    from adaptive_kv.services.app import _BearerAuth
+
+    async def app(scope, receive, send):
+        raise AssertionError("the wrapped app must not run")
+
+    async def receive():
+        raise AssertionError("the body must not be read")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/completions", "headers": [(b"authorization", b"Bearer nope")],
+             "method": "POST"}
+    asyncio.run(_BearerAuth(app, "secret")(scope, receive, send))
+    assert sent[0]["status"] == 401

@@ -77,8 +77,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_train_scorer(sub: argparse._SubParsersAction) -> None:
     """Register `train-scorer`."""
-    from adaptive_kv.predicted_reconstruction import KINDS
-
     p = sub.add_parser("train-scorer", help="fit the reconstruction predictor (kvzap, learned scores) on Ray, "
                                             "tracked in MLflow")
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
@@ -88,7 +86,7 @@ def add_train_scorer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-per-task", type=cli_args.positive, default=None, help="training contexts per task and length")
     p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="held-out contexts per task and length")
     p.add_argument("--sample-tokens", type=cli_args.positive, default=None, help="tokens per training context (default 512)")
-    p.add_argument("--kinds", type=cli_args.csv, default=None, help=f"kinds to fit and compare (default {','.join(KINDS)})")
+    p.add_argument("--kinds", type=cli_args.csv, default=None, help="kinds to fit and compare: linear, mlp (default both)")
     p.add_argument("--workers", type=cli_args.positive, default=2, help="Ray workers (one model copy each)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
