@@ -231,9 +231,9 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        """Readiness: model and policy loaded, worker running."""
+        """Readiness: model and policy loaded, worker running. Open to probes, so it names no folder or URI."""
         ready = engine.ready
-        body = {"status": "ready" if ready else "not ready", "model": config.served_model, "policy": engine.policy_name}
+        body = {"status": "ready" if ready else "not ready", "model": config.served_model}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")

@@ -389,3 +389,8 @@ def test_bearer_middleware_never_reads_a_refused_body():
              "method": "POST"}
     asyncio.run(_BearerAuth(app, "secret")(scope, receive, send))
     assert sent[0]["status"] == 401
+
+
+def test_probes_say_no_more_than_readiness(server):
+    body = httpx.get(f"{server.url}/readyz").json()
+    assert body == {"status": "ready", "model": body["model"]}  # no policy folder or registry URI for anyone
