@@ -225,3 +225,56 @@ def test_global_grid_round_trips_and_bad_global_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"global options read features \['recon_global_top10'"):
         ControllerConfig(model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES,
                          grid=option_grid(global_keeps=(0.1, 0.05)), layout=Layout(**LAYOUT), layer_weights=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden", 10**9, r"hidden must be an integer in \[1, 1024\], got 1000000000"),
+    ("layers", 10**6, r"layers must be an integer in \[1, 16\], got 1000000"),
+    ("embedding", 0, r"embedding must be an integer in \[1, 256\], got 0"),
+    ("hidden", "64", r"hidden must be an integer in \[1, 1024\], got '64'"),
+    ("model_shape", {"num_layers": 10**7, "num_kv_heads": 2, "head_dim": 16},
+     r"model_shape.num_layers must be an integer in \[1, 1024\], got 10000000"),
+    ("model_shape", {"num_layers": 2, "num_kv_heads": True, "head_dim": 16},
+     r"model_shape.num_kv_heads must be an integer in \[1, 1024\], got True"),
+    ("model_shape", {"num_layers": 2, "num_kv_heads": 2, "head_dim": 10**5},
+     r"model_shape.head_dim must be an integer in \[1, 4096\], got 100000"),
+    ("model_shape", [2, 2, 16], "model_shape must be an object, got list"),
+    ("feature_names", ["f"] * 300, "feature_names must be 1 to 256 names, got 300 entries"),
+    ("feature_names", [], "feature_names must be 1 to 256 names, got 0 entries"),
+])
+def test_every_size_in_a_controller_file_is_bounded_before_anything_is_built(controller, tmp_path, field, value,
+                                                                             message, monkeypatch):
+    from adaptive_kv.policies.controller import files
+
+    folder, _, _ = controller
+    data = json.loads((folder / "controller.json").read_text())
+    (tmp_path / "controller.json").write_text(json.dumps({**data, field: value}))
+    (tmp_path / "controller.safetensors").write_bytes((folder / "controller.safetensors").read_bytes())
+    monkeypatch.setattr(files.ControllerConfig, "build", lambda self: pytest.fail("built before the checks"))
+    with pytest.raises(ValueError, match=message):
+        load_controller(tmp_path)
+
+
+def test_weights_are_checked_by_their_header_before_the_network_is_built(controller, tmp_path, monkeypatch):
+    from adaptive_kv.policies.controller import files
+
+    folder, config, _ = controller
+    data = json.loads((folder / "controller.json").read_text())
+    (tmp_path / "controller.json").write_text(json.dumps({**data, "hidden": 1024, "layers": 16}))  # in bounds, wrong
+    (tmp_path / "controller.safetensors").write_bytes((folder / "controller.safetensors").read_bytes())
+    monkeypatch.setattr(files.ControllerConfig, "build", lambda self: pytest.fail("built before the header check"))
+    with pytest.raises(ValueError, match="do not match its config"):
+        load_controller(tmp_path)
+    monkeypatch.setattr(files, "MAX_WEIGHTS_BYTES", 10)
+    with pytest.raises(ValueError, match="over the 10-byte limit for a controller file"):
+        load_controller(folder)
+
+
+@pytest.mark.parametrize("hidden, layers, embedding", [(16, 1, 8), (32, 3, 4), (7, 2, 1)])
+def test_expected_shapes_are_those_of_the_built_network(hidden, layers, embedding):
+    import dataclasses
+
+    from adaptive_kv.policies.controller.files import expected_shapes
+
+    config = dataclasses.replace(_config(), hidden=hidden, layers=layers, embedding=embedding)
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in config.build().state_dict().items()}

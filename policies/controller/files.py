@@ -18,6 +18,11 @@ from adaptive_kv.policies.controller.options import HeadOption, grid_from_json, 
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "controller.json", "controller.safetensors"
+# every size a file may declare, bounded before anything is built from it: (low, high) inclusive
+SIZE_BOUNDS = {"hidden": (1, 1024), "layers": (1, 16), "embedding": (1, 256)}
+SHAPE_BOUNDS = {"num_layers": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (1, 4096)}
+MAX_FEATURES, MAX_OPTIONS = 256, 1024
+MAX_CONFIG_BYTES, MAX_WEIGHTS_BYTES = 1 << 20, 64 << 20
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,20 @@ class ControllerConfig:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key in ("num_layers", "num_kv_heads", "head_dim"):
-            if not isinstance(self.model_shape.get(key), int) or self.model_shape[key] < 1:
-                raise ValueError(f"model_shape.{key} must be a positive integer, got {self.model_shape.get(key)!r}")
+        if not isinstance(self.model_shape, dict):
+            raise ValueError(f"model_shape must be an object, got {type(self.model_shape).__name__}")
+        for key, (low, high) in SHAPE_BOUNDS.items():
+            value = self.model_shape.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"model_shape.{key} must be an integer in [{low}, {high}], got {value!r}")
+        for key, (low, high) in SIZE_BOUNDS.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{key} must be an integer in [{low}, {high}], got {value!r}")
+        if not 1 <= len(self.feature_names) <= MAX_FEATURES or not all(isinstance(f, str) for f in self.feature_names):
+            raise ValueError(f"feature_names must be 1 to {MAX_FEATURES} names, got {len(self.feature_names)} entries")
+        if not 1 <= len(self.grid) <= MAX_OPTIONS:
+            raise ValueError(f"grid must have 1 to {MAX_OPTIONS} options, got {len(self.grid)}")
         if len(self.layer_weights) != self.model_shape["num_layers"]:
             raise ValueError(f"layer_weights must have {self.model_shape['num_layers']} entries, got {len(self.layer_weights)}")
         needed = sorted({o.share_feature for o in self.grid if o.allocation == "global"} - set(self.feature_names))
@@ -97,23 +113,44 @@ def load_controller(folder: str | Path) -> tuple[ControllerConfig, ControllerNet
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
+    for path, limit in ((config_path, MAX_CONFIG_BYTES), (weights_path, MAX_WEIGHTS_BYTES)):
         if not path.is_file():
             raise ValueError(f"controller file missing: {path}")
+        if path.stat().st_size > limit:
+            raise ValueError(f"{path} is {path.stat().st_size} bytes, over the {limit}-byte limit for a controller file")
     try:
         config = ControllerConfig.from_json(json.loads(config_path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ValueError(f"corrupt controller config {config_path}: {exc}") from None
+    expected = expected_shapes(config)
+    try:  # the header first: nothing is built or read in full for weights that cannot fit the config
+        with safe_open(str(weights_path), framework="pt") as handle:
+            got = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"corrupt controller weights {weights_path}: {exc}") from None
+    if expected != got:
+        raise ValueError(f"controller weights {weights_path} do not match its config: expected {expected}, got {got}")
     net = config.build()
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"corrupt controller weights {weights_path}: {exc}") from None
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        raise ValueError(f"controller weights {weights_path} do not match its config: expected {expected}, got {got}")
     net.load_state_dict(state)
     return config, net.eval()
+
+
+def expected_shapes(config: ControllerConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a controller of `config`'s sizes holds (`ControllerNet`), without building it."""
+    heads = config.model_shape["num_layers"] * config.model_shape["num_kv_heads"]
+    features, options = len(config.feature_names), len(config.grid)
+    shapes = {"head_embedding.weight": (heads, config.embedding), "feature_mean": (features,), "feature_std": (features,)}
+    width = features + config.embedding
+    for i in range(config.layers):
+        shapes[f"mlp.{2 * i}.weight"], shapes[f"mlp.{2 * i}.bias"] = (config.hidden, width), (config.hidden,)
+        width = config.hidden
+    shapes[f"mlp.{2 * config.layers}.weight"], shapes[f"mlp.{2 * config.layers}.bias"] = (options, width), (options,)
+    return shapes
