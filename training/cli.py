@@ -8,17 +8,22 @@ import json
 from adaptive_kv import cli_args
 
 
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """Where the work runs and is tracked (shared by `train` and `train-scorer`)."""
+    p.add_argument("--workers", type=cli_args.positive, default=2, help="Ray workers (one model copy each)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     """Register `train`."""
     p = sub.add_parser("train", help="train the learned controller: labels and Optuna trials on Ray, tracked in MLflow")
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
     p.add_argument("--budgets", type=cli_args.budgets, default=None, help="target budgets (default 0.25,0.125,0.0625)")
     p.add_argument("--trials", type=cli_args.positive, default=None, help="finished Optuna trials the study should hold (default 8)")
-    p.add_argument("--workers", type=cli_args.positive, default=2, help="Ray workers (one model copy each)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    _add_cluster_flags(p)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUTPUT/optuna.db)")
     p.add_argument("--study", default="adaptive-kv", help="Optuna study name; rerun with the same name to resume")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--output", default="outputs/train", help="folder for labels, trials, the controller and figures")
     p.add_argument("--tasks", type=cli_args.csv, default=None, help="calibration task mix (comma-separated)")
     p.add_argument("--context-length", type=cli_args.positive, default=None, help="calibration context length in tokens")
@@ -87,9 +92,7 @@ def add_train_scorer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="held-out contexts per task and length")
     p.add_argument("--sample-tokens", type=cli_args.positive, default=None, help="tokens per training context (default 512)")
     p.add_argument("--kinds", type=cli_args.csv, default=None, help="kinds to fit and compare: linear, mlp (default both)")
-    p.add_argument("--workers", type=cli_args.positive, default=2, help="Ray workers (one model copy each)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    _add_cluster_flags(p)
     p.add_argument("--output", default="outputs/scorer", help="folder for the scorer and its summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_scorer)
