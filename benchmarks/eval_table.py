@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("--output", default="README.md", help="file written under ROOT")
+    parser.add_argument("--made-by", default=None, help="the command that made the rows, quoted at the top")
     args = parser.parse_args(argv)
     rows = _rows(args.root)
     keys = sorted({k for r in rows.values() for k in r if k[0] != "full"}, key=lambda k: (-k[1], k[0]))
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     policies = sorted({p for p, _ in keys})
     lines = [f"Held-out rows under `{args.root}` (seed 0). Cells: score [95 % bootstrap interval]; "
              f"samples per row: {sorted({len(s) for r in rows.values() for s in r.values()})}.", ""]
+    if args.made_by:
+        lines[0] = f"Made by `{args.made_by}`; table by `python benchmarks/eval_table.py {args.root}`. " + lines[0]
     lines += ["| row | full | " + " | ".join(f"{p} @ {b:g}" for b in budgets for p in policies) + " |",
               "|---|---|" + "---|" * len(budgets) * len(policies)]
     for name, row in rows.items():

@@ -1,7 +1,8 @@
 """The service under load with the embedded model: continuous batching under one KV memory limit.
 
 Scenarios (uvicorn, one process, every one under the same `--kv-memory`): the full cache, `hybrid`,
-`learned` (on exact and on predicted reconstruction scores) and `kvzap` at budget 0.125 (batched), and `hybrid` at 0.125 with `--max-batch 1` (one request
+`learned` (on predicted reconstruction scores, its default, and on exact ones) and `kvzap` at budget
+0.125 (batched), and `hybrid` at 0.125 with `--max-batch 1` (one request
 at a time, as the engine ran before batching). Optionally `hybrid` on Ray Serve with 1 and 2
 replicas (`--ray`).
 
@@ -250,8 +251,8 @@ def main() -> int:
         Scenario("full", ("--policy", "full", "--budget", "1.0", *threads)),
         Scenario("hybrid@0.125", ("--policy", "hybrid", "--budget", "0.125", *threads)),
         Scenario("learned@0.125", ("--policy", "learned", "--budget", "0.125", *threads)),
-        Scenario("learned@0.125 predicted", ("--policy", "learned", "--reconstruction", "predicted", "--budget", "0.125",
-                                             *threads)),
+        Scenario("learned@0.125 exact", ("--policy", "learned", "--reconstruction", "exact", "--budget", "0.125",
+                                         *threads)),
         Scenario("kvzap@0.125", ("--policy", "kvzap", "--budget", "0.125", *threads)),
         Scenario("hybrid@0.125 one at a time", ("--policy", "hybrid", "--budget", "0.125", "--max-batch", "1",
                                                 *threads)),

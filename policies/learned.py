@@ -70,8 +70,9 @@ def _feature_index(have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor
 RECONSTRUCTION_SOURCES = ("exact", "predicted")
 
 
-def trained_on(config: ControllerConfig) -> str:
-    """The reconstruction source a controller was trained on (its notes; "exact" when they say nothing)."""
+def default_reconstruction(config: ControllerConfig) -> str:
+    """The reconstruction source a controller reads unless told: its notes' `reconstruction` (training
+    writes the source it trained on), else "exact"."""
     source = config.notes.get("reconstruction", "exact")
     if source not in RECONSTRUCTION_SOURCES:
         raise ValueError(f"controller notes.reconstruction must be one of {RECONSTRUCTION_SOURCES}, got {source!r}")
@@ -110,7 +111,7 @@ class Learned(Policy):
     path: str | None = None
     # where the reconstruction scores and features come from: "exact" (the second pass), "predicted"
     # (the predictor in `scorer_path`, default the controller's folder: no second pass), or "auto":
-    # what the controller was trained on (`controller.json` notes; exact when they say nothing)
+    # the controller's own default (`controller.json` notes; exact when they say nothing)
     reconstruction: str = "auto"
     scorer_path: str | None = None
     config: ControllerConfig = field(init=False, repr=False, compare=False)
@@ -124,10 +125,10 @@ class Learned(Policy):
         folder = Path(self.path) if self.path is not None else SHIPPED
         config, net = load_controller(folder)
         if self.reconstruction == "auto":
-            object.__setattr__(self, "reconstruction", trained_on(config))
+            object.__setattr__(self, "reconstruction", default_reconstruction(config))
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "net", net)
-        if _reads_predicted(self._layout, self._feature_names):
+        if _reads_predicted(self._layout, self.feature_names):
             scorer = Path(self.scorer_path) if self.scorer_path is not None else folder
             if not has_predictor(scorer):
                 raise ValueError(f"scorer_path {scorer} holds no reconstruction predictor ({SCORER_JSON}); "
@@ -157,7 +158,7 @@ class Learned(Policy):
         return dataclasses.replace(layout, **overrides)
 
     @functools.cached_property
-    def _feature_names(self) -> tuple[str, ...]:
+    def feature_names(self) -> tuple[str, ...]:
         """The statistics' features the controller reads, in its order."""
         names = tuple(self.config.feature_names)
         return _predicted_twins(names) if self.reconstruction == "predicted" else names
@@ -166,7 +167,7 @@ class Learned(Policy):
         """Exact reconstruction is read when the controller's scorer or features use it, the predictor
         runs when they use predicted scores."""
         layout = self._layout
-        recon = layout.scorer == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self._feature_names)
+        recon = layout.scorer == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.feature_names)
         return StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size, reconstruction=recon,
                            predictor=self.predictor)
 
@@ -179,10 +180,10 @@ class Learned(Policy):
                 f"controller was trained for {shape['num_layers']} layers x {shape['num_kv_heads']} KV heads, "
                 f"the statistics have {stats.num_layers} x {stats.num_kv_heads}"
             )
-        missing = [f for f in self._feature_names if f not in stats.feature_names]
+        missing = [f for f in self.feature_names if f not in stats.feature_names]
         if missing:
             raise ValueError(f"statistics lack the controller's features {missing}; build the cache with policy.stats_config()")
-        idx = _feature_index(tuple(stats.feature_names), self._feature_names)
+        idx = _feature_index(tuple(stats.feature_names), self.feature_names)
         features = stats.features[..., idx].float().reshape(-1, len(idx))
         first = first_layer * stats.num_kv_heads  # head identities: layer * H + head
         with torch.inference_mode():

@@ -188,14 +188,21 @@ class Engine:
             self._policy = loaded  # one reference swap: requests already running keep the policy they took
             return loaded
 
+    def _check_predictor(self, policy) -> None:
+        """ValueError when the policy's reconstruction predictor was fitted for another model."""
+        predictor = policy.stats_config().predictor
+        if predictor is not None:
+            predictor.check_model(self.model.config)
+
     @torch.inference_mode()
     def _check_policy(self, loaded: LoadedPolicy) -> bool:
         """Plan one short prompt at budget 1 with `loaded`: EngineError when it cannot plan for this model."""
         from adaptive_kv.prefill import capture, needs_of
 
         ids = tuple(i % self.model.config.vocab_size for i in range(_CHECK_TOKENS))
-        stats = capture(self.model, self.tokenizer, ids, needs_of([loaded.policy])).cache.stats
         try:
+            self._check_predictor(loaded.policy)
+            stats = capture(self.model, self.tokenizer, ids, needs_of([loaded.policy])).cache.stats
             loaded.policy.plan(stats, 1.0)
         except ValueError as exc:
             raise EngineError(f"policy {loaded.spec.describe()!r} cannot plan for model {self.config.model!r}: {exc}",
@@ -254,12 +261,10 @@ class Engine:
             except ValueError as exc:  # an unknown name, or a known one whose files are missing
                 code = "unknown_policy" if name not in available_policies() else "policy_unavailable"
                 raise EngineError(str(exc), param="kv_policy", code=code) from exc
-            predictor = policy.stats_config().predictor
-            if predictor is not None:
-                try:  # a scorer fitted for another model: the client's choice, refused before any work
-                    predictor.check_model(self.model.config)
-                except ValueError as exc:
-                    raise EngineError(f"kv_policy {name!r}: {exc}", param="kv_policy", code="policy_failed") from exc
+            try:  # a scorer fitted for another model: the client's choice, refused before any work
+                self._check_predictor(policy)
+            except ValueError as exc:
+                raise EngineError(f"kv_policy {name!r}: {exc}", param="kv_policy", code="policy_failed") from exc
             self._static[name] = policy
         return name, self._static[name]
 

@@ -121,7 +121,7 @@ def test_mismatched_model_shape_is_refused(controller):
 def test_shipped_controller_loads_and_fits_the_embedded_model():
     policy = get_policy("learned")
     assert policy.config.model_shape == {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
-    stats = AttentionStats(torch.zeros(30, 3, len(policy.config.feature_names)), {}, 1024, policy.config.feature_names,
+    stats = AttentionStats(torch.zeros(30, 3, len(policy.feature_names)), {}, 1024, policy.feature_names,
                            head_dim=64, dtype_bytes=4)
     plan = policy.plan(stats, 0.125)
     assert plan.nbytes(1024, 64, 4) <= 0.125 * plan.full_nbytes(1024, 64, 4)

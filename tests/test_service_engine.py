@@ -131,11 +131,12 @@ def test_policy_uri_local_folder(tmp_path, learned_builds):
 
 
 def test_learned_served_on_predicted_scores_needs_no_second_pass():
-    loaded = resolve_policy(PolicySpec("learned", reconstruction="predicted"))
+    loaded = resolve_policy(PolicySpec("learned"))  # the shipped controller reads predicted scores by default
     needs = loaded.policy.stats_config()
-    assert needs.predictor is not None and not needs.reconstruction
-    assert loaded.spec.describe() == "learned:reconstruction=predicted"
-    assert resolve_policy(PolicySpec("learned")).policy.stats_config().reconstruction  # the shipped one: exact
+    assert needs.predictor is not None and not needs.reconstruction and loaded.spec.describe() == "learned"
+    exact = resolve_policy(PolicySpec("learned", reconstruction="exact"))
+    assert exact.policy.stats_config().reconstruction and exact.policy.stats_config().predictor is None
+    assert exact.spec.describe() == "learned:reconstruction=exact"
 
 
 @pytest.mark.parametrize("argv, message", [
