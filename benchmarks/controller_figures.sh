@@ -7,11 +7,13 @@
 #        are re-evaluated, on the same samples, and replace the committed ones; the old rows stay in
 #        results.json under previous_rows)
 #        OUT_ROOT=outputs/figs bash benchmarks/controller_figures.sh 10   (every policy, into another folder)
+# `learned` reads predicted reconstruction scores by default; the committed rows read exact ones:
+# POLICY_LEARNED=learned:reconstruction=exact reproduces them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 samples="${1:-10}"; shift || true
 tasks=("${@:-passkey fidelity niah_single niah_multikey variable_tracking}")
-policies="learned,kvzip,hybrid,kivi,knorm,tova,ada_kv,snapkv"
+policies="${POLICY_LEARNED:-learned},kvzip,hybrid,kivi,knorm,tova,ada_kv,snapkv"
 shared="tova:selection=shared,snapkv:selection=shared,knorm:selection=shared,h2o,h2o:selection=shared"
 for task in ${tasks[@]}; do
   for protocol in query_agnostic query_aware; do
