@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,21 @@ def pareto_png(results: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(results: dict[str, Any], output: Path) -> dict[str, Path]:
-    """Write results.json, summary.md and pareto.png into `output`; returns their paths."""
+    """Write results.json, summary.md and pareto.png into `output`; returns their paths. Each file is
+    written beside its target and renamed over it, so a crash leaves the previous file whole."""
     output.mkdir(parents=True, exist_ok=True)
     paths = {"results": output / "results.json", "summary": output / "summary.md", "pareto": output / "pareto.png"}
-    paths["results"].write_text(json.dumps(results, indent=2))
-    paths["summary"].write_text(summary_markdown(results))
-    pareto_png(results, paths["pareto"])
+    _replace(paths["results"], lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    _replace(paths["summary"], lambda tmp: tmp.write_text(summary_markdown(results)))
+    _replace(paths["pareto"], lambda tmp: pareto_png(results, tmp))
     return paths
+
+
+def _replace(path: Path, write) -> None:
+    """`write(tmp)` to a temporary sibling of `path`, then rename it over `path` (the temporary is removed on failure)."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -199,3 +199,22 @@ def test_bootstrap_interval_matches_the_exact_resampling_distribution():
     assert below(high) <= 0.975 + 0.01 and at_most(high) >= 0.975 - 0.01
     assert low < sum(scores) / 4 < high
     assert bootstrap_interval([100.0] * 5) == [100.0, 100.0]
+
+
+def test_a_failed_write_leaves_the_previous_outputs_whole(llama_gqa, tiny_tokenizer, tmp_path, monkeypatch):
+    import os
+
+    config = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("passkey",), context_length=256, samples=1,
+                        max_new_tokens=2)
+    results = Evaluator(llama_gqa, tiny_tokenizer, config, catalog=catalog, model_name="tiny").run()
+    paths = write_outputs(results, tmp_path)
+    before = {name: path.read_bytes() for name, path in paths.items()}
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs({**results, "model": "other"}, tmp_path)
+    assert {name: path.read_bytes() for name, path in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png", "results.json", "summary.md"]

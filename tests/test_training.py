@@ -211,7 +211,7 @@ def _config(folder, out, **overrides):
     return TrainConfig.smoke(**{**base, **overrides})
 
 
-def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
+def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
@@ -240,7 +240,16 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local):
         "controller/controller.json", "controller/controller.safetensors", "controller/scorer.json",
         "controller/scorer.safetensors"}
     # the registered pyfunc serves plans, and the service's fetch gives a loadable controller
+    monkeypatch.setenv("ADAPTIVE_KV_CACHE", str(tmp_path / "cache"))
+    downloads = []
+    download = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: downloads.append(kw) or download(**kw))
     folder = fetch_controller("models:/adaptive-kv-controller@champion", uri)
+    # a second fetch (a reload) reuses the finished download of that version and leaves nothing behind
+    assert fetch_controller("models:/adaptive-kv-controller@champion", uri) == folder
+    assert fetch_controller(f"models:/adaptive-kv-controller/{version.version}", uri) == folder
+    assert len(downloads) == 1
+    assert [p.name.startswith(".partial-") for p in (tmp_path / "cache" / "controllers").iterdir()] == [False]
     policy = get_policy("learned", path=str(folder))  # reads what it was trained on: the shipped scorer's predictions
     from adaptive_kv.predicted_reconstruction import load_predictor
 

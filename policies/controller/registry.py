@@ -32,12 +32,55 @@ def fetch_controller(uri: str, tracking: str | None = None) -> Path:
         return folder
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(tracking))
+    store = tracking_uri(tracking)
+    mlflow.set_tracking_uri(store)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = _download_once(uri, store)
     except Exception as exc:  # MLflow raises several types for unknown names, aliases and stores
-        raise ValueError(f"cannot fetch {uri!r} from {tracking_uri(tracking)}: {exc}") from None
+        raise ValueError(f"cannot fetch {uri!r} from {store}: {exc}") from None
     found = sorted(local.rglob("controller.json"))
     if not found:
         raise ValueError(f"{uri!r} holds no controller.json")
     return found[0].parent
+
+
+def _resolved(uri: str) -> str:
+    """What `uri` points at now: an alias resolved to its model version (an alias moves; a version and
+    a run's artifacts never change, so a download of either is kept and reused)."""
+    from mlflow import MlflowClient
+
+    body = uri[len("models:/"):] if uri.startswith("models:/") else ""
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+    return uri
+
+
+def _download_once(uri: str, store: str) -> Path:
+    """The artifacts of `uri` in a cache folder per (store, resolved version): downloaded into a
+    temporary sibling and renamed into place, so a reload reuses a finished download and never leaves
+    a folder per call behind."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    from adaptive_kv.models import resolve_cache_dir
+
+    root = resolve_cache_dir() / "controllers"
+    root.mkdir(parents=True, exist_ok=True)
+    resolved = _resolved(uri)  # downloaded as resolved: an alias moving meanwhile cannot mix versions
+    target = root / hashlib.sha256(f"{store}|{resolved}".encode()).hexdigest()[:24]
+    if target.is_dir():
+        return target
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=str(partial))
+        os.replace(partial, target)
+    except OSError:
+        if not target.is_dir():  # not a concurrent fetch of the same version that finished first
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
