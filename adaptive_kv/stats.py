@@ -45,6 +45,7 @@ RECON_GLOBAL_SHARE: tuple[str, ...] = tuple(f"recon_global_top{int(f * 100)}" fo
 RECONSTRUCTION_FEATURES: tuple[str, ...] = RECON_TOP_MASS + RECON_GLOBAL_SHARE
 # the same features read from predicted reconstruction scores (`adaptive_kv.predicted_reconstruction`)
 PREDICTED_FEATURES: tuple[str, ...] = tuple(f"predicted_{name}" for name in RECONSTRUCTION_FEATURES)
+PREDICTED_TWIN: dict[str, str] = dict(zip(RECONSTRUCTION_FEATURES, PREDICTED_FEATURES))  # exact name -> predicted
 # the features each reconstruction scorer's scores give
 SCORE_FEATURES: dict[str, tuple[str, ...]] = {
     "reconstruction": RECONSTRUCTION_FEATURES,
@@ -167,7 +168,7 @@ class AttentionStats:
         so a controller trained on predicted scores is trained and validated by the code that reads exact ones."""
         if "predicted_reconstruction" not in self.token_scores or self.has_reconstruction:
             raise ValueError("predicted_as_exact needs predicted reconstruction scores and no exact ones")
-        twin = dict(zip(PREDICTED_FEATURES, RECONSTRUCTION_FEATURES))
+        twin = {predicted: exact for exact, predicted in PREDICTED_TWIN.items()}
         scores = {("reconstruction" if k == "predicted_reconstruction" else k): v for k, v in self.token_scores.items()}
         return replace(self, token_scores=scores, feature_names=tuple(twin.get(f, f) for f in self.feature_names))
 

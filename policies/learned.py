@@ -21,7 +21,7 @@ from adaptive_kv.policies.controller.options import global_keeps_from_share, kee
 from adaptive_kv.policies.registry import register
 from adaptive_kv.predicted_reconstruction import (PREDICTED_SCORER, SCORER_JSON, ReconstructionPredictor, has_predictor,
                                                   load_predictor)
-from adaptive_kv.stats import PREDICTED_FEATURES, RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
+from adaptive_kv.stats import PREDICTED_FEATURES, PREDICTED_TWIN, RECONSTRUCTION_FEATURES, AttentionStats, StatsConfig
 
 
 MEMO_LENGTHS = 256  # context lengths whose option bytes and budgets a policy keeps
@@ -81,8 +81,7 @@ def default_reconstruction(config: ControllerConfig) -> str:
 
 def _predicted_twins(names: tuple[str, ...]) -> tuple[str, ...]:
     """Each exact reconstruction feature's predicted twin (other names unchanged)."""
-    twin = dict(zip(RECONSTRUCTION_FEATURES, PREDICTED_FEATURES))
-    return tuple(twin.get(name, name) for name in names)
+    return tuple(PREDICTED_TWIN.get(name, name) for name in names)
 
 
 def _reads_predicted(layout: Layout, feature_names: tuple[str, ...]) -> bool:

@@ -267,7 +267,7 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     names = policy.config.feature_names
     features = torch.rand(2, 2, len(names))
     stats = AttentionStats(features, {}, 200, names, head_dim=16, dtype_bytes=4)
-    twins = dict(zip(RECONSTRUCTION_FEATURES, PREDICTED_FEATURES))
+    twins = dict(zip(RECONSTRUCTION_FEATURES, PREDICTED_FEATURES))  # by position, independently of PREDICTED_TWIN
     predicted = AttentionStats(features, {}, 200, tuple(twins.get(n, n) for n in names), head_dim=16, dtype_bytes=4)
     import pandas as pd
 
