@@ -197,3 +197,35 @@ def test_scorer_flags_are_refused_in_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_heldout_metrics_are_per_layer_over_requests_and_heads():
+    model = build_tiny_model("llama_mha")  # 2 layers x 4 KV heads: a per-head average would have 4 entries
+    predictor = random_predictor(model)
+    gen = torch.Generator().manual_seed(3)
+    examples = []
+    for i in range(3):
+        inputs = torch.randn(2, 50, model.config.hidden_size, generator=gen).half()
+        own = torch.stack([predictor.log_scores(l, inputs[l].float()) for l in range(2)])  # (L, H, N)
+        targets = torch.stack([own[0], -own[1]])  # layer 0 ranked as predicted, layer 1 reversed
+        examples.append(ScorerExample(f"r{i}", inputs, targets))
+    metrics = heldout_metrics(predictor, examples)
+    assert metrics["spearman"] == pytest.approx([1.0, -1.0], abs=1e-6)
+    assert metrics["recall_top25"] == pytest.approx([1.0, 0.0])
+
+
+def test_a_sliding_layer_is_scored_over_the_tokens_it_holds():
+    from adaptive_kv.cache import sliding_windows
+    from adaptive_kv.plan import window_tokens
+
+    model = build_family_model("gemma3")  # sliding, global, sliding layers
+    predictor = random_predictor(model)
+    ids = _ids(0)
+    stats = capture(model, None, ids, StatsConfig(predictor=predictor)).cache.stats
+    direct = _direct_scores(model, predictor, ids)
+    for layer, window in enumerate(sliding_windows(model.config)):
+        held = window_tokens(CONTEXT, window)
+        got = stats.token_scores[PREDICTED_SCORER][layer]
+        torch.testing.assert_close(got[:, CONTEXT - held:], direct[layer][:, CONTEXT - held:], atol=1e-6, rtol=1e-5)
+        assert (got[:, : CONTEXT - held] == 0).all()
+    assert window_tokens(CONTEXT, sliding_windows(model.config)[0]) < CONTEXT  # the case is really sliding
