@@ -7,7 +7,7 @@ import os
 import torch
 
 # Triton reads TRITON_INTERPRET when it is imported, and importing transformers' models imports
-# triton: without CUDA, interpret the Triton kernels (tests/test_triton_kernels.py). This changes
+# triton: without CUDA, interpret the Triton kernels (tests/kernels/test_triton_kernels.py). This changes
 # no default: the triton backend is used only when asked for by name or $ADAPTIVE_KV_BACKEND.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -103,7 +103,7 @@ def build_tiny_model(kind: str = "llama_gqa", seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-# The family matrix (tests/test_families.py): one tiny random model per architecture a user may
+# The family matrix (tests/core/test_families.py): one tiny random model per architecture a user may
 # bring. Sliding windows are small enough that a 64-token context and its decode run past them.
 FAMILIES = ("llama_gqa", "llama_mha", "qwen2", "qwen2_sliding", "qwen3", "mistral", "gemma3", "phi3")
 FAMILY_WINDOW = 24
@@ -202,3 +202,20 @@ def scorer_folder(model: torch.nn.Module) -> str:
         random_predictor(model).save(folder)
         _SCORER_FOLDERS[id(model)] = folder
     return _SCORER_FOLDERS[id(model)]
+
+
+def hand_made_stats(layers: int = 2, heads: int = 2, seq_len: int = 300, *, features: dict | torch.Tensor | None = None,
+                    scores: dict | None = None, head_dim: int = 16, dtype_bytes: int = 4):
+    """AttentionStats made by hand: `features` is a full tensor, or {name: value} over zeros; every token
+    scorer's scores are seeded random unless given in `scores`."""
+    from adaptive_kv.plan import TOKEN_SCORERS
+    from adaptive_kv.stats import FEATURE_NAMES, AttentionStats
+
+    if not isinstance(features, torch.Tensor):
+        named, features = features or {}, torch.zeros(layers, heads, len(FEATURE_NAMES))
+        for name, value in named.items():
+            features[..., FEATURE_NAMES.index(name)] = value
+    gen = torch.Generator().manual_seed(0)
+    token_scores = {s: torch.rand(layers, heads, seq_len, generator=gen) for s in TOKEN_SCORERS}
+    return AttentionStats(features, {**token_scores, **(scores or {})}, seq_len, head_dim=head_dim,
+                          dtype_bytes=dtype_bytes)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
     COMPOSE is None, reason="docker-compose not installed (.ci/run installs Debian's package before the tests)"

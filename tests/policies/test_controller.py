@@ -12,6 +12,7 @@ from adaptive_kv.policies.learned import Learned
 from adaptive_kv.policies.controller.options import option_grid
 from adaptive_kv.stats import FEATURE_NAMES, AttentionStats
 from adaptive_kv.training.calibration import EVALUATION_SEEDS, CALIBRATION_SEED, VALIDATION_SEED, make_requests
+from conftest import hand_made_stats
 
 LAYOUT = dict(sink_tokens=4, recent_window=8, group_size=16, scorer="snapkv", selection="per_head")
 
@@ -24,9 +25,8 @@ def _config(layers=2, heads=2, head_dim=16) -> ControllerConfig:
 
 
 def _stats(layers=2, heads=2, seq_len=300, head_dim=16) -> AttentionStats:
-    gen = torch.Generator().manual_seed(0)
-    return AttentionStats(torch.rand(layers, heads, len(FEATURE_NAMES), generator=gen), {}, seq_len,
-                          head_dim=head_dim, dtype_bytes=4)
+    features = torch.rand(layers, heads, len(FEATURE_NAMES), generator=torch.Generator().manual_seed(0))
+    return hand_made_stats(layers, heads, seq_len, features=features, head_dim=head_dim)
 
 
 @pytest.fixture

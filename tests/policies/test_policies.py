@@ -15,7 +15,7 @@ from adaptive_kv.policies import available_policies, get_policy, register, token
 from adaptive_kv.policies.base import head_bytes, head_full_bytes
 from adaptive_kv.policies.hybrid import Hybrid
 from adaptive_kv.stats import FEATURE_NAMES, TOP_MASS_FRACTIONS, AttentionStats
-from conftest import scorer_folder, build_tiny_model
+from conftest import build_tiny_model, hand_made_stats, scorer_folder
 
 BUDGETS = (1.0, 0.5, 0.25, 0.125)
 # Hand-made stats use a SmolLM2-like head (64 channels, fp16).
@@ -42,13 +42,8 @@ def _prompt(seq_len: int = 300) -> torch.Tensor:
 
 
 def _stats(num_layers=2, num_kv_heads=2, seq_len=1000, features=None, scores=None) -> AttentionStats:
-    """Hand-made AttentionStats: zero features except `features`, random token scores except `scores`."""
-    feats = torch.zeros(num_layers, num_kv_heads, len(FEATURE_NAMES))
-    for name, value in (features or {}).items():
-        feats[..., FEATURE_NAMES.index(name)] = value
-    gen = torch.Generator().manual_seed(0)
-    token_scores = {s: torch.rand(num_layers, num_kv_heads, seq_len, generator=gen) for s in TOKEN_SCORERS}
-    return AttentionStats(feats, {**token_scores, **(scores or {})}, seq_len, head_dim=HEAD_DIM, dtype_bytes=DTYPE_BYTES)
+    return hand_made_stats(num_layers, num_kv_heads, seq_len, features=features, scores=scores, head_dim=HEAD_DIM,
+                           dtype_bytes=DTYPE_BYTES)
 
 
 def _fraction(plan: Plan, seq_len: int, head_dim: int = HEAD_DIM, dtype_bytes: int = DTYPE_BYTES) -> float:

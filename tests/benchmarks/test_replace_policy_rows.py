@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "replace_policy_rows", Path(__file__).parent.parent / "benchmarks" / "replace_policy_rows.py")
+    "replace_policy_rows", Path(__file__).resolve().parents[2] / "benchmarks" / "replace_policy_rows.py")
 replace_policy_rows = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(replace_policy_rows)
 
