@@ -40,6 +40,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="train the controller on exact reconstruction scores (default) or on the scorer's "
                         "predictions (no second pass at serving; needs --scorer or --fit-scorer)")
     p.add_argument("--no-register", action="store_true", help="do not register the best controller")
+    p.add_argument("--force", action="store_true", help="move @champion to the new controller even when it does "
+                                                        "not beat the current champion on the validation requests")
     p.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end run (short contexts, 2 small trials)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
@@ -53,6 +55,7 @@ def train_config(args: argparse.Namespace):
                  ray_address=args.ray_address, storage=args.storage, study=args.study, mlflow_uri=args.mlflow_uri,
                  output=args.output, tasks=args.tasks, context_length=args.context_length,
                  train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register,
+                 force_champion=args.force or None,
                  scorer=args.scorer, fit_scorer=args.fit_scorer or None, reconstruction=args.reconstruction)
     given = {k: v for k, v in given.items() if v is not None}
     if args.space is not None:
@@ -73,7 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"best trial {summary['best_trial']}: validation score {summary['best_score']:.1f} ({summary['best_params']})")
     print(f"controller: {summary['controller']}")
     if summary.get("model_version"):
-        print(f"registered: models:/{summary['registered_model']}@{summary['alias']} (version {summary['model_version']})")
+        where = f"@{summary['alias']}" if summary["champion_moved"] else f"/{summary['model_version']}"
+        print(f"registered: models:/{summary['registered_model']}{where} (version {summary['model_version']}; "
+              f"{summary['champion_reason']})")
     print(f"figures: {summary['figures']}")
     print(f"inspect: {summary['ui']}")
     print(f"wall time: {summary['wall_time_s']} s")

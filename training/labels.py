@@ -193,12 +193,15 @@ def save_labels(path, labels: list[RequestLabels]) -> None:
 
     from safetensors.torch import save_file
 
+    from adaptive_kv.training import atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": torch.stack([x.features for x in labels]).contiguous(),
-               "distortion": torch.stack([x.distortion for x in labels]).contiguous()}, str(path))
+    tensors = {"features": torch.stack([x.features for x in labels]).contiguous(),
+               "distortion": torch.stack([x.distortion for x in labels]).contiguous()}
+    atomic.write_file(path, lambda tmp: save_file(tensors, str(tmp)))  # a killed run leaves no truncated file
     meta = [{"key": x.key, "task": x.task, "protocol": x.protocol, "seq_len": x.seq_len} for x in labels]
-    path.with_suffix(".json").write_text(json.dumps({"feature_names": list(labels[0].feature_names), "requests": meta}))
+    atomic.write_text(path.with_suffix(".json"), json.dumps({"feature_names": list(labels[0].feature_names),
+                                                             "requests": meta}))
 
 
 def load_labels(path) -> list[RequestLabels]:

@@ -79,21 +79,57 @@ def suggest(trial, space: SearchSpace, group_size: int, seed: int) -> TrialConfi
     )
 
 
-def open_study(name: str, storage_url: str):
-    """Create or resume the study; trials left running by a killed driver are marked failed.
+def open_study(name: str, storage_url: str, heartbeat_s: int = 20):
+    """Create or resume the study, with Optuna heartbeats: a running trial whose trainer has been silent
+    for 3 heartbeats (a killed driver) is failed, and its parameters are asked again once
+    (RetryFailedTrialCallback); trials that a live trainer keeps beating are left alone.
 
     Finished trials stay as they are, so rerunning the same command continues the count.
     """
     import optuna
-    from optuna.trial import TrialState
+    from optuna.storages import RetryFailedTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(storage_url)
+    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                                         failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=0))
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_state_values(stale._trial_id, state=TrialState.FAIL)
+    optuna.storages.fail_stale_trials(study)
     return study
+
+
+class TrialHeartbeat:
+    """A thread recording an Optuna heartbeat for each trial this trainer runs (labels and trials block
+    the driver for minutes; the heartbeat must not)."""
+
+    def __init__(self, study, interval_s: int) -> None:
+        import threading
+
+        self.study, self.interval_s = study, interval_s
+        self._ids: set[int] = set()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
+        self._thread.start()
+
+    def add(self, trial) -> None:
+        self.study._storage.record_heartbeat(trial._trial_id)
+        with self._lock:
+            self._ids.add(trial._trial_id)
+
+    def remove(self, trial) -> None:
+        with self._lock:
+            self._ids.discard(trial._trial_id)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                ids = list(self._ids)
+            for trial_id in ids:
+                self.study._storage.record_heartbeat(trial_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def finished(study) -> int:
@@ -101,6 +137,16 @@ def finished(study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def counted(study) -> int:
+    """Trials that count toward the target: completed ones and those running now (any trainer's), after
+    failing the running trials whose trainer stopped beating."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
 
 def start_ray(address: str | None, workers: int):
@@ -120,9 +166,13 @@ def start_ray(address: str | None, workers: int):
     return ray
 
 
-def make_workers(ray, model_name: str, count: int):
-    """`count` TrainingWorker actors, one CPU each."""
+def make_worker(ray, model_name: str):
+    """One TrainingWorker actor on one CPU (not restarted by Ray: `pool.WorkerPool` replaces a dead one)."""
     from adaptive_kv.training.workers import TrainingWorker
 
-    actor = ray.remote(num_cpus=1)(TrainingWorker)
-    return [actor.remote(model_name) for _ in range(count)]
+    return ray.remote(num_cpus=1)(TrainingWorker).remote(model_name)
+
+
+def make_workers(ray, model_name: str, count: int):
+    """`count` TrainingWorker actors, one CPU each."""
+    return [make_worker(ray, model_name) for _ in range(count)]

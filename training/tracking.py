@@ -71,8 +71,25 @@ def log_trial_metrics(metrics: dict[str, Any], history: list[tuple[int, float, f
         mlflow.log_metric(_metric_name("score", key), score)
 
 
-def register_controller(folder: Path, example: dict[str, Any]) -> str:
-    """Log the controller folder as a pyfunc in the active run, register it and alias it champion. Returns the version."""
+def champion_folder() -> Path | None:
+    """A local copy of the current @champion controller, or None when there is none yet."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from adaptive_kv.policies.controller.registry import fetch_controller
+
+    try:
+        MlflowClient().get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return fetch_controller(f"models:/{REGISTERED_MODEL}@{CHAMPION}", tracking_uri())
+
+
+def register_controller(folder: Path, example: dict[str, Any], make_champion: bool = True) -> str:
+    """Log the controller folder as a pyfunc in the active run and register it; alias it champion only when
+    `make_champion` (the caller compared it with the current one). Returns the version."""
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
@@ -88,7 +105,8 @@ def register_controller(folder: Path, example: dict[str, Any]) -> str:
         registered_model_name=REGISTERED_MODEL,
     )
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
+    if make_champion:
+        MlflowClient().set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
     return version
 
 

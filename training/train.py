@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from adaptive_kv.training import atomic
 from adaptive_kv.training.calibration import CALIBRATION_SEED, DEFAULT_MIX, VALIDATION_SEED, make_requests
 from adaptive_kv.training.search import SearchSpace
 
@@ -42,8 +43,15 @@ class TrainConfig:
     valid_per_task: int = 2
     group_size: int = 32
     space: SearchSpace = field(default_factory=SearchSpace.network)
-    smoke_test: bool = False
+    smoke_test: bool = False  # a smoke run never registers a controller
     register: bool = True
+    # move @champion to the new controller even when it does not beat the current champion
+    force_champion: bool = False
+    # trial or label tasks failing in a row (a dead worker is replaced each time) before `train` stops
+    max_consecutive_failures: int = 3
+    # seconds between Optuna heartbeats of running trials; a trial silent for 3 intervals is failed by
+    # whichever trainer opens the study next, so a killed trainer's trials do not block the count
+    heartbeat_s: int = 20
     # a reconstruction predictor's folder (`train-scorer`): copied beside the controller, so the folder
     # and the registered version carry both (`learned:reconstruction=predicted` reads it)
     scorer: str | None = None
@@ -57,7 +65,8 @@ class TrainConfig:
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets must be in (0, 1], got {b}")
-        for name in ("trials", "workers", "train_per_task", "valid_per_task", "context_length"):
+        for name in ("trials", "workers", "train_per_task", "valid_per_task", "context_length",
+                     "max_consecutive_failures", "heartbeat_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.scorer is not None and self.fit_scorer:
@@ -104,22 +113,25 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
                                    per_task=config.train_per_task, seed=CALIBRATION_SEED)
     valid_requests = make_requests(tokenizer, tasks=config.tasks, context_length=config.context_length,
                                    per_task=config.valid_per_task, seed=VALIDATION_SEED)
-    study = search.open_study(config.study, config.storage_url())
+    study = search.open_study(config.study, config.storage_url(), heartbeat_s=config.heartbeat_s)
     uri = tracking.tracking_uri(config.mlflow_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(tracking.TRAIN_EXPERIMENT)
+    from adaptive_kv.training.label_cache import model_digest
+    from adaptive_kv.training.pool import WorkerPool
+
+    model_sha = model_digest(load_model(config.model)[0])  # the label cache key reads the weights themselves
     owns_ray = not _ray.is_initialized()
     ray = search.start_ray(config.ray_address, config.workers)
-    workers = search.make_workers(ray, config.model, config.workers)
-    pipeline = _Pipeline(config, ray, workers, train_requests, valid_requests, out, log)
+    pool = WorkerPool(ray, config.model, config.workers, config.max_consecutive_failures)
+    pipeline = _Pipeline(config, ray, pool, train_requests, valid_requests, out, log, model_sha)
     try:
         summary = _run(config, pipeline, study, tracking, uri, start)
     finally:  # actors hold a CPU each: free them, and the Ray this call started
-        for worker in workers:
-            ray.kill(worker)
+        pool.shutdown()
         if owns_ray:
             ray.shutdown()
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic.write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 
@@ -132,7 +144,7 @@ def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, 
         mlflow.log_params({k: v for k, v in asdict(config).items() if k != "space"})
         mlflow.log_dict(asdict(config.space), "search_space.json")
         pipeline.run_trials(study, tqdm)
-        best = study.best_trial
+        best = pipeline.best_trial(study)
         summary = pipeline.finish(best, tracking)
         mlflow.log_metric("best_score", best.value)
         summary.update(parent_run=parent.info.run_id, tracking_uri=uri, ui=tracking.ui_command(uri),
@@ -144,86 +156,171 @@ def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, 
 class _Pipeline:
     """Driver-side state of one `train`: label sets per layout, trials in flight, MLflow logging."""
 
-    def __init__(self, config, ray, workers, train_requests, valid_requests, out: Path, log) -> None:
-        self.config, self.ray, self.workers, self.out, self.log = config, ray, workers, out, log
-        self.train_requests, self.valid_requests = train_requests, valid_requests
+    def __init__(self, config, ray, pool, train_requests, valid_requests, out: Path, log, model_sha: str) -> None:
+        self.config, self.ray, self.pool, self.out, self.log = config, ray, pool, out, log
+        self.train_requests, self.valid_requests, self.model_sha = train_requests, valid_requests, model_sha
         self.labels: dict[str, tuple[list, list]] = {}
 
     # ------------------------------------------------------------------ labels
     def labels_for(self, trial_config, tqdm) -> tuple[list, list]:
-        """Train/valid labels of a layout: from disk, else computed in shards over the workers."""
-        from adaptive_kv.training.labels import load_labels, save_labels
+        """Train/valid labels of a layout: from the cache folder of their fingerprint (`label_cache`), else
+        computed one request per task over the pool's workers (a dead worker's request is redone)."""
+        from adaptive_kv.training import label_cache
 
-        key = trial_config.layout_key()
+        requests = {"train": self.train_requests, "valid": self.valid_requests}
+        key = label_cache.fingerprint(self.model_sha, trial_config, requests)
         if key in self.labels:
             return self.labels[key]
-        folder = self.out / "labels" / key
-        if (folder / "train.safetensors").is_file() and (folder / "valid.safetensors").is_file():
-            self.labels[key] = (load_labels(folder / "train.safetensors"), load_labels(folder / "valid.safetensors"))
+        folder = label_cache.folder_for(self.out / "labels", trial_config, key)
+        cached = label_cache.load(folder, requests)
+        if cached is not None:
+            self.labels[key] = (cached["train"], cached["valid"])
             return self.labels[key]
-        requests = self.train_requests + self.valid_requests
-        futures = [self.workers[i % len(self.workers)].labels.remote([r], trial_config) for i, r in enumerate(requests)]
-        results = []
-        for future in tqdm(futures, desc=f"labels {key}", unit="request"):
-            results.extend(self.ray.get(future))
+        every = self.train_requests + self.valid_requests
+        results = self._map_labels(every, trial_config, tqdm(total=len(every), desc=f"labels {folder.name}",
+                                                              unit="request"))
         train, valid = results[: len(self.train_requests)], results[len(self.train_requests) :]
-        save_labels(folder / "train.safetensors", train)
-        save_labels(folder / "valid.safetensors", valid)
+        label_cache.store(folder, {"train": train, "valid": valid}, key)
         self.labels[key] = (train, valid)
         return train, valid
 
+    def _map_labels(self, requests: list, trial_config, bar) -> list:
+        """Labels of each request in order, one task per request on a lent worker."""
+        results: list = [None] * len(requests)
+        waiting, running = list(range(len(requests))), {}
+        while waiting or running:
+            while waiting and self.pool.free:
+                index, worker = waiting.pop(0), self.pool.take()
+                running[worker.labels.remote([requests[index]], trial_config)] = (index, worker)
+            done, _ = self.ray.wait(list(running), num_returns=1)
+            index, worker = running.pop(done[0])
+            try:
+                (results[index],) = self.ray.get(done[0])
+            except Exception as exc:  # noqa: BLE001  the pool replaces a dead worker or stops after too many
+                self.log(f"labels of {requests[index].key} failed, redoing them: {exc}")
+                waiting.append(index)
+                self.pool.failed(worker, exc)
+                continue
+            self.pool.succeeded(worker)
+            bar.update(1)
+        bar.close()
+        return results
+
     # ------------------------------------------------------------------ trials
     def run_trials(self, study, tqdm) -> None:
-        """Ask, run on free workers, tell, until the study holds `trials` finished trials."""
-        import mlflow
+        """Ask, run on free workers, tell, until the study holds `trials` finished or running trials.
 
-        from adaptive_kv.training import search, tracking
-
+        Running trials of other trainers on the same study count too (so two trainers do not overshoot
+        the total); ours send Optuna heartbeats, and trials whose trainer went silent are failed
+        (`search.open_study`) and asked again. A failed trial is recorded as failed and asked again;
+        a worker that died is replaced (`pool.WorkerPool`), which stops after too many failures in a row.
+        """
         from ray.util.queue import Queue
 
-        todo = self.config.trials - search.finished(study)
-        bar = tqdm(total=self.config.trials, initial=self.config.trials - max(todo, 0), desc="trials", unit="trial")
+        from adaptive_kv.training import search
+
+        target = self.config.trials
+        bar = tqdm(total=target, initial=min(target, search.finished(study)), desc="trials", unit="trial")
         epochs = tqdm(total=0, desc="epochs", unit="epoch")
         progress = Queue(actor_options={"num_cpus": 0})  # no CPU of its own: the workers hold them all
         running: dict[Any, tuple] = {}
-        free = list(self.workers)
-        while todo > 0 or running:
-            while free and todo > 0:
-                trial = study.ask()
-                trial_config = self._reading(search.suggest(trial, self.config.space, self.config.group_size,
-                                                            seed=trial.number))
-                train, valid = self.labels_for(trial_config, tqdm)
-                worker = free.pop()
-                future = worker.trial.remote(trial_config, train, valid, self.valid_requests, self.config.budgets, progress)
-                running[future] = (trial, trial_config, worker)
-                epochs.total += trial_config.fit.epochs
-                epochs.refresh()
-                todo -= 1
-            done, _ = self.ray.wait(list(running), num_returns=1, timeout=0.5)
-            epochs.update(len(progress.get_nowait_batch(progress.qsize())) if progress.qsize() else 0)
-            if not done:
-                continue
-            trial, trial_config, worker = running.pop(done[0])
-            free.append(worker)
-            try:
-                result = self.ray.get(done[0])
-            except Exception as exc:  # a failed trial is recorded as failed, the study goes on
-                from optuna.trial import TrialState
+        heartbeat = search.TrialHeartbeat(study, self.config.heartbeat_s)
+        try:
+            while True:
+                while self.pool.free and (trial := self._ask(study, target)) is not None:
+                    heartbeat.add(trial)
+                    trial_config = self._reading(search.suggest(trial, self.config.space, self.config.group_size,
+                                                                seed=trial.number))
+                    train, valid = self.labels_for(trial_config, tqdm)
+                    worker = self.pool.take()
+                    future = worker.trial.remote(trial_config, train, valid, self.valid_requests,
+                                                 self.config.budgets, progress)
+                    running[future] = (trial, trial_config, worker)
+                    epochs.total += trial_config.fit.epochs
+                    epochs.refresh()
+                if not running:
+                    break
+                done, _ = self.ray.wait(list(running), num_returns=1, timeout=0.5)
+                epochs.update(len(progress.get_nowait_batch(progress.qsize())) if progress.qsize() else 0)
+                if done:
+                    self._collect(study, running.pop(done[0]), done[0], heartbeat, bar)
+        finally:
+            heartbeat.stop()
+            epochs.close()
+            bar.close()
 
-                study.tell(trial, state=TrialState.FAIL)
-                self.log(f"trial {trial.number} failed: {exc}")
-                todo += 1
-                continue
-            self._save_trial(trial.number, result)
-            study.tell(trial, result["metrics"]["score"])
-            with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
-                mlflow.log_params(trial_config.to_params())
-                mlflow.log_param("trial_number", trial.number)
-                tracking.log_trial_metrics(result["metrics"], result["history"])
-            bar.set_postfix(score=f"{result['metrics']['score']:.1f}")
-            bar.update(1)
-        epochs.close()
-        bar.close()
+    def _ask(self, study, target: int):
+        """A new trial, or None when the study's finished and running trials already make `target`."""
+        from optuna.trial import TrialState
+
+        from adaptive_kv.training import search
+
+        if search.counted(study) >= target:
+            return None
+        trial = study.ask()
+        # another trainer may have asked at the same moment: the later trial gives way
+        ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= target:
+            trial.set_user_attr("skipped", "the study already held its trials when this one was asked")
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        return trial
+
+    def _collect(self, study, entry: tuple, future, heartbeat, bar) -> None:
+        """Record one finished trial task: saved, told, logged; or failed, with the worker given back or replaced."""
+        import mlflow
+        from optuna.trial import TrialState
+
+        from adaptive_kv.training import tracking
+
+        trial, trial_config, worker = entry
+        heartbeat.remove(trial)
+        try:
+            result = self.ray.get(future)
+        except Exception as exc:  # noqa: BLE001  a failed trial is recorded as failed, the study goes on
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            self.log(f"trial {trial.number} failed: {exc}")
+            self.pool.failed(worker, exc)
+            return
+        self.pool.succeeded(worker)
+        self._save_trial(trial.number, result)
+        told = study.tell(trial, result["metrics"]["score"], skip_if_finished=True)
+        if told.state != TrialState.COMPLETE:  # another trainer failed it while its heartbeat lagged
+            self.log(f"trial {trial.number} was marked {told.state.name} by another trainer; its result is not counted")
+            return
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+            mlflow.log_params(trial_config.to_params())
+            mlflow.log_param("trial_number", trial.number)
+            tracking.log_trial_metrics(result["metrics"], result["history"])
+        bar.set_postfix(score=f"{result['metrics']['score']:.1f}")
+        bar.update(1)
+
+    def best_trial(self, study):
+        """The best finished trial whose folder here holds every file intact (another trainer's trials, and
+        a folder damaged on disk, are skipped with a message)."""
+        from optuna.trial import TrialState
+
+        complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+        for trial in complete:
+            problem = self._trial_files_problem(trial.number)
+            if problem is None:
+                return trial
+            self.log(f"trial {trial.number} skipped as best: {problem}")
+        raise RuntimeError(f"none of the study's {len(complete)} finished trials has intact files under "
+                           f"{self.out / 'trials'}; rerun with a new --study or --output")
+
+    def _trial_files_problem(self, number: int) -> str | None:
+        """Why trial `number`'s folder cannot be used (a missing or corrupt file), or None."""
+        from adaptive_kv.policies.controller.files import load_controller
+
+        folder = self.out / "trials" / str(number)
+        try:
+            load_controller(folder)
+            json.loads((folder / "metrics.json").read_text())["by_budget"]
+        except (ValueError, OSError, KeyError, TypeError) as exc:
+            return str(exc)
+        return None
 
     def _save_trial(self, number: int, result: dict) -> Path:
         from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
@@ -231,9 +328,12 @@ class _Pipeline:
         config = ControllerConfig.from_json(result["config"])
         net = config.build()
         net.load_state_dict(result["state"])
-        folder = save_controller(self.out / "trials" / str(number), config, net)
-        (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=1, default=str))
-        return folder
+
+        def fill(folder: Path) -> None:
+            save_controller(folder, config, net)
+            (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=1, default=str))
+
+        return atomic.write_folder(self.out / "trials" / str(number), fill)  # a killed run leaves no half folder
 
     def _reading(self, trial_config):
         """The trial with this training's reconstruction source."""
@@ -262,14 +362,16 @@ class _Pipeline:
 
         source = self.out / "trials" / str(best.number)
         target = self.out / "controller"
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)
-        if self.config.scorer is not None:
-            self._add_scorer(target)
+
+        def fill(folder: Path) -> None:
+            shutil.copytree(source, folder, dirs_exist_ok=True)
+            if self.config.scorer is not None:
+                self._add_scorer(folder)
+
+        atomic.write_folder(target, fill)  # the previous controller stays until the new one is complete
         config, net = load_controller(target)
         trial_config = TrialConfig(**config.layout.keywords())
-        worker = self.workers[0]
+        worker = self.pool.any_worker()
         baselines = self.ray.get(worker.baselines.remote(STATIC_BASELINES, self.valid_requests, trial_config,
                                                          self.config.budgets))
         baselines["learned"] = json.loads((source / "metrics.json").read_text())
@@ -294,11 +396,57 @@ class _Pipeline:
         for name, res in baselines.items():
             for b, score in res["by_budget"].items():
                 mlflow.log_metric(f"validation/{name}/b{float(b):g}", score)
-        version = None
-        if self.config.register:
-            version = tracking.register_controller(target, tracking.example_input(_example_stats(config), budget))
-        return {"controller": str(target.resolve()), "registered_model": tracking.REGISTERED_MODEL,
-                "model_version": version, "alias": tracking.CHAMPION, "figures": str(figures.resolve())}
+        summary = {"controller": str(target.resolve()), "registered_model": tracking.REGISTERED_MODEL,
+                   "model_version": None, "alias": tracking.CHAMPION, "champion_moved": False,
+                   "figures": str(figures.resolve())}
+        if self.config.register and not self.config.smoke_test:
+            decision = self._champion_decision(target, worker, self._reading(trial_config))
+            self.log(decision.reason)
+            version = tracking.register_controller(target, tracking.example_input(_example_stats(config), budget),
+                                                   make_champion=decision.move)
+            summary.update(model_version=version, champion_moved=decision.move, champion_reason=decision.reason,
+                           candidate_score=decision.candidate_score, champion_score=decision.champion_score)
+        return summary
+
+    def _champion_decision(self, target: Path, worker, trial_config) -> "ChampionDecision":
+        """Whether the controller in `target` should become @champion: it beats the current champion on this
+        run's validation requests and budgets (both scored on one worker, same prefills), or force_champion."""
+        from adaptive_kv.training import tracking
+
+        candidate = self.ray.get(worker.score_controller.remote(_folder_files(target), self.valid_requests,
+                                                                trial_config, self.config.budgets))["score"]
+        current = tracking.champion_folder()
+        if current is None:
+            return ChampionDecision(True, candidate, None, "no champion yet: the new controller becomes @champion")
+        try:
+            champion = self.ray.get(worker.score_controller.remote(_folder_files(current), self.valid_requests,
+                                                                   trial_config, self.config.budgets))["score"]
+        except Exception as exc:  # noqa: BLE001  e.g. a champion of another model's shape
+            if self.config.force_champion:
+                return ChampionDecision(True, candidate, None, f"@champion moved (--force); it could not be scored: {exc}")
+            return ChampionDecision(False, candidate, None, f"@champion kept: it cannot be scored on these validation "
+                                                            f"requests ({exc}); pass --force to replace it")
+        if candidate > champion or self.config.force_champion:
+            how = "beats" if candidate > champion else "does not beat, moved anyway (--force)"
+            return ChampionDecision(True, candidate, champion, f"@champion moved: new controller {how} it "
+                                                               f"({candidate:.2f} vs {champion:.2f})")
+        return ChampionDecision(False, candidate, champion, f"@champion kept: new controller {candidate:.2f} does not "
+                                                            f"beat it ({champion:.2f}); pass --force to move it")
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    """Whether @champion moves to the new controller, the two validation scores and why."""
+
+    move: bool
+    candidate_score: float
+    champion_score: float | None
+    reason: str
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    """A controller folder's files by name (sent to a worker, which may run on another machine)."""
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
 def _fit_scorer(config: TrainConfig, log) -> str:

@@ -80,6 +80,20 @@ class TrainingWorker:
             out[label] = evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets)
         return out
 
+    def score_controller(self, files: dict[str, bytes], requests: list[CalibrationRequest], trial: TrialConfig,
+                         budgets: tuple[float, ...]) -> dict[str, Any]:
+        """A controller folder's files (name -> bytes) scored like a trial, on the same validation prefills."""
+        import tempfile
+        from pathlib import Path
+
+        from adaptive_kv.policies import get_policy
+
+        with tempfile.TemporaryDirectory(prefix="akv-controller-") as folder:
+            for name, data in files.items():
+                (Path(folder) / name).write_bytes(data)
+            policy = get_policy("learned", path=folder)
+            return evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets)
+
     def plans(self, config_json: dict, state: dict, requests: list[CalibrationRequest], trial: TrialConfig,
               budget: float) -> dict[str, str]:
         """The learned plan (JSON) for each validation request at `budget` (heat-maps)."""

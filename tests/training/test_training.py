@@ -3,6 +3,7 @@ Ray, SQLite Optuna and a local MLflow store, with a tiny model saved as a local 
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -220,7 +221,8 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     from adaptive_kv.training.train import run_train
 
     # the controller is trained on the predictions of a scorer fitted first, on the same workers and MLflow
-    summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True, reconstruction="predicted"),
+    # smoke_test=False: a smoke run never registers, and this one checks the registration
+    summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True, reconstruction="predicted", smoke_test=False),
                         log=lambda *a: None)
     scorer = tmp_path / "scorer_step" / "scorer"  # the scorer step ran first, on the same workers and MLflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -281,15 +283,19 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tiny_model
 
     from adaptive_kv.training.train import run_train
 
-    run_train(_config(tiny_model_dir, tmp_path, trials=1, register=False), log=lambda *a: None)
+    run_train(_config(tiny_model_dir, tmp_path, trials=1, register=False, heartbeat_s=1), log=lambda *a: None)
     storage = f"sqlite:///{(tmp_path / 'optuna.db').resolve()}"
     study = optuna.load_study(study_name="adaptive-kv", storage=storage)
     first = [(t.number, t.value, t.params) for t in study.trials if t.state == TrialState.COMPLETE]
-    study.ask()  # a trial a killed driver left running
-    run_train(_config(tiny_model_dir, tmp_path, trials=3, register=False), log=lambda *a: None)
+    stale = study.ask()  # a trial a killed driver left running: its last heartbeat is older than 3 intervals
+    optuna.storages.RDBStorage(storage, heartbeat_interval=1).record_heartbeat(stale._trial_id)
+    time.sleep(4)
+    run_train(_config(tiny_model_dir, tmp_path, trials=3, register=False, heartbeat_s=1), log=lambda *a: None)
     study = optuna.load_study(study_name="adaptive-kv", storage=storage)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3
     assert [(t.number, t.value, t.params) for t in complete][:1] == first  # the finished trial is kept as it was
-    assert [t.state for t in study.trials if t.number == 1] == [TrialState.FAIL]  # the stale one, not rerun
+    assert [t.state for t in study.trials if t.number == 1] == [TrialState.FAIL]  # the stale one, failed
+    retried = [optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in complete]
+    assert retried == [None, 1, None]  # and asked again once, next (RetryFailedTrialCallback)
     assert len({t.number for t in complete}) == 3
