@@ -8,6 +8,7 @@ imports one above it, and the service does not import training. Unlike a run-tim
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,38 @@ def _violations() -> list[str]:
 
 def test_layers_point_one_way():
     assert _violations() == []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports; `from pkg import sub` is an edge to `pkg.sub` only."""
+    sources = {module_name(p): p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py")}
+    graph = {}
+    for module, path in sources.items():
+        imports = imported_modules(path.read_text(), module, path.name == "__init__.py")
+        submodules = {name.rpartition(".")[0] for name in imports if name in sources}
+        graph[module] = {name for name in imports if name in sources and name != module and name not in submodules}
+    return graph
+
+
+def first_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph`, or [] when it has none."""
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as error:
+        return error.args[1]
+    return []
+
+
+def test_no_module_imports_itself_through_others():
+    # a cycle means two modules are one idea split in two files (or a layer calling back up)
+    assert first_cycle(import_graph()) == []
+
+
+def test_a_cycle_is_found():
+    assert first_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) in (
+        ["a", "c", "b", "a"], ["a", "b", "c", "a"], ["b", "a", "c", "b"], ["b", "c", "a", "b"], ["c", "b", "a", "c"],
+        ["c", "a", "b", "c"])
+    assert first_cycle({"a": {"b"}, "b": set()}) == []
 
 
 @pytest.mark.parametrize("source, module, expected", [
