@@ -21,7 +21,9 @@ RUN pip install -c constraints.txt ".[train,serve,postgres]" \
 
 # Convert the embedded model once at build time, so containers start in seconds and need no network;
 # loading the learned policy compiles its allocator into Numba's cache beside the package.
+# /home/app/train exists, owned by app, so a named volume mounted there (docker-compose's trainer) starts app-owned
 RUN useradd --create-home --uid 1000 app && mkdir -p "$ADAPTIVE_KV_CACHE" \
+    && install -d -o app -g app /home/app/train \
     && python -c "import adaptive_kv; adaptive_kv.load_model('smollm2-135m')" \
     && python -c "from adaptive_kv.policies import get_policy; get_policy('learned')" \
     && chown -R app:app "$ADAPTIVE_KV_CACHE"
@@ -30,5 +32,6 @@ WORKDIR /home/app
 
 EXPOSE 8000
 # binds all interfaces inside the container, so a key is required: `docker run -e ADAPTIVE_KV_API_KEY=...`
-# (serve refuses to start when the variable is unset); docker-compose publishes the port on the host's loopback
+# (serve refuses to start when the variable is unset); docker-compose publishes the port on the host's loopback.
+# /v1/admin/reload stays off unless --admin-key-env names a second, different key.
 CMD ["adaptive-kv", "serve", "--host", "0.0.0.0", "--port", "8000", "--api-key-env", "ADAPTIVE_KV_API_KEY"]
