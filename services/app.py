@@ -32,6 +32,7 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/plan", "
           "/readyz", "/metrics")
 REPLICA_HEADER = "x-adaptive-kv-replica"
 PROTECTED_PREFIX = "/v1/"  # the API; probes and metrics stay open
+ADMIN_PREFIX = "/v1/admin/"  # takes the admin key alone: a leaked API key must not swap the policy
 
 
 # A 128k-token prompt is about 1 MB as text or token ids; anything far larger is refused before it is parsed
@@ -45,6 +46,8 @@ class AppConfig:
 
     served_model: str
     api_key: str | None = None
+    admin_key: str | None = None  # the only key /v1/admin/reload takes; None: reload is off
+    reload_refusal: str | None = None  # why reload cannot reach every replica (Ray Serve, several replicas)
     max_body_bytes: int = MAX_BODY_BYTES
     replica: str = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -163,21 +166,44 @@ class _BodyLimit:
         await error_response(413, message, code="body_too_large")(scope, receive, send)
 
 
+def _bearer_matches(scope: dict, key: bytes | None) -> bool:
+    """Whether the request sends `Authorization: Bearer <key>` (constant-time compare)."""
+    scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+    return key is not None and scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
 class _BearerAuth:
     """ASGI middleware answering 401 to an API request without `Authorization: Bearer <key>` (constant-time
-    compare) before its body is read: an unauthenticated client costs neither parsing nor tokenising."""
+    compare) before its body is read: an unauthenticated client costs neither parsing nor tokenising.
+    Admin routes take the admin key only: 403 when reload is off or for the API key, 401 for anything else."""
 
-    def __init__(self, app: Any, api_key: str | None) -> None:
+    def __init__(self, app: Any, api_key: str | None, admin_key: str | None = None) -> None:
         self.app, self.key = app, None if api_key is None else api_key.encode()
+        self.admin_key = None if admin_key is None else admin_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(ADMIN_PREFIX):
+            return await self._admin(scope, receive, send)
         if self.key is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
             return await self.app(scope, receive, send)
-        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+        if _bearer_matches(scope, self.key):
             return await self.app(scope, receive, send)
         refused = error_response(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await refused(scope, receive, send)
+
+    async def _admin(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.admin_key is None:
+            refused = error_response(403, "reload is disabled: start the server with --admin-key-env to enable it",
+                                     code="reload_disabled")
+        elif _bearer_matches(scope, self.admin_key):
+            return await self.app(scope, receive, send)
+        elif _bearer_matches(scope, self.key):
+            refused = error_response(403, "the API key cannot use admin routes: send the admin key "
+                                          "(--admin-key-env)", code="admin_key_required")
+        else:
+            refused = error_response(401, "invalid or missing admin key (send Authorization: Bearer <admin key>)",
+                                     code="invalid_admin_key", headers={"WWW-Authenticate": "Bearer"})
         await refused(scope, receive, send)
 
 
@@ -285,9 +311,11 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     @app.post("/v1/admin/reload")
     async def reload(body: p.ReloadRequest | None = None) -> dict[str, Any]:
         """Re-resolve the policy (a new champion) or switch to another; the old one stays on failure."""
-        if config.api_key is None:
-            raise EngineError("reload is disabled: start the server with --api-key-env to enable it",
+        if config.admin_key is None:  # the middleware refuses first; this keeps the route closed without it
+            raise EngineError("reload is disabled: start the server with --admin-key-env to enable it",
                               kind="forbidden", code="reload_disabled")
+        if config.reload_refusal is not None:
+            raise EngineError(config.reload_refusal, kind="forbidden", code="reload_needs_redeploy")
         spec = None
         if body is not None and (body.policy or body.policy_uri):
             spec = PolicySpec(name=body.policy or "learned", uri=body.policy_uri)
@@ -296,7 +324,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     app.add_middleware(_ReplicaHeader, replica=config.replica)
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(_BearerAuth, api_key=config.api_key)  # before any body is read
+    app.add_middleware(_BearerAuth, api_key=config.api_key, admin_key=config.admin_key)  # before any body is read
     app.add_middleware(_Counting, engine=engine)  # outermost: sees every response, errors included
     return app
 

@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model and its KV policy over HTTP (uvicorn, or Ray Serve replicas)."""
     from adaptive_kv.services.engine import EngineConfig
     from adaptive_kv.services.policy_source import PolicySpec, resolve_policy
-    from adaptive_kv.services.serve import ServeOptions, read_api_key, run_ray_serve, run_uvicorn
+    from adaptive_kv.services.serve import ServeOptions, read_admin_key, read_api_key, run_ray_serve, run_uvicorn
 
     if args.policy and args.policy_uri:
         raise ValueError("give at most one of --policy and --policy-uri")
@@ -65,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if spec.uri is None:
         resolve_policy(spec)  # an unknown name fails here, before any model loads
     key = read_api_key(args.api_key_env)  # likewise an unset key variable
+    read_admin_key(args.admin_key_env, key)
     if key is None and not is_loopback(args.host) and not args.insecure:
         raise ValueError(f"--host {args.host} serves beyond this machine without an API key: give --api-key-env VAR "
                          "(the bearer key clients must send), or --insecure to serve it open")
@@ -72,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           request_timeout=args.request_timeout, max_tokens_cap=args.max_tokens_cap,
                           threads=args.threads, kv_memory=args.kv_memory, max_batch=args.max_batch)
     options = ServeOptions(engine=engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
+                           admin_key_env=args.admin_key_env,
                            replicas=args.replicas, ray_address=args.ray_address, num_cpus=args.replica_cpus)
     if args.ray_serve:
         run_ray_serve(options)
@@ -104,6 +106,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests decoding together per replica (1: one request at a time)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads per replica (default: torch's choice)")
     p.add_argument("--api-key-env", help="environment variable holding the bearer API key (unset: no key)")
+    p.add_argument("--admin-key-env", help="environment variable holding the bearer key of /v1/admin/reload, "
+                                           "distinct from the API key (unset: reload is off)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without an API key (anyone who reaches the port may use it)")
     p.add_argument("--ray-serve", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")

@@ -24,6 +24,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key_env: str | None = None
+    admin_key_env: str | None = None
     replicas: int = 1
     ray_address: str | None = None
     num_cpus: float = 1.0
@@ -35,41 +36,59 @@ def served_name(model: str) -> str:
     return path.name if path.is_dir() else model
 
 
-def read_api_key(env_var: str | None) -> str | None:
-    """The API key from `env_var` (None: no key); an unset or empty variable is an error, not an open server."""
+def read_api_key(env_var: str | None, flag: str = "--api-key-env") -> str | None:
+    """The key in `env_var` (None: no key); an unset or empty variable is an error, not an open server."""
     if env_var is None:
         return None
     key = os.environ.get(env_var, "").strip()
     if not key:
-        raise ValueError(f"--api-key-env {env_var}: the environment variable is unset or empty")
+        raise ValueError(f"{flag} {env_var}: the environment variable is unset or empty")
     return key
 
 
-def build_app(engine_config: EngineConfig, api_key: str | None, engine: Engine | None = None):
+def read_admin_key(env_var: str | None, api_key: str | None) -> str | None:
+    """The admin key in `env_var` (None: reload off); it must differ from the API key, or it adds nothing."""
+    key = read_api_key(env_var, "--admin-key-env")
+    if key is not None and key == api_key:
+        raise ValueError(f"--admin-key-env {env_var}: the admin key must differ from the API key")
+    return key
+
+
+def build_app(engine_config: EngineConfig, api_key: str | None, engine: Engine | None = None,
+              admin_key: str | None = None, reload_refusal: str | None = None):
     """The FastAPI app with a fresh engine (loaded in the app's lifespan)."""
     from adaptive_kv.services.app import AppConfig, create_app
 
     engine = engine or Engine(engine_config)
-    return create_app(engine, AppConfig(served_model=served_name(engine_config.model), api_key=api_key))
+    return create_app(engine, AppConfig(served_model=served_name(engine_config.model), api_key=api_key,
+                                        admin_key=admin_key, reload_refusal=reload_refusal))
 
 
 def run_uvicorn(options: ServeOptions) -> None:
     """Serve with uvicorn until SIGINT/SIGTERM; in-flight requests finish before the engine stops."""
     import uvicorn
 
-    app = build_app(options.engine, read_api_key(options.api_key_env))
+    api_key = read_api_key(options.api_key_env)
+    app = build_app(options.engine, api_key, admin_key=read_admin_key(options.admin_key_env, api_key))
     uvicorn.run(app, host=options.host, port=options.port, log_level="info",
                 timeout_graceful_shutdown=int(options.engine.request_timeout + _DRAIN_MARGIN_S))
 
 
 class ServeReplica:
-    """One Ray Serve replica: its own engine and app (the API key is read from the replica's environment,
-    so it never enters Ray's deployment config)."""
+    """One Ray Serve replica: its own engine and app (the keys are read from the replica's environment,
+    so they never enter Ray's deployment config)."""
 
-    def __init__(self, engine_config: EngineConfig, api_key_env: str | None) -> None:
+    def __init__(self, engine_config: EngineConfig, api_key_env: str | None, admin_key_env: str | None = None,
+                 replicas: int = 1) -> None:
         self.engine = Engine(engine_config)
+        api_key = read_api_key(api_key_env)
+        refusal = None
+        if replicas > 1:  # Ray routes a request to one replica: a reload would leave the others on the old policy
+            refusal = (f"reload is refused under Ray Serve with {replicas} replicas: it would reach one of them only; "
+                       "redeploy with the new --policy/--policy-uri (a models:/ alias is re-resolved at start)")
         # not `self.app`: Ray Serve's ASGI wrapper owns that attribute
-        self._asgi = build_app(engine_config, read_api_key(api_key_env), self.engine)
+        self._asgi = build_app(engine_config, api_key, self.engine, read_admin_key(admin_key_env, api_key),
+                               reload_refusal=refusal)
 
     def __serve_build_asgi_app__(self):
         """Ray Serve's hook: the ASGI app this replica serves."""
@@ -101,7 +120,7 @@ def run_ray_serve(options: ServeOptions) -> None:
             graceful_shutdown_timeout_s=options.engine.request_timeout + _DRAIN_MARGIN_S,
             ray_actor_options={"num_cpus": options.num_cpus},
         )(serve.ingress()(ServeReplica))
-        serve.run(deployment.bind(options.engine, options.api_key_env), name="adaptive-kv", route_prefix="/")
+        serve.run(deployment.bind(options.engine, options.api_key_env, options.admin_key_env, options.replicas), name="adaptive-kv", route_prefix="/")
         logger.info("Ray Serve: %d replica(s) on http://%s:%d", options.replicas, options.host, options.port)
         _wait_for_signal()
     finally:

@@ -25,6 +25,8 @@ CHAT_TEMPLATE = (
 PROMPT = pydoc_data.topics.topics["assert"][:1200]
 API_KEY = "test-key-123"
 API_KEY_ENV = "ADAPTIVE_KV_TEST_API_KEY"
+ADMIN_KEY = "test-admin-456"
+ADMIN_KEY_ENV = "ADAPTIVE_KV_TEST_ADMIN_KEY"
 
 
 def save_tiny_model(folder: Path, tokenizer) -> Path:

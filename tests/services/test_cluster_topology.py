@@ -20,7 +20,7 @@ import openai
 import psutil
 import pytest
 
-from service_helpers import API_KEY, API_KEY_ENV, PROMPT, free_port, save_tiny_model, start_server
+from service_helpers import ADMIN_KEY, ADMIN_KEY_ENV, API_KEY, API_KEY_ENV, PROMPT, free_port, save_tiny_model, start_server
 
 pytestmark = pytest.mark.slow
 CHAMPION = "models:/adaptive-kv-controller@champion"
@@ -159,14 +159,14 @@ def test_train_against_the_cluster_then_serve_the_champion(postgres, mlflow_serv
     assert train.returncode == 0, train.stderr[-4000:]
 
     server = start_server(tmp_path, ["--model", str(model_dir), "--policy-uri", CHAMPION, "--budget", "0.5",
-                                     "--api-key-env", API_KEY_ENV],
-                          env={"MLFLOW_TRACKING_URI": mlflow_server, API_KEY_ENV: API_KEY})
+                                     "--api-key-env", API_KEY_ENV, "--admin-key-env", ADMIN_KEY_ENV],
+                          env={"MLFLOW_TRACKING_URI": mlflow_server, API_KEY_ENV: API_KEY, ADMIN_KEY_ENV: ADMIN_KEY})
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         response = client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=4)
         kv = response.model_extra["kv_cache"]
         assert kv["policy"] == f"learned:{CHAMPION}" and 0 < kv["bytes"] <= 0.5 * kv["full_bytes"], kv
-        reload = httpx.post(f"{server.url}/v1/admin/reload", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        reload = httpx.post(f"{server.url}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
         assert reload.status_code == 200 and reload.json()["policy"] == f"learned:{CHAMPION}", reload.text
     finally:
         server.stop()

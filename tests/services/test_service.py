@@ -19,7 +19,7 @@ import openai
 import psutil
 import pytest
 
-from service_helpers import API_KEY, API_KEY_ENV, PROMPT, metric, save_tiny_model, start_server
+from service_helpers import ADMIN_KEY, ADMIN_KEY_ENV, API_KEY, API_KEY_ENV, PROMPT, metric, save_tiny_model, start_server
 
 BUDGET = 0.25
 # uvicorn re-raises the signal it handled once its graceful shutdown is done, so SIGTERM is a clean exit
@@ -39,8 +39,9 @@ def server(tmp_path_factory, model_dir):
     srv = start_server(
         workdir,
         ["--model", str(model_dir), "--policy", "hybrid", "--budget", str(BUDGET), "--max-queue", str(MAX_QUEUE),
-         "--request-timeout", "60", "--max-tokens-cap", "512", "--api-key-env", API_KEY_ENV],
-        env={API_KEY_ENV: API_KEY},
+         "--request-timeout", "60", "--max-tokens-cap", "512", "--api-key-env", API_KEY_ENV,
+         "--admin-key-env", ADMIN_KEY_ENV],
+        env={API_KEY_ENV: API_KEY, ADMIN_KEY_ENV: ADMIN_KEY},
     )
     yield srv
     assert srv.stop() in STOPPED and "Application shutdown complete" in srv.log_tail(), srv.log_tail()
@@ -258,13 +259,38 @@ def test_server_refuses_to_start_with_a_policy_that_cannot_plan_for_its_model(tm
 
 # ---------------------------------------------------------------------------- reload
 @pytest.fixture
-def restore_policy(http):
+def admin(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def restore_policy(admin):
     yield
-    assert http.post("/v1/admin/reload", json={"policy": "hybrid"}).status_code == 200
+    assert admin.post("/v1/admin/reload", json={"policy": "hybrid"}).status_code == 200
 
 
-def test_reload_switches_policy_and_keeps_it_on_failure(server, http, client, restore_policy):
+def test_reload_takes_the_admin_key_only(server, http, admin, client, restore_policy):
+    """The API key (every client holds it) cannot swap the policy; the admin key cannot call the API."""
+    by_api_key = http.post("/v1/admin/reload", json={"policy": "snapkv"})
+    assert by_api_key.status_code == 403 and by_api_key.json()["error"]["code"] == "admin_key_required"
     assert httpx.post(f"{server.url}/v1/admin/reload", json={"policy": "snapkv"}).status_code == 401
+    assert _kv(client.completions.create(model="tiny-model0", prompt=PROMPT, max_tokens=2))["policy"] == "hybrid"
+    assert admin.post("/v1/admin/reload", json={"policy": "snapkv"}).json()["policy"] == "snapkv"
+    assert admin.post("/v1/completions", json={**GOOD, "max_tokens": 1}).status_code == 401
+
+
+def test_serve_refuses_an_admin_key_equal_to_the_api_key(capsys, monkeypatch):
+    from adaptive_kv.cli import main
+
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    monkeypatch.setenv(ADMIN_KEY_ENV, API_KEY)
+    assert main(["serve", "--policy", "full", "--api-key-env", API_KEY_ENV, "--admin-key-env", ADMIN_KEY_ENV]) == 2
+    assert "the admin key must differ from the API key" in capsys.readouterr().err
+
+
+def test_reload_switches_policy_and_keeps_it_on_failure(server, admin, client, restore_policy):
+    http = admin
     response = http.post("/v1/admin/reload", json={"policy": "snapkv"})
     assert response.status_code == 200 and response.json()["policy"] == "snapkv"
     assert _kv(client.completions.create(model="tiny-model0", prompt=PROMPT, max_tokens=2))["policy"] == "snapkv"
@@ -337,7 +363,7 @@ def test_graceful_shutdown_finishes_in_flight_request(tmp_path, model_dir):
     srv = start_server(tmp_path, ["--model", str(model_dir), "--max-tokens-cap", "2048", "--request-timeout", "60"])
     try:
         reload = httpx.post(f"{srv.url}/v1/admin/reload", json={"policy": "snapkv"})
-        assert reload.status_code == 403  # no API key configured: the admin endpoint stays off
+        assert reload.status_code == 403  # no admin key configured: the admin endpoint stays off
         result: dict = {}
 
         def long_request() -> None:
