@@ -8,14 +8,15 @@ import httpx
 import openai
 import psutil
 
-from service_helpers import PROMPT, save_tiny_model, start_server
+from service_helpers import ADMIN_KEY, ADMIN_KEY_ENV, PROMPT, save_tiny_model, start_server
 
 
 def test_ray_serve_two_replicas_share_the_load(tmp_path, tiny_tokenizer):
     """About 50 s on 2 shared cores (Ray start ~25 s, its shutdown most of the rest): tier 1, not slow."""
     model_dir = save_tiny_model(tmp_path / "tiny-model", tiny_tokenizer)
     server = start_server(tmp_path, ["--model", str(model_dir), "--ray-serve", "--replicas", "2", "--max-queue", "4",
-                                     "--max-batch", "2", "--request-timeout", "60"], ready_timeout=240)
+                                     "--max-batch", "2", "--request-timeout", "60",
+                                     "--admin-key-env", ADMIN_KEY_ENV], env={ADMIN_KEY_ENV: ADMIN_KEY}, ready_timeout=240)
     ray_processes = psutil.Process(server.process.pid).children(recursive=True)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -47,6 +48,14 @@ def test_ray_serve_two_replicas_share_the_load(tmp_path, tiny_tokenizer):
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
         replicas = {r.headers["x-adaptive-kv-replica"] for r in responses}
         assert len(replicas) == 2, replicas  # both replicas served, each with its own engine
+        # a reload would reach the one replica Ray routes it to: refused, and every replica keeps its policy
+        reload = httpx.post(f"{server.url}/v1/admin/reload", json={"policy": "snapkv"},
+                            headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
+        assert reload.status_code == 403 and reload.json()["error"]["code"] == "reload_needs_redeploy", reload.text
+        assert "2 replicas" in reload.json()["error"]["message"]
+        after = asyncio.run(burst())
+        assert {r.json()["kv_cache"]["policy"] for r in after if r.status_code == 200} == {"hybrid"}
+        assert len({r.headers["x-adaptive-kv-replica"] for r in after}) == 2
     finally:
         code = server.stop(timeout=120)
         gone, alive = psutil.wait_procs(ray_processes, timeout=30)
