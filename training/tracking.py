@@ -33,6 +33,23 @@ def _metric_name(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", "/".join(str(p) for p in parts))
 
 
+def redact_credentials(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the password of every URL value replaced by ***: parameters are shown to anyone who can
+    read the tracking server, and a storage URL may carry the database password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    def redact(value: Any) -> Any:
+        if not isinstance(value, str) or "://" not in value:
+            return value
+        parts = urlsplit(value)
+        if parts.password is None:
+            return value
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    return {key: redact(value) for key, value in params.items()}
+
+
 def log_eval(results: dict[str, Any], paths: dict[str, Path], *, experiment: str = EXPERIMENT) -> str:
     """Log one eval run: parameters, a metric per (policy, budget, task), and the report files. Returns the run id."""
     import mlflow

@@ -141,7 +141,7 @@ def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, 
     from tqdm import tqdm
 
     with mlflow.start_run(run_name=f"train-{Path(config.model).name}") as parent:
-        mlflow.log_params({k: v for k, v in asdict(config).items() if k != "space"})
+        mlflow.log_params(tracking.redact_credentials({k: v for k, v in asdict(config).items() if k != "space"}))
         mlflow.log_dict(asdict(config.space), "search_space.json")
         pipeline.run_trials(study, tqdm)
         best = pipeline.best_trial(study)
