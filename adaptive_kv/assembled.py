@@ -48,9 +48,10 @@ class AssembledView:
     @classmethod
     def build(cls, sinks: tuple[torch.Tensor, torch.Tensor], buckets: list[Bucket], residual: Residual,
               kernels, dtype: torch.dtype, key_dtype: torch.dtype | None = None,
-              value_dtype: torch.dtype | None = None) -> "AssembledView":
+              value_dtype: torch.dtype | None = None, track_scores: bool = True) -> "AssembledView":
         """Dequantise the store once (in `dtype`) and lay every head's tokens out in one row, held in
-        `key_dtype` / `value_dtype` (default `dtype`)."""
+        `key_dtype` / `value_dtype` (default `dtype`). `track_scores=False`: the store's scores are not
+        attention mass (predicted scores), so the view neither copies nor accumulates them."""
         segments = reference.decode_segments(sinks, buckets, residual)
         parts = [reference.segment_tokens(seg, dtype, kernels=kernels) for seg in segments]
         keys, values, heads = (torch.cat(t) for t in zip(*parts))
@@ -69,7 +70,7 @@ class AssembledView:
         flat = heads * capacity + slot
         fixed = flat.numel() - residual.keys.shape[0]
         view = cls(dense_k, dense_v, lengths, flat[:fixed], lengths - residual.lengths.to(lengths.device))
-        if residual.scores is not None:  # the view accumulates H2O mass itself until `store_scores`
+        if track_scores and residual.scores is not None:  # the view accumulates H2O mass itself until `store_scores`
             sinks_n = sinks[0].shape[0] * sinks[0].shape[1]
             view.scores = torch.zeros(num_heads, capacity, dtype=torch.float32, device=keys.device)
             view.scores.view(-1)[flat[sinks_n:]] = torch.cat([b.scores for b in buckets] + [residual.scores])

@@ -92,6 +92,11 @@ class BatchCache(Cache):
         step = BatchStep(steps, key_states, value_states)
         return step, step
 
+    def read_attention_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        """Row b of a step's hidden states (B, q, hidden) goes to request b's cache (its predictor, if any)."""
+        for b, cache in enumerate(self.caches):
+            cache.read_attention_input(layer_idx, hidden_states[b : b + 1])
+
     def positions(self, device: torch.device) -> torch.Tensor:
         """Position of each request's next token: (B, 1)."""
         return torch.tensor([[cache.get_seq_length()] for cache in self.caches], device=device)

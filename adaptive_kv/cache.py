@@ -150,6 +150,7 @@ class CompressedCache(Cache):
         if self.predictor is not None:
             self.predictor.check_model(config)
         self._attention_inputs: dict[int, torch.Tensor] = {}  # a layer's prefill hidden states, until observed
+        self._decode_scores: dict[int, torch.Tensor] = {}  # a decode step's predicted scores, until appended
         if eviction_slack is not None and eviction_slack < 0:
             raise ValueError(f"eviction_slack must be >= 0, got {eviction_slack}")
         self.eviction_slack = eviction_slack
@@ -211,7 +212,8 @@ class CompressedCache(Cache):
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         if layer.is_compressed:
-            layer.append(key_states[0], value_states[0], self._kernels(layer.device))
+            layer.append(key_states[0], value_states[0], self._kernels(layer.device),
+                         self._decode_scores.pop(layer_idx, None))
         else:
             layer.hold_prefill(key_states[0], value_states[0])
         step = LayerStep(self, layer_idx, key_states, value_states)
@@ -234,9 +236,16 @@ class CompressedCache(Cache):
 
     def read_attention_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
         """Keep the hidden states (1, T, hidden) entering a layer's attention during the prefill, when
-        a predictor scores them (called by the attention module's pre-hook, `adaptive_kv.attention`)."""
-        if self.predictor is not None and self.collects_stats and not self.layers[layer_idx].is_compressed:
-            self._attention_inputs[layer_idx] = hidden_states[0]
+        a predictor scores them, and score a decode step's new tokens where the layer evicts by
+        predicted scores (called by the attention module's pre-hook, `adaptive_kv.attention`)."""
+        if self.predictor is None:
+            return
+        layer = self.layers[layer_idx]
+        if not layer.is_compressed:
+            if self.collects_stats:
+                self._attention_inputs[layer_idx] = hidden_states[0]
+        elif layer.scores_new_tokens:
+            self._decode_scores[layer_idx] = self.predictor.scores(layer_idx, hidden_states[0])
 
     def observe(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Read one layer's statistics from its prefill queries (1, H_q, T, D); finish after the last."""
@@ -353,7 +362,8 @@ class CompressedCache(Cache):
             raise ValueError("fork needs a cache built with capture=True and a finished prefill")
         options.setdefault("backend", self.backend)
         options.setdefault("working_dtype", self.working_dtype)
-        options.setdefault("stats_config", dataclasses.replace(self.stats_config, reconstruction=False, predictor=None))
+        # the predictor stays: a plan over predicted scores goes on scoring the tokens decoded after it
+        options.setdefault("stats_config", dataclasses.replace(self.stats_config, reconstruction=False))
         new = CompressedCache(self._model, plan=plan, **options)
         for mine, theirs in zip(self.layers, new.layers):
             theirs.device, theirs.dtype, theirs.is_initialized = mine.device, mine.dtype, True

@@ -8,7 +8,10 @@ budget evict their lowest accumulated-attention tokens (H2O), and `attend` reads
 Accumulated attention is the "window" scorer's own measure, so under that scorer every packed
 token competes; under any other scorer the middle tokens the plan selected are the plan's decision
 (a reconstruction score cannot be compared with attention mass gathered later) and stay: only
-the prefill's recent window and the tokens that come after it are evicted.
+the prefill's recent window and the tokens that come after it are evicted. Under predicted
+reconstruction scores the measure itself continues: each new token is scored by the same
+predictor from the hidden states entering the layer's attention, and every stored token competes
+by that score (no attention mass is accumulated).
 
 A sliding-window layer (`window`) holds only the `window - 1` newest tokens of the prefill, as
 transformers' own cache does, and is observed and compressed over them alone; each decode step
@@ -32,6 +35,7 @@ from adaptive_kv.assembled import AssembledView
 from adaptive_kv.kernels.layout import DecodeLayout
 from adaptive_kv.kernels.reference import Segment
 from adaptive_kv.plan import HeadBudget, Plan, window_tokens
+from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER
 from adaptive_kv.selection import kept_middle, layer_ranking
 from adaptive_kv.stats import LayerObservation, StatsConfig, observe_layer
 from adaptive_kv.store import Bucket, Residual, concat_buckets, quantize_groups
@@ -171,7 +175,10 @@ class CompressedLayer(CacheLayerMixin):
             residual_idx.append(torch.cat([middle[full_groups * group :], torch.arange(recent_start, seq_len, device=keys.device)]))
         track_positions = (plan.layer_tracks_scores(row) and plan.selection == "shared") or self.window is not None
         first = self.first_position
-        floor = PROTECTED_SCORE if plan.scorer not in RUNNING_SCORERS else 0.0  # every packed token is middle
+        if plan.scorer == PREDICTED_SCORER and acc is not None:
+            acc = select  # decode-time eviction goes on ranking by the predicted scores: nothing is protected
+        continues = plan.scorer in RUNNING_SCORERS or plan.scorer == PREDICTED_SCORER
+        floor = 0.0 if continues else PROTECTED_SCORE  # every packed token is middle
         self.buckets = {}
         for bits, parts in grouped.items():
             heads = torch.cat([torch.full((idx.shape[0],), h, device=keys.device) for h, idx in parts])
@@ -205,10 +212,27 @@ class CompressedLayer(CacheLayerMixin):
         """Whether this layer keeps H2O scores (some head may evict at decode time)."""
         return self.plan.layer_tracks_scores(self.row)
 
+    @property
+    def scores_new_tokens(self) -> bool:
+        """Whether each decode step's tokens need predicted scores (the layer evicts by them)."""
+        return self.tracks_scores and self.plan.scorer == PREDICTED_SCORER
+
+    @property
+    def accumulates_mass(self) -> bool:
+        """Whether attention adds each query's mass to the stored scores (H2O)."""
+        return self.tracks_scores and self.plan.scorer != PREDICTED_SCORER
+
     # --------------------------------------------------------------- decode
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, kernels) -> None:
-        """One decode step's new tokens (H, q, D): flush and evict as due, then append to the residual."""
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, kernels,
+               scores: torch.Tensor | None = None) -> None:
+        """One decode step's new tokens (H, q, D): flush and evict as due, then append to the residual.
+
+        `scores` (H, q): the new tokens' predicted scores, required where the layer evicts by them."""
         q = key_states.shape[1]
+        if self.scores_new_tokens and (scores is None or tuple(scores.shape) != (key_states.shape[0], q)):
+            raise ValueError(f"layer {self.layer_idx} evicts by predicted scores: each decode step needs the new "
+                             f"tokens' scores (KV heads x {q}) from the cache's predictor, got "
+                             f"{None if scores is None else tuple(scores.shape)}")
         if self.view is not None and (q > 1 or self._store_changes_due()):
             self.sync_scores()  # the store's scores are read or rebuilt below
         if self.window is not None:
@@ -217,7 +241,8 @@ class CompressedLayer(CacheLayerMixin):
             self._slide(self.seen_tokens - self.window + 1)
         self._flush(kernels)
         self._evict()
-        self.residual = self.residual.append(key_states, value_states, self.seen_tokens, sizes=self.residual_lengths)
+        self.residual = self.residual.append(key_states, value_states, self.seen_tokens, sizes=self.residual_lengths,
+                                             scores=scores if self.scores_new_tokens else None)
         self.residual_lengths = [n + q for n in self.residual_lengths]
         self.held = [n + q for n in self.held]
         if self.view is not None and q == 1:
@@ -228,11 +253,11 @@ class CompressedLayer(CacheLayerMixin):
 
     def attend(self, query: torch.Tensor, scaling: float, kernels) -> torch.Tensor:
         """Attention of query (H_q, q, D) over this layer's store: (H_q, q, D)."""
-        need_mass = self.tracks_scores
+        need_mass = self.accumulates_mass
         if query.shape[1] == 1 and self._uses_view(query.device):
             if self.view is None:
                 self.view = AssembledView.build(self.sinks, list(self.buckets.values()), self.residual, kernels,
-                                                query.dtype, *self._working_dtypes(query))
+                                                query.dtype, *self._working_dtypes(query), track_scores=need_mass)
             # H2O mass accumulates in the view; sync_scores writes it back
             return self.view.attend(query, scaling, self._mass_heads() if need_mass else None)
         # the triton backend runs one decode query fused, H2O scores included, without host syncs

@@ -167,8 +167,10 @@ class Residual:
         """Head of every token: (N_r,) int64."""
         return torch.arange(self.lengths.numel(), device=self.lengths.device).repeat_interleave(self.lengths, output_size=self.keys.shape[0])
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0, sizes: list[int] | None = None) -> "Residual":
-        """Append q new tokens at positions start.. to every head: keys/values (H, q, D). New scores start at 0.
+    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int = 0, sizes: list[int] | None = None,
+               scores: torch.Tensor | None = None) -> "Residual":
+        """Append q new tokens at positions start.. to every head: keys/values (H, q, D). New scores are
+        `scores` (H, q) where given (predicted ones), else 0 (attention mass accumulates from there).
 
         `sizes`, the caller's copy of `lengths`, spares reading them back from the device (a sync per step).
         """
@@ -180,14 +182,15 @@ class Residual:
             runs = old.split(sizes)
             return torch.cat([part for head in range(num_heads) for part in (runs[head], new[head])])
 
-        scores = None
+        stored = None
         if self.scores is not None:
-            scores = interleave(self.scores, self.scores.new_zeros(num_heads, q))
+            new = self.scores.new_zeros(num_heads, q) if scores is None else scores.to(self.scores)
+            stored = interleave(self.scores, new)
         positions = None
         if self.positions is not None:
             new = (start + torch.arange(q, dtype=torch.int32, device=self.positions.device)).expand(num_heads, q)
             positions = interleave(self.positions, new)
-        return Residual(interleave(self.keys, keys), interleave(self.values, values), self.lengths + q, scores, positions)
+        return Residual(interleave(self.keys, keys), interleave(self.values, values), self.lengths + q, stored, positions)
 
     def select(self, keep: torch.Tensor) -> "Residual":
         """A compact copy holding only the tokens where `keep` (N_r,) is True, still sorted by head."""
