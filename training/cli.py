@@ -12,7 +12,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     """Where the work runs and is tracked (shared by `train` and `train-scorer`)."""
     p.add_argument("--workers", type=cli_args.positive, default=2, help="Ray workers (one model copy each)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI, or a folder for a local SQLite store (default: $MLFLOW_TRACKING_URI or ./mlruns)")
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:

@@ -14,13 +14,14 @@ DEFAULT_DIR = Path("mlruns")
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns."""
-    if uri:
+    """`uri`, else $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns. A bare folder (no scheme)
+    becomes a SQLite store in it: MLflow 3 refuses a folder as a file store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or str(DEFAULT_DIR)
+    if "://" in uri or uri.startswith(("databricks", "uc:")):
         return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
+    folder = Path(uri).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
 def fetch_controller(uri: str, tracking: str | None = None) -> Path:

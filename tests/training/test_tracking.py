@@ -26,3 +26,19 @@ def test_log_eval_records_metrics_and_artifacts(tmp_path, monkeypatch):
     assert run.data.params["protocol"] == "query_agnostic"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"results.json", "summary.md", "pareto.png"} <= artifacts
+
+
+def test_a_folder_given_as_tracking_uri_is_a_sqlite_store_in_it(tmp_path, monkeypatch):
+    # MLflow 3 refuses a bare folder as a file store; the folder holds a SQLite store instead
+    from adaptive_kv.policies.controller.registry import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(str(tmp_path / "runs"))
+    assert uri == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment("folder-store")
+    assert mlflow.get_experiment(experiment.experiment_id).name == "folder-store"
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
+    assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "env"))
+    assert tracking_uri() == f"sqlite:///{(tmp_path / 'env' / 'mlflow.db').resolve()}"
