@@ -1,6 +1,6 @@
 """docker-compose's topology without containers, all on loopback and started/stopped here: PostgreSQL (a
 temporary data directory) as MLflow's backend and Optuna's storage, `mlflow server`, `ray start --head`,
-then `adaptive-kv train --smoke-test` against them and `adaptive-kv serve` loading the registered champion."""
+then a small `adaptive-kv train` against them and `adaptive-kv serve` loading the registered champion."""
 
 from __future__ import annotations
 
@@ -151,7 +151,9 @@ def test_train_against_the_cluster_then_serve_the_champion(postgres, mlflow_serv
     model_dir = save_tiny_model(tmp_path / "tiny-model", tiny_tokenizer_bos)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **RAY_ENV}
     train = subprocess.run(
-        [sys.executable, "-m", "adaptive_kv.cli", "train", "--smoke-test", "--model", str(model_dir),
+        # a small real run (a smoke run never registers, and this one serves what it registers)
+        [sys.executable, "-m", "adaptive_kv.cli", "train", "--model", str(model_dir), "--trials", "2",
+         "--tasks", "passkey,fidelity", "--train-per-task", "1", "--valid-per-task", "1", "--budgets", "0.5,0.25",
          "--ray-address", ray_head, "--workers", "2", "--storage", f"{postgres}/optuna",
          "--mlflow-uri", mlflow_server, "--output", str(tmp_path / "train"), "--context-length", "200"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
