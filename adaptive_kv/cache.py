@@ -3,8 +3,8 @@
 Life of one request: prefill stores full precision and reads AttentionStats; at the end of the
 prefill forward the plan provider is asked once and the Plan is applied, layer by layer
 (`CompressedLayer.compress`); decode appends to each layer, which flushes, evicts and attends
-over its own store (`cache_layer`). The container holds the Cache API, planning, fork and
-reports.
+over its own store (`cache_layer`). The container holds the Cache API, planning, fork, share
+and reports.
 
 A sliding-window layer (transformers' `layer_types`, or a `sliding_window` every layer uses) holds
 and attends to only its window, as transformers' own cache does (`sliding_windows`); plans carry
@@ -17,6 +17,7 @@ tokens. Attention runs in `adaptive_kv.attention`, which calls back through the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -371,6 +372,18 @@ class CompressedCache(Cache):
             theirs.first_position = mine.first_position
         new._apply_plan(plan, self.stats)
         return new
+
+    def share(self) -> "CompressedCache":
+        """A copy-on-write copy of this compressed cache, to extend by a suffix (the next question, the
+        next chat turn) and decode: it shares every stored tensor with this one, and what either appends,
+        flushes or evicts afterwards never reaches the other. One stored context then serves many requests
+        at once; `nbytes()` of each still counts the shared tensors (what it would hold alone)."""
+        if self.plan is None or not all(layer.is_compressed for layer in self.layers):
+            raise ValueError("share needs a compressed cache: a finished prefill whose plan was applied")
+        twin = copy.copy(self)
+        twin.layers = [layer.share() for layer in self.layers]
+        twin._decode_scores, twin._attention_inputs, twin._backends = {}, {}, dict(self._backends)
+        return twin
 
     # --------------------------------------------------------------- decode
     def attend(self, step: LayerStep, query: torch.Tensor, scaling: float) -> torch.Tensor:

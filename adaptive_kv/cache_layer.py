@@ -25,6 +25,8 @@ rebuilt only when the store changes (the triton backend fuses it, without host s
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +203,22 @@ class CompressedLayer(CacheLayerMixin):
         self.view = None
         self.decode_layout = None
         self.residual_lengths, self.held = lengths.tolist(), self.head_tokens().tolist()
+
+    def share(self) -> "CompressedLayer":
+        """A copy-on-write copy of this compressed layer: the stored keys, values and codes are shared
+        (flush, eviction and sliding replace those tensors, never write into them), while the scores
+        that attention accumulates in place are copied, so neither copy sees the other's tokens."""
+        if not self.is_compressed:
+            raise ValueError(f"layer {self.layer_idx} holds no compressed store to share (no plan applied yet)")
+        if self.view is not None:
+            self.sync_scores()  # the view's accumulated mass belongs in the store that is shared
+        twin = copy.copy(self)
+        own = lambda t: None if t is None else t.clone()  # noqa: E731
+        twin.buckets = {bits: dataclasses.replace(b, scores=own(b.scores)) for bits, b in self.buckets.items()}
+        twin.residual = dataclasses.replace(self.residual, scores=own(self.residual.scores))
+        twin.view, twin.decode_layout, twin.observation = None, None, None
+        twin.residual_lengths, twin.held = list(self.residual_lengths), list(self.held)
+        return twin
 
     @property
     def is_compressed(self) -> bool:
