@@ -102,7 +102,9 @@ def test_workers_that_keep_dying_stop_training_with_the_error(tiny_model_dir, tm
             pytest.raises(TrainingFailed, match=r"3 tasks failed in a row \(max_consecutive_failures=3\).*Actor"):
         run_train(_config(tiny_model_dir, tmp_path, trials=3, register=False, max_consecutive_failures=3),
                   log=lambda *a: None)
-    assert len(killer.killed) == 3
+    # two workers run trials side by side, so the trial in flight on the other worker when the third
+    # failure stops training may have been killed too; more than that would mean training kept going
+    assert 3 <= len(killer.killed) <= 3 + 1
 
 
 def test_bad_failure_limit_is_refused(tiny_model_dir, tmp_path):
