@@ -150,6 +150,8 @@ class CompressedCache(Cache):
         self.predictor = self.stats_config.predictor
         if self.predictor is not None:
             self.predictor.check_model(config)
+        for files in self.stats_config.trained_for:  # a controller of another model would plan silently wrong
+            files.check_model(config)
         self._attention_inputs: dict[int, torch.Tensor] = {}  # a layer's prefill hidden states, until observed
         self._decode_scores: dict[int, torch.Tensor] = {}  # a decode step's predicted scores, until appended
         if eviction_slack is not None and eviction_slack < 0:
@@ -395,6 +397,13 @@ class CompressedCache(Cache):
         """Bring the store's H2O scores up to date with the assembled views (they are read lazily)."""
         for layer in self.layers:
             layer.sync_scores()
+
+    def drop_working_copy(self) -> None:
+        """Free the assembled decode operands (`working_nbytes`); the next decode step rebuilds them. For a
+        cache kept without decoding, e.g. a stored context that requests read through `share()` copies."""
+        for layer in self.layers:
+            layer.sync_scores()
+            layer.view, layer.decode_layout = None, None
 
     def prefill_states(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (H_kv, T, D) of a layer's prefill, held until a plan lands (or for `fork`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -172,21 +173,30 @@ def _bearer_matches(scope: dict, key: bytes | None) -> bool:
     return key is not None and scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
+def tenant_of(key: bytes) -> str:
+    """A tenant's name in the engine: a digest of its API key (the key itself is never kept beside its data)."""
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
 class _BearerAuth:
     """ASGI middleware answering 401 to an API request without `Authorization: Bearer <key>` (constant-time
     compare) before its body is read: an unauthenticated client costs neither parsing nor tokenising.
     Admin routes take the admin key only: 403 when reload is off or for the API key, 401 for anything else."""
 
     def __init__(self, app: Any, api_key: str | None, admin_key: str | None = None) -> None:
-        self.app, self.key = app, None if api_key is None else api_key.encode()
+        # several comma-separated keys: one per tenant; stored contexts never cross tenants
+        self.app, self.keys = app, () if api_key is None else tuple(k.strip().encode() for k in api_key.split(","))
         self.admin_key = None if admin_key is None else admin_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith(ADMIN_PREFIX):
             return await self._admin(scope, receive, send)
-        if self.key is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+        if not self.keys or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
             return await self.app(scope, receive, send)
-        if _bearer_matches(scope, self.key):
+        for key in self.keys:  # every key is compared, so the time taken does not tell which matched
+            if _bearer_matches(scope, key):
+                scope.setdefault("state", {})["tenant"] = tenant_of(key)
+        if "tenant" in scope.get("state", {}):
             return await self.app(scope, receive, send)
         refused = error_response(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -198,7 +208,7 @@ class _BearerAuth:
                                      code="reload_disabled")
         elif _bearer_matches(scope, self.admin_key):
             return await self.app(scope, receive, send)
-        elif _bearer_matches(scope, self.key):
+        elif any(_bearer_matches(scope, key) for key in self.keys):
             refused = error_response(403, "the API key cannot use admin routes: send the admin key "
                                           "(--admin-key-env)", code="admin_key_required")
         else:
@@ -280,7 +290,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         """OpenAI completions over the raw prompt (no chat template)."""
         check_model(body.model)
         ids = await asyncio.to_thread(engine.encode_text, body.prompt)
-        request = _generation_request(engine, body, ids, body.max_tokens, "prompt")
+        request = _generation_request(engine, body, ids, body.max_tokens, "prompt", http)
         return await _respond(engine, body, request, _CompletionShape(config.served_model, body.stream), http)
 
     @app.post("/v1/chat/completions")
@@ -289,7 +299,8 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         ids = await asyncio.to_thread(engine.encode_chat, messages)
-        request = _generation_request(engine, body, ids, body.token_limit(), "messages")
+        context = await asyncio.to_thread(engine.context_tokens, messages, ids)
+        request = _generation_request(engine, body, ids, body.token_limit(), "messages", http, context)
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _respond(engine, body, request, _ChatShape(config.served_model, usage), http)
 
@@ -330,11 +341,14 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
 
 def _generation_request(engine: Engine, body: p.CompletionRequest | p.ChatCompletionRequest, ids: tuple[int, ...],
-                        max_tokens: int | None, prompt_param: str) -> GenerationRequest:
+                        max_tokens: int | None, prompt_param: str, http: Request,
+                        context_tokens: int = 0) -> GenerationRequest:
     """The engine's request from a parsed body (checks the context and the max_tokens cap)."""
     wanted = engine.check_request(ids, max_tokens, prompt_param)
     sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-    return GenerationRequest(ids, wanted, body.kv_budget, body.kv_policy, sampling, body.stop_strings())
+    tenant = getattr(http.state, "tenant", "")
+    return GenerationRequest(ids, wanted, body.kv_budget, body.kv_policy, sampling, body.stop_strings(), tenant,
+                             context_tokens)
 
 
 class _CompletionShape:

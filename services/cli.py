@@ -71,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "(the bearer key clients must send), or --insecure to serve it open")
     engine = EngineConfig(model=args.model, policy=spec, budget=args.budget, max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_tokens_cap=args.max_tokens_cap,
-                          threads=args.threads, kv_memory=args.kv_memory, max_batch=args.max_batch)
+                          threads=args.threads, kv_memory=args.kv_memory, max_batch=args.max_batch,
+                          reuse_contexts=args.reuse_contexts)
     options = ServeOptions(engine=engine, host=args.host, port=args.port, api_key_env=args.api_key_env,
                            admin_key_env=args.admin_key_env,
                            replicas=args.replicas, ray_address=args.ray_address, num_cpus=args.replica_cpus)
@@ -104,8 +105,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "(default 0.5); requests wait until their cache fits")
     p.add_argument("--max-batch", type=_positive(int), default=64,
                    help="requests decoding together per replica (1: one request at a time)")
+    p.add_argument("--reuse-contexts", action="store_true",
+                   help="store compressed contexts under --kv-memory and decode requests that start with one over it: "
+                        "a chat's earlier messages are compressed on their own (without its last message) and "
+                        "kept, and so is every finished request (the next turn starts with it)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads per replica (default: torch's choice)")
-    p.add_argument("--api-key-env", help="environment variable holding the bearer API key (unset: no key)")
+    p.add_argument("--api-key-env", help="environment variable holding the bearer API key, or several comma-separated "
+                                         "(one per tenant: stored contexts are never shared between keys; unset: no key)")
     p.add_argument("--admin-key-env", help="environment variable holding the bearer key of /v1/admin/reload, "
                                            "distinct from the API key (unset: reload is off)")
     p.add_argument("--insecure", action="store_true",

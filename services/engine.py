@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from adaptive_kv.services.admission import KvLedger, format_bytes, resolve_kv_memory
+from adaptive_kv.services.context_store import ContextKey, ContextStore, StoredContext
 from adaptive_kv.services.decoding import Sampling, TextAssembler, make_sampler
 from adaptive_kv.services.errors import EngineError
 from adaptive_kv.services.metrics import Metrics
@@ -43,6 +44,7 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
     kv_memory: int | float | None = None  # bytes, or a fraction of free memory (None: admission.DEFAULT_FRACTION)
     max_batch: int = 64  # requests holding a cache at once (prefilling or decoding); 1 runs one at a time
+    reuse_contexts: bool = False  # store compressed contexts and decode later requests that start with them over them
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -73,6 +75,15 @@ class GenerationRequest:
     policy: str | None = None
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
+    tenant: str = ""  # who sent it (a digest of its API key): stored contexts are reused by their tenant only
+    # the first context_tokens of the prompt are a context to compress on its own (its plan decided without
+    # the rest, query-agnostic) and store for reuse, when the engine reuses contexts; 0: none
+    context_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.context_tokens < len(self.prompt_ids):
+            raise ValueError(f"context_tokens must be in [0, {len(self.prompt_ids) - 1}] (a token must follow the "
+                             f"context), got {self.context_tokens}")
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,7 @@ class Engine:
         self._reload_lock: asyncio.Lock | None = None  # made on the event loop that first reloads
         self.model = self.tokenizer = None
         self.kv_limit = 0
+        self.contexts: ContextStore | None = None  # made with the ledger when config.reuse_contexts
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -148,7 +160,11 @@ class Engine:
         self.kv_shape = KvShape.of(self.model)
         self._check_policy(self._policy)  # a controller trained for another model fails here, not per request
         self.kv_limit = resolve_kv_memory(self.config.kv_memory, self.model.device)
-        return self.model, KvLedger(self.kv_limit)
+        ledger = KvLedger(self.kv_limit)
+        if self.config.reuse_contexts:
+            self.contexts = ContextStore(ledger, self.metrics)
+            self._scheduler.reclaim = self.contexts.make_room
+        return self.model, ledger
 
     @property
     def ready(self) -> bool:
@@ -231,6 +247,17 @@ class Engine:
             raise EngineError("this model has no chat template; use /v1/completions", param="messages")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         return tuple(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def context_tokens(self, messages: list[dict[str, str]], ids: tuple[int, ...]) -> int:
+        """How many leading ids of a chat prompt are its earlier messages (the context its last message is
+        asked over), when this engine reuses contexts; 0 when it does not, or the template does not render
+        them as a prefix of the whole."""
+        if not self.config.reuse_contexts or len(messages) < 2:
+            return 0
+        context = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=False, tokenize=True,
+                                                     return_dict=False)
+        context = tuple(context["input_ids"] if isinstance(context, dict) else context)
+        return len(context) if len(context) < len(ids) and ids[: len(context)] == context else 0
 
     def check_request(self, prompt_ids: tuple[int, ...], max_tokens: int | None, prompt_param: str) -> int:
         """The request's max_tokens (None: as many as fit under the cap); EngineError when over the context or cap."""
@@ -374,27 +401,67 @@ class _Generation:
         self.engine, self.request, self.name = engine, request, name
         self.planner = engine._planner(name, policy, request.budget, request.policy is not None)
         self.policy = policy
+        self.key = ContextKey(request.tenant, name, self.planner.budget, policy)
         self.cache = None
         self.kv: dict[str, Any] = {}
+        self.base_kv: dict[str, Any] | None = None  # the planning report of a reused context
+        self.reused = 0  # prompt tokens read from a stored context
         self.prefill_s = 0.0
         self.decode_start = 0.0
 
     def prefill(self) -> torch.Tensor:
-        """On the prefill thread: the prompt through the model into a cache that plans when it ends."""
+        """On the prefill thread: the prompt through the model into a cache that plans when it ends, or only
+        the rest of it over a copy of the longest stored context it starts with."""
+        ids, store = self.request.prompt_ids, self.engine.contexts
+        base = None if store is None else store.longest(self.key, ids)
+        self.reused = 0 if base is None else len(base.ids)
+        self.engine.metrics.reused_tokens.inc(self.reused)
+        boundary = self.request.context_tokens
+        if store is not None and boundary and self.reused < boundary:
+            base = self._context(base, ids[:boundary])
+        if base is None:
+            self.cache = self._compressing_cache(ids)
+            return self._forward(ids, self.cache)
+        self.base_kv, self.cache = base.kv, base.cache.share()
+        return self._forward(ids[len(base.ids):], self.cache)
+
+    def _compressing_cache(self, ids: tuple[int, ...]) -> Any:
         from adaptive_kv.cache import CompressedCache
         from adaptive_kv.prefill import cache_inputs, needs_of
 
-        model, ids = self.engine.model, self.request.prompt_ids
-        self.cache = CompressedCache(model, plan_provider=self.planner,
-                                     **cache_inputs(self.engine.tokenizer, ids, needs_of([self.policy])))
-        return model(torch.tensor([list(ids)], device=model.device), cache=self.cache).logits[:, -1]
+        return CompressedCache(self.engine.model, plan_provider=self.planner,
+                               **cache_inputs(self.engine.tokenizer, ids, needs_of([self.policy])))
+
+    def _forward(self, ids: tuple[int, ...], cache: Any) -> torch.Tensor:
+        """The last position's logits of `ids` run into `cache` (a prefill, or a suffix after compression)."""
+        model = self.engine.model
+        return model(torch.tensor([list(ids)], device=model.device), cache=cache, logits_to_keep=1).logits[:, -1]
+
+    def _context(self, base: StoredContext | None, context: tuple[int, ...]) -> StoredContext:
+        """The request's context compressed on its own (or a stored shorter one extended to it), stored for
+        the requests that follow; this request reads it even when it cannot be stored."""
+        if base is None:
+            cache = self._compressing_cache(context)
+            self._forward(context, cache)
+            kv = self.planner.info(cache.report(), self.name)
+        else:
+            cache, kv = base.cache.share(), base.kv
+            self._forward(context[len(base.ids):], cache)
+        stored = self.engine.contexts.put(self.key, context, cache, kv)
+        return stored or StoredContext(self.key, context, cache, 0, kv)
 
     def prefilled(self, logits: torch.Tensor, seconds: float, job: Job) -> Decoding:
         engine, metrics = self.engine, self.engine.metrics
         self.prefill_s, self.decode_start = seconds, time.perf_counter()
-        self.kv = self.planner.info(self.cache.report(), self.name)
+        report = self.cache.report()
+        if self.base_kv is None:
+            self.kv = self.planner.info(report, self.name)
+        else:  # the plan is the stored context's; the bytes are this copy's, its suffix included
+            self.kv = {**self.base_kv, **{k: report[k] for k in ("full_bytes", "bytes", "ratio")}}
+        prefilled = len(self.request.prompt_ids) - self.reused
+        self.kv.update(reused_tokens=self.reused, prefilled_tokens=prefilled)
         metrics.prefill.observe(seconds)
-        metrics.prompt_tokens.inc(len(self.request.prompt_ids))
+        metrics.prompt_tokens.inc(prefilled)
         metrics.observe_kv(self.kv["full_bytes"], self.kv["bytes"])
         self.decoder = TextAssembler(engine.tokenizer, self.request.stop)
         self.job = job
@@ -422,8 +489,23 @@ class _Generation:
         metrics.generated_tokens.inc(len(self.decoder.tokens))
         final = cache.report()
         self.kv.update(final_full_bytes=final["full_bytes"], final_bytes=final["bytes"])
+        self._store(cache, decoded.tokens)
         return GenerationOutput(self.decoder.text, len(self.request.prompt_ids), len(self.decoder.tokens),
                                 decoded.finish, self.kv, self.prefill_s, decode_s)
+
+
+    def _store(self, cache: Any, tokens: list[int]) -> None:
+        """Keep a finished request's cache as a stored context (its prompt and the tokens it decoded): the
+        next turn of a conversation starts with them."""
+        store = self.engine.contexts
+        if store is None:
+            return
+        prompt = self.request.prompt_ids
+        held = cache.get_seq_length()  # the last token picked was never run through the model
+        ids = prompt + tuple(tokens[: held - len(prompt)])
+        kv = {k: v for k, v in self.kv.items() if k not in ("reused_tokens", "prefilled_tokens", "final_full_bytes",
+                                                            "final_bytes")}
+        store.put(self.key, ids, cache, self.base_kv or kv)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -42,6 +42,18 @@ class Metrics:
                                        "Tokens generated per second by the last decode step (all running requests)",
                                        registry=r)
 
+        self.context_hits = Counter("adaptive_kv_context_hits", "Requests that decoded over a stored context",
+                                    registry=r)
+        self.context_misses = Counter("adaptive_kv_context_misses", "Requests that found no stored context to reuse",
+                                      registry=r)
+        self.context_evictions = Counter("adaptive_kv_context_evictions",
+                                         "Stored contexts evicted to make room for requests", registry=r)
+        self.stored_contexts = Gauge("adaptive_kv_stored_contexts", "Compressed contexts stored for reuse", registry=r)
+        self.stored_context_bytes = Gauge("adaptive_kv_stored_context_bytes",
+                                          "KV bytes the stored contexts hold (compressed)", registry=r)
+        self.reused_tokens = Counter("adaptive_kv_reused_prompt_tokens",
+                                     "Prompt tokens read from a stored context instead of prefilled", registry=r)
+
     def observe_kv(self, full_bytes: int, real_bytes: int) -> None:
         """Record one request's KV bytes after its plan was applied."""
         self.kv_full_bytes.inc(full_bytes)

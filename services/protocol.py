@@ -118,6 +118,8 @@ class KVCacheInfo(BaseModel):
     final_full_bytes: int | None = None  # after decoding (the residual window grows, eviction trims)
     final_bytes: int | None = None
     note: str | None = None  # why the server's default budget was not applied, when it was not
+    reused_tokens: int | None = None  # prompt tokens read from a stored compressed context (0: none reused)
+    prefilled_tokens: int | None = None  # prompt tokens this request ran through the model
 
 
 class Usage(BaseModel):

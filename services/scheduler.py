@@ -97,6 +97,7 @@ class Scheduler:
         self.ledger = KvLedger(0)
         self.peak_in_use = 0  # most KV bytes held at once, read between steps
         self.peak_batch = 0  # most requests decoding together
+        self.reclaim: Callable[[int], None] | None = None  # frees ledger room held by stored contexts (bytes wanted)
 
     # ------------------------------------------------------------------ any thread
     def start(self, setup: Callable[[], tuple[Any, KvLedger]]) -> None:
@@ -179,6 +180,8 @@ class Scheduler:
         if not self._waiting or len(self._batch.running) + 1 > self.max_batch:
             return None
         job = self._waiting[0]
+        if not self.ledger.fits(job.reserve) and self.reclaim is not None:
+            self.reclaim(job.reserve)  # stored contexts give way to a request that needs their room
         if not self.ledger.fits(job.reserve):
             return None
         self._waiting.popleft()

@@ -49,7 +49,7 @@ def read_api_key(env_var: str | None, flag: str = "--api-key-env") -> str | None
 def read_admin_key(env_var: str | None, api_key: str | None) -> str | None:
     """The admin key in `env_var` (None: reload off); it must differ from the API key, or it adds nothing."""
     key = read_api_key(env_var, "--admin-key-env")
-    if key is not None and key == api_key:
+    if key is not None and api_key is not None and key in [k.strip() for k in api_key.split(",")]:
         raise ValueError(f"--admin-key-env {env_var}: the admin key must differ from the API key")
     return key
 

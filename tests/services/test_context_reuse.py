@@ -1,0 +1,192 @@
+"""Compressed contexts stored and reused by the engine (in-process, tiny model): a question over a stored
+context decodes as a fresh query-agnostic run, concurrent questions over one context stay apart, the next
+turn starts from the finished one, eviction frees real bytes, and another tenant never hits."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+import pytest
+import torch
+
+from adaptive_kv.cache import CompressedCache
+from adaptive_kv.decode import decode
+from adaptive_kv.policies import get_policy
+from adaptive_kv.prefill import cache_inputs, needs_of
+from adaptive_kv.services.engine import Engine, EngineConfig, GenerationOutput, GenerationRequest
+from adaptive_kv.services.policy_source import PolicySpec
+from conftest import build_tiny_model
+from service_helpers import PROMPT
+
+POLICY, BUDGET, MAX_TOKENS = "hybrid", 0.25, 16
+
+
+def _engine(tokenizer, **config) -> Engine:
+    model = build_tiny_model("llama_gqa")
+    engine = Engine(EngineConfig(model="tiny", policy=PolicySpec(name=POLICY), budget=BUDGET, request_timeout=120,
+                                 max_tokens_cap=4000, threads=1, reuse_contexts=True, **config),
+                    loader=lambda name: (model, tokenizer))
+    engine.start()
+    return engine
+
+
+def _split(engine: Engine) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """A 200-token context and three questions of different lengths."""
+    ids = engine.encode_text(PROMPT)
+    assert len(ids) >= 240
+    return ids[:200], [ids[205:212], ids[215:226], ids[230:234]]
+
+
+@torch.inference_mode()
+def _fresh_text(engine: Engine, context: tuple[int, ...], fed: list[tuple[int, ...]]) -> str:
+    """Independent of the engine: the context compressed alone by the policy, then each of `fed` run as one
+    step, then greedy decoding, all through the library."""
+    policy, model = get_policy(POLICY), engine.model
+    cache = CompressedCache(model, plan_provider=lambda stats: policy.plan(stats, BUDGET),
+                            **cache_inputs(engine.tokenizer, context, needs_of([policy])))
+    model(torch.tensor([list(context)]), cache=cache)
+    for part in fed:
+        logits = model(torch.tensor([list(part)]), cache=cache).logits[:, -1]
+    tokens = decode(model, cache, logits, MAX_TOKENS, eos=engine.eos).tokens
+    return engine.tokenizer.decode([t for t in tokens if t not in engine.eos], skip_special_tokens=True)
+
+
+def _ask(engine: Engine, context, question, tenant: str = "a", context_tokens: int | None = None) -> GenerationOutput:
+    ids = tuple(context) + tuple(question)
+    request = GenerationRequest(ids, MAX_TOKENS, tenant=tenant,
+                                context_tokens=len(context) if context_tokens is None else context_tokens)
+    return asyncio.run(engine.complete(request))
+
+
+def _metric(engine: Engine, name: str) -> float:
+    return engine.metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_questions_over_a_stored_context_equal_fresh_query_agnostic_runs(tiny_tokenizer):
+    engine = _engine(tiny_tokenizer)
+    try:
+        context, questions = _split(engine)
+        first = _ask(engine, context, questions[0])  # compresses the context alone and stores it
+        assert first.text == _fresh_text(engine, context, [questions[0]])
+        assert (first.kv["reused_tokens"], first.kv["prefilled_tokens"]) == (0, len(context) + len(questions[0]))
+        assert len(engine.contexts) >= 1
+
+        async def together() -> list[GenerationOutput]:
+            return await asyncio.gather(*(asyncio.to_thread(_ask, engine, context, q) for q in questions[1:]))
+
+        outs = asyncio.run(together())  # decoding together, each over its own copy of the one context
+        for question, out in zip(questions[1:], outs):
+            assert out.text == _fresh_text(engine, context, [question])
+            assert (out.kv["reused_tokens"], out.kv["prefilled_tokens"]) == (len(context), len(question))
+            assert out.kv["policy"] == POLICY and out.kv["bytes"] < out.kv["full_bytes"]
+        assert _metric(engine, "adaptive_kv_context_hits_total") >= 2
+        assert _metric(engine, "adaptive_kv_reused_prompt_tokens_total") >= 2 * len(context)
+        # the stored context itself never moved: asked again, the first question answers as before
+        assert _ask(engine, context, questions[0]).text == first.text
+    finally:
+        engine.close()
+
+
+def test_the_next_turn_starts_from_the_finished_request(tiny_tokenizer):
+    engine = _engine(tiny_tokenizer)
+    try:
+        context, questions = _split(engine)
+        first = _ask(engine, context, questions[0], context_tokens=0)  # no context boundary: a plain request
+        assert first.kv["reused_tokens"] == 0
+        reply = tuple(_fresh_tokens(engine, context + questions[0]))
+        assert tiny_tokenizer.decode(reply, skip_special_tokens=True) == first.text
+        fed = reply[:-1] if first.finish_reason == "length" else reply  # the last token picked is never run
+        nxt = _ask(engine, context + questions[0] + fed, questions[1], context_tokens=0)
+        assert nxt.kv["reused_tokens"] == len(context) + len(questions[0]) + len(fed)
+        assert nxt.kv["prefilled_tokens"] == len(questions[1])
+    finally:
+        engine.close()
+
+
+@torch.inference_mode()
+def _fresh_tokens(engine: Engine, prompt: tuple[int, ...]) -> list[int]:
+    """The tokens a plain request of `prompt` picks (query-aware: the plan sees the whole prompt)."""
+    policy, model = get_policy(POLICY), engine.model
+    cache = CompressedCache(model, plan_provider=lambda stats: policy.plan(stats, BUDGET),
+                            **cache_inputs(engine.tokenizer, prompt, needs_of([policy])))
+    logits = model(torch.tensor([list(prompt)]), cache=cache).logits[:, -1]
+    return [t for t in decode(model, cache, logits, MAX_TOKENS, eos=engine.eos).tokens if t not in engine.eos]
+
+
+def test_another_tenant_never_reuses_a_stored_context(tiny_tokenizer):
+    engine = _engine(tiny_tokenizer)
+    try:
+        context, questions = _split(engine)
+        _ask(engine, context, questions[0], tenant="a")
+        other = _ask(engine, context, questions[1], tenant="b")
+        assert other.kv["reused_tokens"] == 0  # stored its own copy instead
+        assert _ask(engine, context, questions[2], tenant="b").kv["reused_tokens"] == len(context)
+        assert _ask(engine, context, questions[2], tenant="a").kv["reused_tokens"] == len(context)
+    finally:
+        engine.close()
+
+
+def test_stored_contexts_give_way_to_requests_and_their_bytes_are_freed(tiny_tokenizer):
+    probe = _engine(tiny_tokenizer, kv_memory=10**9)
+    context, questions = _split(probe)
+    bound = probe._request_nbytes(len(context) + len(questions[0]), MAX_TOKENS)
+    probe.close()
+    engine = _engine(tiny_tokenizer, kv_memory=int(1.2 * bound))  # one request, plus a little
+    try:
+        _ask(engine, context, questions[0])
+        stored = list(engine.contexts._entries.values())
+        assert stored and engine.contexts.nbytes > 0
+        assert engine._scheduler.ledger.reserved == engine.contexts.nbytes  # they hold their bytes on the ledger
+        tensors = [weakref.ref(layer.residual.keys) for entry in stored for layer in entry.cache.layers]
+        del stored
+        other = tuple(t % 1000 + 1 for t in context)  # another context: nothing to reuse, and no room beside them
+        _ask(engine, other, questions[1])
+        assert _metric(engine, "adaptive_kv_context_evictions_total") >= 1
+        gc.collect()
+        assert all(ref() is None for ref in tensors)  # the evicted contexts' tensors are gone, not just uncounted
+        assert engine._scheduler.ledger.reserved == engine.contexts.nbytes <= engine.kv_limit
+    finally:
+        engine.close()
+
+
+def test_bad_context_boundary_is_refused():
+    with pytest.raises(ValueError, match=r"context_tokens must be in \[0, 2\]"):
+        GenerationRequest((1, 2, 3), 4, context_tokens=3)
+
+
+# ---------------------------------------------------------------------------- over HTTP, two API keys
+def test_chat_reuses_the_earlier_messages_per_api_key(tmp_path, tiny_tokenizer):
+    import httpx
+
+    from service_helpers import save_tiny_model, start_server
+
+    model_dir = save_tiny_model(tmp_path / "model", tiny_tokenizer)
+    keys = {"ADAPTIVE_KV_TEST_KEYS": "key-a,key-b"}
+    server = start_server(tmp_path, ["--model", str(model_dir), "--reuse-contexts", "--api-key-env",
+                                     "ADAPTIVE_KV_TEST_KEYS"], env=keys)
+    document = PROMPT[:900]
+
+    def ask(key: str, question: str) -> dict:
+        body = {"model": "model", "messages": [{"role": "system", "content": document},
+                                               {"role": "user", "content": question}],
+                "max_tokens": 4, "kv_budget": BUDGET}
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200, response.text
+        return response.json()["kv_cache"]
+
+    try:
+        first = ask("key-a", "What does assert do?")
+        assert first["reused_tokens"] == 0
+        again = ask("key-a", "When is it removed?")
+        assert again["reused_tokens"] > 100  # the system message, compressed once
+        assert again["prefilled_tokens"] < 30  # only the question and the generation prompt
+        assert ask("key-b", "When is it removed?")["reused_tokens"] == 0  # never another key's context
+        assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "model", "messages": []},
+                          headers={"Authorization": "Bearer key-c"}).status_code == 401
+        metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer key-a"}).text
+        assert "adaptive_kv_context_hits_total 1.0" in metrics
+    finally:
+        server.stop()
