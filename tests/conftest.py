@@ -219,3 +219,30 @@ def hand_made_stats(layers: int = 2, heads: int = 2, seq_len: int = 300, *, feat
     token_scores = {s: torch.rand(layers, heads, seq_len, generator=gen) for s in TOKEN_SCORERS}
     return AttentionStats(features, {**token_scores, **(scores or {})}, seq_len, head_dim=head_dim,
                           dtype_bytes=dtype_bytes)
+
+
+# ---------------------------------------------------------------- MLflow data stays in each test's tmp dirs
+def _mlflow_data_in(root) -> set[str]:
+    """MLflow files a process running in `root` writes by default: ./mlflow.db, and the experiment and run
+    folders of ./mlruns (artifacts of a SQLite store whose experiment set no artifact location)."""
+    from pathlib import Path
+
+    found = {"mlflow.db"} if (Path(root) / "mlflow.db").exists() else set()
+    mlruns = Path(root) / "mlruns"
+    if mlruns.is_dir():
+        for experiment in mlruns.iterdir():
+            found.add(f"mlruns/{experiment.name}")
+            if experiment.is_dir():
+                found.update(f"mlruns/{experiment.name}/{run.name}" for run in experiment.iterdir())
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_data_in_the_working_tree(request):
+    """Fails the test (at teardown) that writes MLflow data into the folder pytest runs from."""
+    root = request.config.invocation_params.dir
+    before = _mlflow_data_in(root)
+    yield
+    written = sorted(_mlflow_data_in(root) - before)
+    if written:
+        pytest.fail(f"wrote MLflow data into {root}, outside its temporary directories: {written[:5]}")

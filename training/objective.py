@@ -96,10 +96,12 @@ class TrialConfig:
         return option_grid(*GRIDS[self.grid])
 
     def to_params(self) -> dict[str, Any]:
-        """Flat parameters for logging."""
+        """Flat parameters for logging, the fit's fields unprefixed so every searched knob has the name
+        Optuna gives it (`lr`, `epochs`, `loss`; `search.suggest`)."""
         data = asdict(self)
-        data.update({f"fit_{k}": v for k, v in data.pop("fit").items()})
-        return data
+        fit = data.pop("fit")
+        assert not set(fit) & set(data), "fit and trial fields share a name"
+        return {**data, **fit}
 
 
 def layer_weights(num_layers: int, slope: float) -> tuple[float, ...]:
@@ -172,26 +174,39 @@ def score_plan(model, item: ValidationItem, plan: Plan) -> float:
 
 
 def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budgets: tuple[float, ...]) -> dict[str, Any]:
-    """Scores of `plan_for(stats, budget)` per budget and task, plus real byte fractions."""
-    out: dict[str, Any] = {"by_budget": {}, "by_task": {}, "bytes_fraction": {}}
+    """Scores of `plan_for(stats, budget)` per budget and task, plus real byte fractions.
+
+    `score` (the search objective) counts a request whose budget is below the policy's reach as 0, so
+    the search prefers controllers that always plan. The reported means leave such requests out:
+    `by_budget[b]` is the mean over feasible requests, None when none was (as `eval` reports an
+    infeasible budget), and `infeasible[b]` counts them. `samples` / `sample_bytes` hold each feasible
+    request's score and byte fraction per "task/budget" key (intervals of the summary table).
+    """
+    out: dict[str, Any] = {"by_budget": {}, "by_task": {}, "bytes_fraction": {}, "infeasible": {},
+                           "samples": {}, "sample_bytes": {}}
+    objective = []
     for budget in budgets:
-        scores, fractions = [], []
+        scores, fractions, infeasible = [], [], 0
         for item in items:
             try:
                 plan = plan_for(item.captured.stats, budget)
-            except ValueError:  # below this policy's reach: counts as 0 at this budget
-                scores.append(0.0)
+            except ValueError:  # below this policy's reach
+                infeasible += 1
                 continue
             score = score_plan(model, item, plan)
             scores.append(score)
-            out["by_task"].setdefault(f"{item.request.task}/{budget:g}", []).append(score)
             shape = item.captured.stats
             seq_len, head_dim, itemsize = shape.seq_len, shape.head_dim, shape.dtype_bytes
-            fractions.append(plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize))
-        out["by_budget"][budget] = sum(scores) / len(scores)
+            fraction = plan.nbytes(seq_len, head_dim, itemsize) / plan.full_nbytes(seq_len, head_dim, itemsize)
+            fractions.append(fraction)
+            out["samples"].setdefault(f"{item.request.task}/{budget:g}", []).append(score)
+            out["sample_bytes"].setdefault(f"{item.request.task}/{budget:g}", []).append(fraction)
+        out["by_budget"][budget] = sum(scores) / len(scores) if scores else None
         out["bytes_fraction"][budget] = sum(fractions) / len(fractions) if fractions else None
-    out["by_task"] = {k: sum(v) / len(v) for k, v in out["by_task"].items()}
-    out["score"] = sum(out["by_budget"].values()) / len(budgets)
+        out["infeasible"][budget] = infeasible
+        objective.append(sum(scores) / len(items))
+    out["by_task"] = {k: sum(v) / len(v) for k, v in out["samples"].items()}
+    out["score"] = sum(objective) / len(budgets)
     return out
 
 

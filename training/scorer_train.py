@@ -91,11 +91,10 @@ def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
             ray.shutdown()
     collect_s = time.perf_counter() - start
     uri = tracking.tracking_uri(config.mlflow_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(SCORER_EXPERIMENT)
+    tracking.use_experiment(SCORER_EXPERIMENT, uri)  # artifacts beside a local store, opens on its runs
     with mlflow.start_run(run_name=f"scorer-{Path(config.model).name}") as run:
-        mlflow.log_params({k: v for k, v in asdict(config).items() if k not in ("fit", "mlflow_uri")})
-        mlflow.log_params({f"fit.{k}": v for k, v in asdict(config.fit).items()})
+        mlflow.log_params(tracking.json_params({k: v for k, v in asdict(config).items() if k not in ("fit", "mlflow_uri")}))
+        mlflow.log_params(tracking.json_params({f"fit.{k}": v for k, v in asdict(config.fit).items()}))
         mlflow.log_metric("collect_s", collect_s)
         chosen, results = _fit_all(config, shape, train, valid)
         folder = results[chosen]["predictor"].save(out / "scorer")

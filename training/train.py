@@ -115,8 +115,7 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
                                    per_task=config.valid_per_task, seed=VALIDATION_SEED)
     study = search.open_study(config.study, config.storage_url(), heartbeat_s=config.heartbeat_s)
     uri = tracking.tracking_uri(config.mlflow_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(tracking.TRAIN_EXPERIMENT)
+    tracking.use_experiment(tracking.TRAIN_EXPERIMENT, uri)
     from adaptive_kv.training.label_cache import model_digest
     from adaptive_kv.training.pool import WorkerPool
 
@@ -140,17 +139,57 @@ def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, 
     import mlflow
     from tqdm import tqdm
 
-    with mlflow.start_run(run_name=f"train-{Path(config.model).name}") as parent:
-        mlflow.log_params(tracking.redact_credentials({k: v for k, v in asdict(config).items() if k != "space"}))
+    with mlflow.start_run(run_name=f"train-{Path(config.model).name}", log_system_metrics=_system_metrics()) as parent:
+        config_params = {k: v for k, v in asdict(config).items() if k != "space"}
+        mlflow.log_params(tracking.json_params(tracking.redact_credentials(config_params)))
         mlflow.log_dict(asdict(config.space), "search_space.json")
         pipeline.run_trials(study, tqdm)
         best = pipeline.best_trial(study)
+        _log_winner(best)
         summary = pipeline.finish(best, tracking)
         mlflow.log_metric("best_score", best.value)
         summary.update(parent_run=parent.info.run_id, tracking_uri=uri, ui=tracking.ui_command(uri),
                        best_trial=best.number, best_score=best.value, best_params=best.params,
                        wall_time_s=round(time.perf_counter() - start, 1))
     return summary
+
+
+def _system_metrics() -> bool:
+    """Record the parent run's CPU, memory and disk use (MLflow's system metrics) when psutil, which
+    MLflow samples them with, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is not None
+
+
+def trial_params(trial) -> dict[str, Any]:
+    """The hyper-parameters of an Optuna trial: the whole trial config this trainer recorded when it started
+    the trial (`TRIAL_CONFIG_ATTR`), else (a trial of an older trainer) its Optuna suggestions."""
+    return dict(trial.user_attrs.get(TRIAL_CONFIG_ATTR) or trial.params)
+
+
+def _log_winner(best) -> None:
+    """The parent run names its winning trial (`best_trial`, and its hyper-parameters as `best/<name>`
+    parameters); the winning trial's run is tagged `best_trial=true`."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from adaptive_kv.training import tracking
+
+    mlflow.log_param("best_trial", best.number)
+    mlflow.log_params(tracking.json_params({f"best/{k}": v for k, v in trial_params(best).items()}))
+    run_id = best.user_attrs.get(RUN_ID_ATTR)
+    if run_id is not None:
+        mlflow.set_tag("best_trial_run_id", run_id)
+        MlflowClient().set_tag(run_id, "best_trial", "true")
+
+
+# the parent run's policy x budget x task table (the UI's artifact view shows it as a table)
+SUMMARY_TABLE = "validation_summary.json"
+# Optuna user attributes of a trial: its MLflow run, and its whole trial config (another trainer sharing
+# the study, or a rerun, finds both there)
+RUN_ID_ATTR = "mlflow_run_id"
+TRIAL_CONFIG_ATTR = "config"
 
 
 class _Pipeline:
@@ -233,9 +272,10 @@ class _Pipeline:
                                                                 seed=trial.number))
                     train, valid = self.labels_for(trial_config, tqdm)
                     worker = self.pool.take()
+                    run_id = self._open_trial_run(trial, trial_config)
                     future = worker.trial.remote(trial_config, train, valid, self.valid_requests,
                                                  self.config.budgets, progress)
-                    running[future] = (trial, trial_config, worker)
+                    running[future] = (trial, trial_config, worker, run_id)
                     epochs.total += trial_config.fit.epochs
                     epochs.refresh()
                 if not running:
@@ -245,9 +285,46 @@ class _Pipeline:
                 if done:
                     self._collect(study, running.pop(done[0]), done[0], heartbeat, bar)
         finally:
+            for _, _, _, run_id in running.values():  # interrupted: their runs end now, not as RUNNING forever
+                self._close_trial_run(run_id, "KILLED")
             heartbeat.stop()
             epochs.close()
             bar.close()
+
+    def _open_trial_run(self, trial, trial_config) -> str:
+        """The trial's MLflow run, nested under the active (parent) run and opened as the trial starts, so
+        its duration is the trial's; its parameters are the whole trial config, named as Optuna names the
+        searched ones. The run id and config go into the Optuna trial too (`RUN_ID_ATTR`)."""
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        from adaptive_kv.training import tracking
+
+        parent = mlflow.active_run()
+        tags = {"trial_number": str(trial.number)}
+        if parent is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = parent.info.run_id
+        experiment_id = parent.info.experiment_id if parent is not None else mlflow.get_experiment_by_name(
+            tracking.TRAIN_EXPERIMENT).experiment_id
+        client = MlflowClient()
+        run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+        params = {**trial_config.to_params(), "trial_number": trial.number}
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in tracking.json_params(params).items()])
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        trial.set_user_attr(TRIAL_CONFIG_ATTR, trial_config.to_params())
+        return run.info.run_id
+
+    @staticmethod
+    def _close_trial_run(run_id: str, status: str, note: str | None = None) -> None:
+        """End a trial's run with `status` (FINISHED, FAILED, KILLED) and why, when it did not finish."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        if note is not None:
+            client.set_tag(run_id, "mlflow.note.content", note)
+        client.set_terminated(run_id, status)
 
     def _ask(self, study, target: int):
         """A new trial, or None when the study's finished and running trials already make `target`."""
@@ -274,25 +351,29 @@ class _Pipeline:
 
         from adaptive_kv.training import tracking
 
-        trial, trial_config, worker = entry
+        trial, trial_config, worker, run_id = entry
         heartbeat.remove(trial)
         try:
             result = self.ray.get(future)
         except Exception as exc:  # noqa: BLE001  a failed trial is recorded as failed, the study goes on
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             self.log(f"trial {trial.number} failed: {exc}")
+            self._close_trial_run(run_id, "FAILED", f"failed: {exc}")
             self.pool.failed(worker, exc)
             return
         self.pool.succeeded(worker)
-        self._save_trial(trial.number, result)
+        folder = self._save_trial(trial.number, result)
         told = study.tell(trial, result["metrics"]["score"], skip_if_finished=True)
         if told.state != TrialState.COMPLETE:  # another trainer failed it while its heartbeat lagged
             self.log(f"trial {trial.number} was marked {told.state.name} by another trainer; its result is not counted")
+            self._close_trial_run(run_id, "KILLED", f"marked {told.state.name} by another trainer; not counted")
             return
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
-            mlflow.log_params(trial_config.to_params())
-            mlflow.log_param("trial_number", trial.number)
-            tracking.log_trial_metrics(result["metrics"], result["history"])
+        client = mlflow.MlflowClient()
+        tracking.log_metrics(client, run_id, tracking.trial_metrics(result["metrics"], result["history"],
+                                                                     trial_config.fit.loss))
+        for path in sorted(folder.iterdir()):  # the controller's files under controller/, metrics.json beside
+            client.log_artifact(run_id, str(path), None if path.name == "metrics.json" else "controller")
+        self._close_trial_run(run_id, "FINISHED")
         bar.set_postfix(score=f"{result['metrics']['score']:.1f}")
         bar.update(1)
 
@@ -354,11 +435,14 @@ class _Pipeline:
     def finish(self, best, tracking) -> dict[str, Any]:
         """Copy the best controller, log figures and artifacts, register the champion."""
         import mlflow
+        import pandas as pd
 
         from adaptive_kv.plan import Plan
         from adaptive_kv.policies.controller.files import load_controller
         from adaptive_kv.training.objective import TrialConfig
         from adaptive_kv.training.plots import pareto_png, plan_heatmap_png
+        from adaptive_kv.training.summary_table import COLUMNS as SUMMARY_COLUMNS
+        from adaptive_kv.training.summary_table import summary_rows
 
         source = self.out / "trials" / str(best.number)
         target = self.out / "controller"
@@ -393,17 +477,26 @@ class _Pipeline:
         for path in figures.iterdir():
             mlflow.log_artifact(str(path), "figures")
         mlflow.log_artifacts(str(target), "controller")
-        for name, res in baselines.items():
-            for b, score in res["by_budget"].items():
-                mlflow.log_metric(f"validation/{name}/b{float(b):g}", score)
+        mlflow.log_table(pd.DataFrame(summary_rows(baselines), columns=list(SUMMARY_COLUMNS)), SUMMARY_TABLE)
+        # the winner's validation metrics under the names its trial run uses: parent and trials chart together
+        learned = baselines["learned"]
+        tracking.log_metrics(mlflow.MlflowClient(), mlflow.active_run().info.run_id, {
+            **{f"score/{tracking.budget_key(b)}": v for b, v in learned["by_budget"].items() if v is not None},
+            **{f"bytes_fraction/{tracking.budget_key(b)}": v for b, v in learned["bytes_fraction"].items()
+               if v is not None}})
         summary = {"controller": str(target.resolve()), "registered_model": tracking.REGISTERED_MODEL,
                    "model_version": None, "alias": tracking.CHAMPION, "champion_moved": False,
                    "figures": str(figures.resolve())}
         if self.config.register and not self.config.smoke_test:
             decision = self._champion_decision(target, worker, self._reading(trial_config))
             self.log(decision.reason)
+            card = tracking.VersionCard(
+                trial_number=best.number, trial_run_id=best.user_attrs.get(RUN_ID_ATTR),
+                parent_run_id=mlflow.active_run().info.run_id, base_model=self.config.model,
+                base_model_revision=f"sha256:{self.model_sha}", validation=dict(learned["by_budget"]),
+                params=trial_params(best), git_commit=tracking.source_commit())
             version = tracking.register_controller(target, tracking.example_input(_example_stats(config), budget),
-                                                   make_champion=decision.move)
+                                                   make_champion=decision.move, card=card)
             summary.update(model_version=version, champion_moved=decision.move, champion_reason=decision.reason,
                            candidate_score=decision.candidate_score, champion_score=decision.champion_score)
         return summary

@@ -17,14 +17,13 @@ class _NoTrials:
         pass
 
     def best_trial(self, study):
-        return SimpleNamespace(number=0, value=50.0, params={})
+        return SimpleNamespace(number=0, value=50.0, params={}, user_attrs={})
 
     def finish(self, best, tracking) -> dict:
         return {}
 
 
 def test_train_run_parameters_carry_no_password(tmp_path):
-    import mlflow
     from mlflow import MlflowClient
 
     from adaptive_kv.training import tracking, train
@@ -32,8 +31,7 @@ def test_train_run_parameters_carry_no_password(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = f"postgresql+psycopg2://adaptive_kv:{PASSWORD}@postgres:5432/optuna"
     config = train.TrainConfig(model="tiny", output=str(tmp_path / "out"), storage=storage, mlflow_uri=uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(tracking.TRAIN_EXPERIMENT)
+    tracking.use_experiment(tracking.TRAIN_EXPERIMENT, uri)  # artifacts beside the store in tmp_path
     summary = train._run(config, _NoTrials(), None, tracking, uri, time.perf_counter())
     params = MlflowClient(tracking_uri=uri).get_run(summary["parent_run"]).data.params
     assert not [k for k, v in params.items() if PASSWORD in v], params
