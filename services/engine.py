@@ -418,18 +418,18 @@ class _Generation:
         self.engine.metrics.reused_tokens.inc(self.reused)
         boundary = self.request.context_tokens
         if store is not None and boundary and self.reused < boundary:
-            base = self._context(base, ids[:boundary])
+            base = self._context(base, ids[:boundary]) or base
         if base is None:
             self.cache = self._compressing_cache(ids)
             return self._forward(ids, self.cache)
         self.base_kv, self.cache = base.kv, base.cache.share()
         return self._forward(ids[len(base.ids):], self.cache)
 
-    def _compressing_cache(self, ids: tuple[int, ...]) -> Any:
+    def _compressing_cache(self, ids: tuple[int, ...], planner: RequestPlanner | None = None) -> Any:
         from adaptive_kv.cache import CompressedCache
         from adaptive_kv.prefill import cache_inputs, needs_of
 
-        return CompressedCache(self.engine.model, plan_provider=self.planner,
+        return CompressedCache(self.engine.model, plan_provider=planner or self.planner,
                                **cache_inputs(self.engine.tokenizer, ids, needs_of([self.policy])))
 
     def _forward(self, ids: tuple[int, ...], cache: Any) -> torch.Tensor:
@@ -437,13 +437,21 @@ class _Generation:
         model = self.engine.model
         return model(torch.tensor([list(ids)], device=model.device), cache=cache, logits_to_keep=1).logits[:, -1]
 
-    def _context(self, base: StoredContext | None, context: tuple[int, ...]) -> StoredContext:
+    def _context(self, base: StoredContext | None, context: tuple[int, ...]) -> StoredContext | None:
         """The request's context compressed on its own (or a stored shorter one extended to it), stored for
-        the requests that follow; this request reads it even when it cannot be stored."""
+        the requests that follow; this request reads it even when it cannot be stored. None when the
+        context alone is too short for the budget (sinks and recent window stay in full precision): the
+        whole prompt is then planned as one, as without reuse."""
         if base is None:
-            cache = self._compressing_cache(context)
-            self._forward(context, cache)
-            kv = self.planner.info(cache.report(), self.name)
+            planner = RequestPlanner(self.name, self.policy, self.planner.budget, False, self.planner.chosen)
+            cache = self._compressing_cache(context, planner)
+            try:
+                self._forward(context, cache)
+            except EngineError as exc:
+                if exc.code == "budget_infeasible":
+                    return None
+                raise
+            kv = planner.info(cache.report(), self.name)
         else:
             cache, kv = base.cache.share(), base.kv
             self._forward(context[len(base.ids):], cache)

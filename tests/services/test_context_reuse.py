@@ -151,6 +151,19 @@ def test_stored_contexts_give_way_to_requests_and_their_bytes_are_freed(tiny_tok
         engine.close()
 
 
+def test_a_context_too_short_for_the_budget_is_planned_with_its_question(tiny_tokenizer):
+    engine = _engine(tiny_tokenizer)
+    try:
+        context, questions = _split(engine)
+        prompt = context + questions[0]
+        short = asyncio.run(engine.complete(GenerationRequest(prompt, MAX_TOKENS, budget=BUDGET, context_tokens=12)))
+        assert (short.kv["reused_tokens"], short.kv["prefilled_tokens"]) == (0, len(prompt))
+        assert short.text == tiny_tokenizer.decode(_fresh_tokens(engine, prompt), skip_special_tokens=True)
+        assert len(engine.contexts) == 1  # only the finished request, not a 12-token context
+    finally:
+        engine.close()
+
+
 def test_bad_context_boundary_is_refused():
     with pytest.raises(ValueError, match=r"context_tokens must be in \[0, 2\]"):
         GenerationRequest((1, 2, 3), 4, context_tokens=3)
