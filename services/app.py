@@ -185,7 +185,7 @@ class _BearerAuth:
 
     def __init__(self, app: Any, api_key: str | None, admin_key: str | None = None) -> None:
         # several comma-separated keys: one per tenant; stored contexts never cross tenants
-        self.app, self.keys = app, () if api_key is None else tuple(k.strip().encode() for k in api_key.split(","))
+        self.app, self.keys = app, () if api_key is None else tuple(k.strip().encode() for k in api_key.split(",") if k.strip())
         self.admin_key = None if admin_key is None else admin_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

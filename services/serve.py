@@ -43,6 +43,9 @@ def read_api_key(env_var: str | None, flag: str = "--api-key-env") -> str | None
     key = os.environ.get(env_var, "").strip()
     if not key:
         raise ValueError(f"{flag} {env_var}: the environment variable is unset or empty")
+    if any(not part.strip() for part in key.split(",")):
+        raise ValueError(f"{flag} {env_var}: an empty key in the comma-separated list (an empty bearer token "
+                         "would pass)")
     return key
 
 

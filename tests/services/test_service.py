@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import os
 import subprocess
 import sys
 import threading
@@ -240,9 +241,10 @@ def test_serve_cli_import_is_light_and_help_lists_flags():
 
 def test_serve_cli_rejects_unknown_policy_and_unset_key_before_loading():
     for args, text in ((["--policy", "nope"], "policy must be one of"),
-                       (["--api-key-env", "ADAPTIVE_KV_SURELY_UNSET"], "unset or empty")):
+                       (["--api-key-env", "ADAPTIVE_KV_SURELY_UNSET"], "unset or empty"),
+                       (["--api-key-env", "ADAPTIVE_KV_TEST_KEYS"], "an empty key in the comma-separated list")):
         done = subprocess.run([sys.executable, "-m", "adaptive_kv.cli", "serve", *args], capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=60, env={**os.environ, "ADAPTIVE_KV_TEST_KEYS": "key-a,,key-b"})
         assert done.returncode == 2 and text in done.stderr, done.stderr
 
 
