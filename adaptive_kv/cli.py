@@ -75,14 +75,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CONTROLLER_URIS = ("models:/", "runs:/")
+
+
 def _policy(args: argparse.Namespace):
-    """The policy named by --policy (with --controller for `learned`)."""
+    """The policy named by --policy: a registered name (with --controller for `learned`), or a trained
+    controller itself, as a folder or an MLflow model URI (models:/NAME@champion, fetched from
+    $MLFLOW_TRACKING_URI or ./mlruns)."""
     from adaptive_kv.policies import get_policy
 
-    options = {"path": args.controller} if getattr(args, "controller", None) else {}
+    controller = getattr(args, "controller", None)
+    if args.policy.startswith(CONTROLLER_URIS) or Path(args.policy, "controller.json").is_file():
+        if controller:
+            raise CliError(f"--policy {args.policy} is a controller already; --controller applies to --policy learned")
+        return get_policy("learned", path=str(_fetch_controller(args.policy)))
+    options = {"path": controller} if controller else {}
     if options and args.policy != "learned":
         raise CliError("--controller applies to --policy learned only")
     return get_policy(args.policy, **options)
+
+
+def _fetch_controller(source: str) -> Path:
+    """A local folder of the controller at `source` (a folder, or a registry URI, downloaded once)."""
+    from adaptive_kv.policies.controller.registry import fetch_controller
+
+    try:
+        return fetch_controller(source)
+    except ImportError as exc:  # mlflow (the train or serve extra) is missing
+        raise CliError(f"--policy {source} needs mlflow to fetch a registered controller: {exc}") from exc
 
 
 def _provider(policy, budget: float):
@@ -101,7 +121,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=32, help="recent tokens kept in full precision")
     p.add_argument("--group-size", type=int, default=32, help="quantisation group size (power of two)")
     p.add_argument("--max-new-tokens", type=cli_args.positive, default=64, help="tokens to generate")
-    p.add_argument("--policy", help="decide per request with this policy (e.g. learned, kvzip, hybrid) instead of --keep/--bits")
+    p.add_argument("--policy", help="decide per request with this policy (e.g. learned, kvzip, hybrid), a controller folder "
+                                    "or models:/NAME@champion, instead of --keep/--bits")
     p.add_argument("--budget", type=cli_args.fraction, default=0.125, help="with --policy: KV bytes as a fraction of full precision")
     p.add_argument("--controller", help="with --policy learned: a controller folder (default: the shipped one)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as it is (no chat template)")
@@ -232,7 +253,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt text (or use --prompt-file)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--model", default="smollm2-135m", help="model name (smollm2-135m) or local HF folder")
-    p.add_argument("--policy", default="learned", help="policy name (default: learned)")
+    p.add_argument("--policy", default="learned", help="policy name (default: learned), a controller folder or "
+                                                       "models:/NAME@champion")
     p.add_argument("--controller", help="with --policy learned: a controller folder (default: the shipped one)")
     p.add_argument("--budget", type=cli_args.fraction, default=0.125, help="KV bytes as a fraction of full precision")
     p.add_argument("--raw", action="store_true", help="feed the prompt as it is (no chat template)")

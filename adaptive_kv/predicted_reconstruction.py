@@ -6,7 +6,7 @@ reads what the prefill computes anyway, the hidden states entering each layer's 
 predicts every (KV head, token)'s log reconstruction score. It runs inside the prefill, one layer
 at a time, so it also works under bounded per-layer prefill.
 
-Files: `scorer.json` (kind, shape, input statistics' shapes, fit metrics) and `scorer.safetensors`
+Files: `scorer.json` (kind, shape, the model it was fitted for, fit metrics) and `scorer.safetensors`
 (the weights), checked against each other and against the model before use.
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from adaptive_kv.model_identity import ModelIdentity, check_trained_for
 
 PREDICTED_SCORER = "predicted_reconstruction"
 KINDS = ("linear", "mlp")
@@ -62,6 +64,8 @@ class ReconstructionPredictor:
     shape: PredictorShape
     weights: dict[str, torch.Tensor]
     metrics: dict[str, Any] = field(default_factory=dict)
+    # the model it was fitted for; None in files written before it was recorded (then the shape is checked)
+    base_model: ModelIdentity | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -76,6 +80,9 @@ class ReconstructionPredictor:
         if extra:
             raise ValueError(f"scorer weights have unexpected tensors {extra}")
         self.weights = {k: v.float().contiguous() for k, v in self.weights.items()}
+        if self.base_model is not None and (self.base_model.num_layers, self.base_model.num_kv_heads) != (
+                self.shape.num_layers, self.shape.num_kv_heads):
+            raise ValueError(f"scorer base_model {self.base_model.describe()} does not have the scorer's shape {self.shape}")
 
     @property
     def width(self) -> int:
@@ -94,7 +101,10 @@ class ReconstructionPredictor:
         return {**shapes, "w1": (L, D, width), "b1": (L, width), "w2": (L, width, H), "b2": (L, H)}
 
     def check_model(self, config) -> None:
-        """Raise ValueError unless this predictor was fitted for a model of `config`'s shape."""
+        """Raise ValueError naming both models unless this predictor was fitted for the model of `config` (by its
+        identity when the files record one, else by its shape)."""
+        if self.base_model is not None:
+            check_trained_for("reconstruction scorer", self.base_model, config)
         theirs = PredictorShape.of(config)
         if theirs != self.shape:
             raise ValueError(f"scorer was fitted for {self.shape}, the model is {theirs}")
@@ -133,7 +143,8 @@ class ReconstructionPredictor:
         return {"format": FORMAT_VERSION, "kind": self.kind, "width": self.width,
                 "shape": {"num_layers": self.shape.num_layers, "num_kv_heads": self.shape.num_kv_heads,
                           "hidden_size": self.shape.hidden_size},
-                "metrics": self.metrics}
+                "metrics": self.metrics,
+                **({"base_model": self.base_model.to_json()} if self.base_model is not None else {})}
 
     def save(self, folder: str | Path) -> Path:
         """Write scorer.json and scorer.safetensors into `folder` (created)."""
@@ -183,7 +194,8 @@ def _load(folder: str, stamp: tuple) -> ReconstructionPredictor:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_path} is not a safetensors file: {err}") from None
-    predictor = ReconstructionPredictor(kind, shape, weights, meta.get("metrics", {}))
+    base_model = ModelIdentity.from_json(meta["base_model"]) if meta.get("base_model") is not None else None
+    predictor = ReconstructionPredictor(kind, shape, weights, meta.get("metrics", {}), base_model)
     if predictor.width != int(meta.get("width", 0)):
         raise ValueError(f"{json_path} says width {meta.get('width')}, the weights have {predictor.width}")
     return predictor

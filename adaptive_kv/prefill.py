@@ -35,13 +35,15 @@ def needs_of(policies: Iterable[ReadsStatistics]) -> StatsConfig:
     ones when any policy's predictor does.
     """
     configs = [policy.stats_config() for policy in policies]
-    layouts = {replace(config, reconstruction=False, predictor=None) for config in configs}
+    layouts = {replace(config, reconstruction=False, predictor=None, trained_for=()) for config in configs}
     layout = layouts.pop() if len(layouts) == 1 else StatsConfig()
     predictors = {id(c.predictor): c.predictor for c in configs if c.predictor is not None}
     if len(predictors) > 1:
         raise ValueError("one prefill runs one reconstruction predictor; these policies read different scorer files")
+    # every policy's files are checked against the model (two controllers of one model may be compared)
+    trained_for = tuple(dict.fromkeys(files for config in configs for files in config.trained_for))
     return replace(layout, reconstruction=any(config.reconstruction for config in configs),
-                   predictor=next(iter(predictors.values()), None))
+                   predictor=next(iter(predictors.values()), None), trained_for=trained_for)
 
 
 def cache_inputs(tokenizer, ids: Sequence[int], needs: StatsConfig) -> dict[str, Any]:

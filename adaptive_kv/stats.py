@@ -64,6 +64,9 @@ class StatsConfig:
     reconstruction: bool = False
     # predict them inside the prefill with this ReconstructionPredictor (no second pass)
     predictor: Any = None
+    # the files the policies plan from, each trained for one model (`model_identity.TrainedFor`): the
+    # cache refuses to be built on a model they were not trained for
+    trained_for: tuple = ()
 
     def __post_init__(self) -> None:
         for name in ("window", "group_size"):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from adaptive_kv.errors import InfeasibleBudget
+from adaptive_kv.model_identity import TrainedFor
 from adaptive_kv.plan import HeadBudget, Layout, Plan
 from adaptive_kv.policies.controller.allocator import allocate, warm_up
 from adaptive_kv.policies.base import Policy, check_fraction, check_layer
@@ -116,6 +117,8 @@ class Learned(Policy):
     config: ControllerConfig = field(init=False, repr=False, compare=False)
     net: ControllerNet = field(init=False, repr=False, compare=False)
     predictor: ReconstructionPredictor | None = field(init=False, repr=False, compare=False, default=None)
+    # the model check the cache runs (`StatsConfig.trained_for`): the controller's files name their model
+    trained_for: tuple[TrainedFor, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +130,7 @@ class Learned(Policy):
             object.__setattr__(self, "reconstruction", default_reconstruction(config))
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "net", net)
+        object.__setattr__(self, "trained_for", (config.trained_for(f"controller {folder}"),))
         if _reads_predicted(self._layout, self.feature_names):
             scorer = Path(self.scorer_path) if self.scorer_path is not None else folder
             if not has_predictor(scorer):
@@ -168,7 +172,15 @@ class Learned(Policy):
         layout = self._layout
         recon = layout.scorer == "reconstruction" or any(f in RECONSTRUCTION_FEATURES for f in self.feature_names)
         return StatsConfig(sink_tokens=layout.sink_tokens, group_size=layout.group_size, reconstruction=recon,
-                           predictor=self.predictor)
+                           predictor=self.predictor, trained_for=self.trained_for)
+
+    def check_model(self, config) -> None:
+        """Raise ValueError naming both models unless the controller (and its scorer) were trained for the model
+        of `config`; every cache built from `stats_config()` runs this check itself."""
+        for files in self.trained_for:
+            files.check_model(config)
+        if self.predictor is not None:
+            self.predictor.check_model(config)
 
     def predict(self, stats: AttentionStats, first_layer: int = 0) -> torch.Tensor:
         """Predicted log-distortion (L, H, O) of every option for every head (layers from `first_layer`)."""

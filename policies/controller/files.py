@@ -1,8 +1,9 @@
 """Controller files: safetensors weights + a JSON config. Never pickle: loading runs no code.
 
-`controller.json` holds the format version, the model shape it was trained for, the feature names,
-the option grid, the cache layout, the layer weights and the network size; `controller.safetensors`
-holds the weights (with the feature normalisation as buffers).
+`controller.json` holds the format version, the model it was trained for (`base_model`: name, family,
+shape, config fingerprint; files written before it was recorded have only the shape), the feature
+names, the option grid, the cache layout, the layer weights and the network size;
+`controller.safetensors` holds the weights (with the feature normalisation as buffers).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptive_kv.model_identity import ModelIdentity, TrainedFor
 from adaptive_kv.plan import Layout
 from adaptive_kv.policies.controller.net import ControllerNet
 from adaptive_kv.policies.controller.options import HeadOption, grid_from_json, grid_to_json
@@ -40,6 +42,8 @@ class ControllerConfig:
     model_name: str = ""
     version: int = FORMAT_VERSION
     notes: dict[str, Any] = field(default_factory=dict)
+    # the model it was trained for; None in files written before it was recorded (then only the shape is checked)
+    base_model: ModelIdentity | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_shape, dict):
@@ -63,6 +67,15 @@ class ControllerConfig:
             raise ValueError(f"the grid's global options read features {needed}, missing from feature_names")
         if not isinstance(self.layout, Layout):
             raise ValueError(f"layout must be an adaptive_kv.plan.Layout, got {type(self.layout).__name__}")
+        if self.base_model is not None:
+            if not isinstance(self.base_model, ModelIdentity):
+                raise ValueError(f"base_model must be a ModelIdentity, got {type(self.base_model).__name__}")
+            if self.base_model.shape != {key: self.model_shape[key] for key in SHAPE_BOUNDS}:
+                raise ValueError(f"base_model {self.base_model.describe()} does not have model_shape {self.model_shape}")
+
+    def trained_for(self, what: str) -> TrainedFor:
+        """The model check of this controller (`StatsConfig.trained_for`); `what` names it in messages."""
+        return TrainedFor(what, self.base_model, self.model_name, tuple(sorted(self.model_shape.items())))
 
     def build(self) -> ControllerNet:
         """A network of this shape (random weights)."""
@@ -73,6 +86,8 @@ class ControllerConfig:
         """JSON-ready dict."""
         data = asdict(self)
         data["grid"] = grid_to_json(self.grid)
+        if self.base_model is None:  # files stay readable by versions that do not know the field
+            del data["base_model"]
         data["feature_names"], data["layer_weights"] = list(self.feature_names), list(self.layer_weights)
         return data
 
@@ -94,6 +109,8 @@ class ControllerConfig:
         data["layout"] = Layout(**data["layout"])
         data["feature_names"] = tuple(data.get("feature_names", ()))
         data["layer_weights"] = tuple(float(w) for w in data.get("layer_weights", ()))
+        if data.get("base_model") is not None:
+            data["base_model"] = ModelIdentity.from_json(data["base_model"])
         return cls(**data)
 
 

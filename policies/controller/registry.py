@@ -8,9 +8,30 @@ only when a registry URI is fetched.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+from adaptive_kv.model_identity import ModelIdentity
+
 DEFAULT_DIR = Path("mlruns")
+DEFAULT_REGISTERED_MODEL = "adaptive-kv-controller"
+EMBEDDED_MODEL = "smollm2-135m"  # adaptive_kv.models.DEFAULT_MODEL (not imported: it loads transformers)
+# registered model tags: which base model a registered model's controllers were trained for
+BASE_MODEL_TAG, BASE_MODEL_FINGERPRINT_TAG = "base_model", "base_model_fingerprint"
+
+
+def registered_model_name(base_model: ModelIdentity) -> str:
+    """The registered model holding the controllers of `base_model`: one per base model, so its @champion is
+    the champion for that model only and a champion of another model never replaces it or is served for it.
+
+    The embedded model keeps the plain name (the compose service and the quickstart load
+    models:/adaptive-kv-controller@champion); any other model's adds its folder's name and the first 8 digits
+    of its config fingerprint, so two folders of one name, or a folder whose config changed, stay apart.
+    """
+    if base_model.name.lower() == EMBEDDED_MODEL:
+        return DEFAULT_REGISTERED_MODEL
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(base_model.name).name).strip("-.")[:48] or base_model.model_type
+    return f"{DEFAULT_REGISTERED_MODEL}-{slug}-{base_model.fingerprint[:8]}"
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -22,6 +43,37 @@ def tracking_uri(uri: str | None = None) -> str:
     folder = Path(uri).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+
+
+def bind_registered_model(name: str, base_model: ModelIdentity) -> None:
+    """In the active MLflow store, create registered model `name` for `base_model`'s controllers, or check that
+    it holds that model's: one tagged for another base model raises ValueError naming both, so a champion
+    of one model is never compared with or replaced by another's. One registered before the tag existed is
+    tagged now."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    tags = {BASE_MODEL_TAG: base_model.describe(), BASE_MODEL_FINGERPRINT_TAG: base_model.fingerprint}
+    try:
+        current = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, tags=tags)
+            return
+        except MlflowException as race:  # another trainer created it a moment ago: check its tag below
+            if race.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            current = client.get_registered_model(name)
+    bound = current.tags.get(BASE_MODEL_FINGERPRINT_TAG)
+    if bound is None:
+        for key, value in tags.items():
+            client.set_registered_model_tag(name, key, value)
+    elif bound != base_model.fingerprint:
+        raise ValueError(f"registered model {name!r} holds controllers of {current.tags.get(BASE_MODEL_TAG, bound)}, "
+                         f"not of {base_model.describe()}: register this one in another MLflow store")
 
 
 def fetch_controller(uri: str, tracking: str | None = None) -> Path:
