@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from adaptive_kv.cache import CompressedCache
+from adaptive_kv.model_identity import ModelIdentity
 from adaptive_kv.plan import Layout, Plan
 from adaptive_kv.policies.controller.files import ControllerConfig
 from adaptive_kv.policies.learned import RECONSTRUCTION_SOURCES, Learned
@@ -120,6 +121,7 @@ def controller_config(trial: TrialConfig, model, model_name: str) -> ControllerC
         layout=trial.layout(), layer_weights=layer_weights(shape["num_layers"], trial.layer_weight_slope),
         hidden=trial.hidden, layers=trial.layers, embedding=trial.embedding, model_name=model_name,
         notes={"reconstruction": trial.reconstruction},
+        base_model=ModelIdentity.of(cfg, model_name),  # recorded: the controller is refused on other models
     )
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from adaptive_kv.model_identity import ModelIdentity
 from adaptive_kv.training.calibration import CALIBRATION_SEED, DEFAULT_MIX, VALIDATION_SEED, make_requests
 from adaptive_kv.training.scorer import KINDS, FitOptions
 
@@ -75,7 +76,9 @@ def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    _, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model)
+    base_model = ModelIdentity.of(model.config, config.model)  # recorded in the scorer: refused on other models
+    del model
     train_requests, valid_requests = config.requests(tokenizer)
     owns_ray = not _ray.is_initialized()
     ray = search.start_ray(config.ray_address, config.workers)
@@ -97,7 +100,7 @@ def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
         mlflow.log_params(tracking.json_params({f"fit.{k}": v for k, v in asdict(config.fit).items()}))
         mlflow.log_metric("collect_s", collect_s)
         chosen, results = _fit_all(config, shape, train, valid)
-        folder = results[chosen]["predictor"].save(out / "scorer")
+        folder = replace(results[chosen]["predictor"], base_model=base_model).save(out / "scorer")
         mlflow.log_artifacts(str(folder), "scorer")
         summary = {
             "kind": chosen, "scorer": str(folder.resolve()), "run_id": run.info.run_id, "tracking_uri": uri,

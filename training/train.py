@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from adaptive_kv.model_identity import ModelIdentity
 from adaptive_kv.training import atomic
 from adaptive_kv.training.calibration import CALIBRATION_SEED, DEFAULT_MIX, VALIDATION_SEED, make_requests
 from adaptive_kv.training.search import SearchSpace
@@ -102,13 +103,17 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
 
     from adaptive_kv.models import load_model
     from adaptive_kv.training import search, tracking
+    from adaptive_kv.training.label_cache import model_digest
 
     start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(config.model)
+    base_model = _base_model(model, config)  # a model train cannot serve, or another model's scorer: refused now
+    model_sha = model_digest(model)  # the label cache key reads the weights themselves
+    del model
     if config.fit_scorer:
         config = replace(config, scorer=_fit_scorer(config, log), fit_scorer=False)
-    _, tokenizer = load_model(config.model)
     train_requests = make_requests(tokenizer, tasks=config.tasks, context_length=config.context_length,
                                    per_task=config.train_per_task, seed=CALIBRATION_SEED)
     valid_requests = make_requests(tokenizer, tasks=config.tasks, context_length=config.context_length,
@@ -116,14 +121,13 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     study = search.open_study(config.study, config.storage_url(), heartbeat_s=config.heartbeat_s)
     uri = tracking.tracking_uri(config.mlflow_uri)
     tracking.use_experiment(tracking.TRAIN_EXPERIMENT, uri)
-    from adaptive_kv.training.label_cache import model_digest
     from adaptive_kv.training.pool import WorkerPool
 
-    model_sha = model_digest(load_model(config.model)[0])  # the label cache key reads the weights themselves
     owns_ray = not _ray.is_initialized()
     ray = search.start_ray(config.ray_address, config.workers)
     pool = WorkerPool(ray, config.model, config.workers, config.max_consecutive_failures)
     pipeline = _Pipeline(config, ray, pool, train_requests, valid_requests, out, log, model_sha)
+    pipeline.base_model = base_model
     try:
         summary = _run(config, pipeline, study, tracking, uri, start)
     finally:  # actors hold a CPU each: free them, and the Ray this call started
@@ -199,6 +203,7 @@ class _Pipeline:
         self.config, self.ray, self.pool, self.out, self.log = config, ray, pool, out, log
         self.train_requests, self.valid_requests, self.model_sha = train_requests, valid_requests, model_sha
         self.labels: dict[str, tuple[list, list]] = {}
+        self.base_model: ModelIdentity | None = None  # the model trained for (registry name, trial checks)
 
     # ------------------------------------------------------------------ labels
     def labels_for(self, trial_config, tqdm) -> tuple[list, list]:
@@ -397,10 +402,13 @@ class _Pipeline:
 
         folder = self.out / "trials" / str(number)
         try:
-            load_controller(folder)
+            trained_for = load_controller(folder)[0].base_model
             json.loads((folder / "metrics.json").read_text())["by_budget"]
         except (ValueError, OSError, KeyError, TypeError) as exc:
             return str(exc)
+        if trained_for is not None and self.base_model is not None and not trained_for.same_model(self.base_model):
+            # a study resumed with another --model: that model's trials must not become this model's controller
+            return f"it was trained for {trained_for.describe()}, not {self.base_model.describe()}"
         return None
 
     def _save_trial(self, number: int, result: dict) -> Path:
@@ -484,10 +492,13 @@ class _Pipeline:
             **{f"score/{tracking.budget_key(b)}": v for b, v in learned["by_budget"].items() if v is not None},
             **{f"bytes_fraction/{tracking.budget_key(b)}": v for b, v in learned["bytes_fraction"].items()
                if v is not None}})
-        summary = {"controller": str(target.resolve()), "registered_model": tracking.REGISTERED_MODEL,
+        summary = {"controller": str(target.resolve()), "registered_model": self.registered_model,
                    "model_version": None, "alias": tracking.CHAMPION, "champion_moved": False,
                    "figures": str(figures.resolve())}
         if self.config.register and not self.config.smoke_test:
+            from adaptive_kv.policies.controller.registry import bind_registered_model
+
+            bind_registered_model(self.registered_model, self.base_model)  # another model's registered model refuses
             decision = self._champion_decision(target, worker, self._reading(trial_config))
             self.log(decision.reason)
             card = tracking.VersionCard(
@@ -496,10 +507,17 @@ class _Pipeline:
                 base_model_revision=f"sha256:{self.model_sha}", validation=dict(learned["by_budget"]),
                 params=trial_params(best), git_commit=tracking.source_commit())
             version = tracking.register_controller(target, tracking.example_input(_example_stats(config), budget),
-                                                   make_champion=decision.move, card=card)
+                                                   make_champion=decision.move, card=card, name=self.registered_model)
             summary.update(model_version=version, champion_moved=decision.move, champion_reason=decision.reason,
                            candidate_score=decision.candidate_score, champion_score=decision.champion_score)
         return summary
+
+    @property
+    def registered_model(self) -> str:
+        """The registered model of this base model's controllers (one per base model: `registered_model_name`)."""
+        from adaptive_kv.policies.controller.registry import registered_model_name
+
+        return registered_model_name(self.base_model)
 
     def _champion_decision(self, target: Path, worker, trial_config) -> "ChampionDecision":
         """Whether the controller in `target` should become @champion: it beats the current champion on this
@@ -508,7 +526,7 @@ class _Pipeline:
 
         candidate = self.ray.get(worker.score_controller.remote(_folder_files(target), self.valid_requests,
                                                                 trial_config, self.config.budgets))["score"]
-        current = tracking.champion_folder()
+        current = tracking.champion_folder(self.registered_model)
         if current is None:
             return ChampionDecision(True, candidate, None, "no champion yet: the new controller becomes @champion")
         try:
@@ -540,6 +558,24 @@ class ChampionDecision:
 def _folder_files(folder: Path) -> dict[str, bytes]:
     """A controller folder's files by name (sent to a worker, which may run on another machine)."""
     return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+def _base_model(model, config: TrainConfig) -> ModelIdentity:
+    """The identity of the model trained for (recorded in the controller, names its registered model); ValueError
+    before any work for a model with sliding-window layers (labels and the learned policy plan every layer over
+    the whole context: not yet for a layer that holds a window) or a scorer fitted for another model."""
+    from adaptive_kv.cache import sliding_windows
+    from adaptive_kv.predicted_reconstruction import load_predictor
+
+    identity = ModelIdentity.of(model.config, config.model)
+    windows = sliding_windows(model.config)
+    if windows is not None:
+        sliding = [layer for layer, window in enumerate(windows) if window is not None]
+        raise ValueError(f"train does not support sliding-window layers yet: model {identity.describe()} slides layers "
+                         f"{sliding}; the other policies (e.g. kvzip, hybrid) run on it")
+    if config.scorer is not None:
+        load_predictor(config.scorer).check_model(model.config)
+    return identity
 
 
 def _fit_scorer(config: TrainConfig, log) -> str:

@@ -92,6 +92,7 @@ class TrainingWorker:
             for name, data in files.items():
                 (Path(folder) / name).write_bytes(data)
             policy = get_policy("learned", path=folder)
+            policy.check_model(self.model.config)  # another model's controller cannot be scored: it is refused
             return evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets)
 
     def plans(self, config_json: dict, state: dict, requests: list[CalibrationRequest], trial: TrialConfig,

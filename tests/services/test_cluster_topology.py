@@ -5,6 +5,7 @@ then a small `adaptive-kv train` against them and `adaptive-kv serve` loading th
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -23,7 +24,6 @@ import pytest
 from service_helpers import ADMIN_KEY, ADMIN_KEY_ENV, API_KEY, API_KEY_ENV, PROMPT, free_port, save_tiny_model, start_server
 
 pytestmark = pytest.mark.slow
-CHAMPION = "models:/adaptive-kv-controller@champion"
 # Ray's GCS listens on every interface whatever --node-ip-address says: a per-test token keeps it closed
 # (and keeps it apart from any ~/.ray/auth_token of other Rays on this machine).
 RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -155,20 +155,22 @@ def test_train_against_the_cluster_then_serve_the_champion(postgres, mlflow_serv
         [sys.executable, "-m", "adaptive_kv.cli", "train", "--model", str(model_dir), "--trials", "2",
          "--tasks", "passkey,fidelity", "--train-per-task", "1", "--valid-per-task", "1", "--budgets", "0.5,0.25",
          "--ray-address", ray_head, "--workers", "2", "--storage", f"{postgres}/optuna",
-         "--mlflow-uri", mlflow_server, "--output", str(tmp_path / "train"), "--context-length", "200"],
+         "--mlflow-uri", mlflow_server, "--output", str(tmp_path / "train"), "--context-length", "200", "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert train.returncode == 0, train.stderr[-4000:]
+    # the champion of this model's own registered model (one per base model), as `train` reports it
+    champion = f"models:/{json.loads(train.stdout.splitlines()[-1])['registered_model']}@champion"
 
-    server = start_server(tmp_path, ["--model", str(model_dir), "--policy-uri", CHAMPION, "--budget", "0.5",
+    server = start_server(tmp_path, ["--model", str(model_dir), "--policy-uri", champion, "--budget", "0.5",
                                      "--api-key-env", API_KEY_ENV, "--admin-key-env", ADMIN_KEY_ENV],
                           env={"MLFLOW_TRACKING_URI": mlflow_server, API_KEY_ENV: API_KEY, ADMIN_KEY_ENV: ADMIN_KEY})
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         response = client.completions.create(model="tiny-model", prompt=PROMPT, max_tokens=4)
         kv = response.model_extra["kv_cache"]
-        assert kv["policy"] == f"learned:{CHAMPION}" and 0 < kv["bytes"] <= 0.5 * kv["full_bytes"], kv
+        assert kv["policy"] == f"learned:{champion}" and 0 < kv["bytes"] <= 0.5 * kv["full_bytes"], kv
         reload = httpx.post(f"{server.url}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
-        assert reload.status_code == 200 and reload.json()["policy"] == f"learned:{CHAMPION}", reload.text
+        assert reload.status_code == 200 and reload.json()["policy"] == f"learned:{champion}", reload.text
     finally:
         server.stop()

@@ -227,7 +227,8 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     scorer = tmp_path / "scorer_step" / "scorer"  # the scorer step ran first, on the same workers and MLflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
-    version = client.get_model_version_by_alias("adaptive-kv-controller", "champion")
+    name = summary["registered_model"]  # this base model's own registered model
+    version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == summary["model_version"]
     parent = client.get_run(summary["parent_run"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -247,10 +248,10 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     downloads = []
     download = mlflow.artifacts.download_artifacts
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: downloads.append(kw) or download(**kw))
-    folder = fetch_controller("models:/adaptive-kv-controller@champion", uri)
+    folder = fetch_controller(f"models:/{name}@champion", uri)
     # a second fetch (a reload) reuses the finished download of that version and leaves nothing behind
-    assert fetch_controller("models:/adaptive-kv-controller@champion", uri) == folder
-    assert fetch_controller(f"models:/adaptive-kv-controller/{version.version}", uri) == folder
+    assert fetch_controller(f"models:/{name}@champion", uri) == folder
+    assert fetch_controller(f"models:/{name}/{version.version}", uri) == folder
     assert len(downloads) == 1
     assert [p.name.startswith(".partial-") for p in (tmp_path / "cache" / "controllers").iterdir()] == [False]
     policy = get_policy("learned", path=str(folder))  # reads what it was trained on: the shipped scorer's predictions
@@ -262,7 +263,7 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     needs = policy.stats_config()
     assert needs.predictor is policy.predictor and needs.reconstruction is False  # no second pass
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/adaptive-kv-controller@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     from adaptive_kv.stats import PREDICTED_FEATURES, RECONSTRUCTION_FEATURES, AttentionStats
     from adaptive_kv.training.tracking import example_input
 

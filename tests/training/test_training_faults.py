@@ -200,11 +200,12 @@ def test_champion_moves_only_for_a_better_controller_or_force_and_never_for_smok
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
-    champion = lambda: str(client.get_model_version_by_alias("adaptive-kv-controller", "champion").version)  # noqa: E731
-    versions = lambda: len(client.search_model_versions("name='adaptive-kv-controller'"))  # noqa: E731
     run = lambda out, **kw: run_train(_config(tiny_model_dir, tmp_path / out, mlflow_uri=uri, trials=1, **kw),  # noqa: E731
                                       log=lambda *a: None)
     first = run("a", smoke_test=False)
+    name = first["registered_model"]  # the tiny model's own registered model
+    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)  # noqa: E731
+    versions = lambda: len(client.search_model_versions(f"name='{name}'"))  # noqa: E731
     assert first["champion_moved"] and champion() == first["model_version"] == "1"
     # the same trial again (same seeds, labels and worker): equal on the same validation requests, so kept
     second = run("b", smoke_test=False)
