@@ -151,6 +151,7 @@ def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, 
         best = pipeline.best_trial(study)
         _log_winner(best)
         summary = pipeline.finish(best, tracking)
+        pipeline.log_search(study)
         mlflow.log_metric("best_score", best.value)
         summary.update(parent_run=parent.info.run_id, tracking_uri=uri, ui=tracking.ui_command(uri),
                        best_trial=best.number, best_score=best.value, best_params=best.params,
@@ -190,6 +191,8 @@ def _log_winner(best) -> None:
 
 # the parent run's policy x budget x task table (the UI's artifact view shows it as a table)
 SUMMARY_TABLE = "validation_summary.json"
+# requests of distinct tasks shown in figures/plans.png, each at every budget
+HEATMAP_REQUESTS = 3
 # Optuna user attributes of a trial: its MLflow run, and its whole trial config (another trainer sharing
 # the study, or a rerun, finds both there)
 RUN_ID_ATTR = "mlflow_run_id"
@@ -472,14 +475,20 @@ class _Pipeline:
         figures = self.out / "figures"
         figures.mkdir(exist_ok=True)
         (figures / "validation_scores.json").write_text(json.dumps(baselines, indent=1, default=str))
-        pareto_png(baselines, figures / "pareto.png", f"{Path(self.config.model).name}: validation, learned vs static")
-        budget = sorted(self.config.budgets)[len(self.config.budgets) // 2]
-        plans_json = self.ray.get(worker.plans.remote(config.to_json(), {k: v for k, v in net.state_dict().items()},
-                                                      self.valid_requests, self._reading(trial_config), budget))
-        examples = _one_per_task(plans_json)
+        pareto_png(baselines, figures / "pareto.png", f"{Path(self.config.model).name}: validation, learned vs static",
+                   trials=self._trial_results())
+        budget = sorted(self.config.budgets)[len(self.config.budgets) // 2]  # the registered input example's
+        examples = {}
+        for each in sorted(self.config.budgets, reverse=True):  # every budget, a few requests of distinct tasks
+            plans_json = self.ray.get(worker.plans.remote(config.to_json(), {k: v for k, v in net.state_dict().items()},
+                                                          self.valid_requests, self._reading(trial_config), each))
+            distinct = {name.split(" (")[0]: (name, plan) for name, plan in reversed(_one_per_task(plans_json).items())}
+            for name, plan in list(reversed(distinct.values()))[:HEATMAP_REQUESTS]:
+                examples[f"{name} @ budget {each:g}"] = Plan.from_json(plan)
         seq_len = self.config.context_length
-        plan_heatmap_png({k: Plan.from_json(v) for k, v in examples.items()}, seq_len, figures / "plans.png",
-                         f"learned plans at budget {budget:g}")
+        stats = _example_stats(config)
+        plan_heatmap_png(examples, seq_len, figures / "plans.png", f"learned plans at {seq_len} tokens",
+                         head_dim=stats.head_dim, dtype_bytes=stats.dtype_bytes)
         label_stats = _label_statistics(self.labels, config)
         (figures / "label_statistics.json").write_text(json.dumps(label_stats, indent=1))
         for path in figures.iterdir():
@@ -518,6 +527,24 @@ class _Pipeline:
         from adaptive_kv.policies.controller.registry import registered_model_name
 
         return registered_model_name(self.base_model)
+
+    def _trial_results(self) -> dict[int, dict[str, Any]]:
+        """Every intact trial folder's validation results (metrics.json) by trial number, for the Pareto plot."""
+        out = {}
+        for folder in (self.out / "trials").iterdir():
+            try:
+                out[int(folder.name)] = json.loads((folder / "metrics.json").read_text())
+            except (ValueError, OSError):  # a temporary or damaged folder: not a point
+                continue
+        return out
+
+    def log_search(self, study) -> None:
+        """The search itself on the parent run: Optuna's plots and trials table, and the calibration and
+        validation requests as dataset inputs (`study_report`)."""
+        from adaptive_kv.training import study_report
+
+        study_report.log_requests(self.train_requests, self.valid_requests, Path(self.config.model).name)
+        study_report.log_study(study, self.log)
 
     def _champion_decision(self, target: Path, worker, trial_config) -> "ChampionDecision":
         """Whether the controller in `target` should become @champion: it beats the current champion on this

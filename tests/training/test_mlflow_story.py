@@ -35,8 +35,14 @@ def story(tiny_model_dir, ray_local, tmp_path_factory):  # noqa: F811
 
     from adaptive_kv.training.train import run_train
 
+    import mlflow
+
     out = tmp_path_factory.mktemp("story")
-    summary = run_train(_config(tiny_model_dir, out, smoke_test=False), log=lambda *a: None)
+    mlflow.set_system_metrics_sampling_interval(1)  # MLflow's 10 s would sample nothing in this short run
+    try:
+        summary = run_train(_config(tiny_model_dir, out, smoke_test=False), log=lambda *a: None)
+    finally:
+        mlflow.set_system_metrics_sampling_interval(None)
     uri = f"sqlite:///{out}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(summary["parent_run"])
@@ -81,6 +87,24 @@ def test_the_parent_run_holds_the_summary_table_and_the_figures(story):
     figures = {a.path for a in story.client.list_artifacts(story.parent.info.run_id, "figures")}
     assert {"figures/pareto.png", "figures/plans.png"} <= figures
     assert story.parent.data.metrics["score/b0.5"] == pytest.approx(winner["score/b0.5"])
+
+
+def test_the_parent_run_shows_the_search_and_the_requests_it_learned_from(story):
+    import pandas as pd
+
+    run_id = story.parent.info.run_id
+    optuna_files = {a.path for a in story.client.list_artifacts(run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png", "optuna/slice.png",
+            "optuna/trials.csv"} <= optuna_files
+    local = story.client.download_artifacts(run_id, "optuna/trials.csv", str(story.out / "read-back"))
+    trials = pd.read_csv(local)
+    assert sorted(trials["number"]) == sorted(story.children) and "params_lr" in trials.columns
+    inputs = {i.tags[0].value: i.dataset for i in story.client.get_run(run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    schema = json.loads(inputs["training"].schema)["mlflow_colspec"]
+    assert {"task", "protocol", "seed", "context_tokens"} <= {column["name"] for column in schema}
+    assert json.loads(inputs["training"].profile)["num_rows"] == 3  # passkey x 2 protocols + fidelity
+    assert any(name.startswith("system/") for name in story.parent.data.metrics)
 
 
 def test_each_trial_run_spans_its_trial_and_logs_its_files_metrics_and_json_parameters(story):
@@ -156,3 +180,22 @@ def test_evaluate_policy_reports_an_infeasible_budget_as_absent_and_the_objectiv
     assert result["by_budget"] == {0.5: 60.0, 0.05: None} and result["infeasible"] == {0.5: 0, 0.05: 2}
     assert result["score"] == 30.0  # the search still counts an infeasible request as 0
     assert result["bytes_fraction"] == {0.5: 0.5, 0.05: None} and result["by_task"] == {"passkey/0.5": 60.0}
+
+
+def test_pareto_points_per_task_use_that_tasks_bytes_and_skip_unreached_budgets():
+    from adaptive_kv.training.plots import ALL_TASKS, _points
+
+    result = {"by_budget": {0.5: 70.0, 0.25: None}, "bytes_fraction": {0.5: 0.45, 0.25: None},
+              "by_task": {"passkey/0.5": 80.0}, "sample_bytes": {"passkey/0.5": [0.4, 0.42]}}
+    assert _points(result, ALL_TASKS) == [(0.45, 70.0)]
+    assert _points(result, "passkey") == [(pytest.approx(0.41), 80.0)]
+
+
+def test_a_plan_heat_map_row_names_the_bytes_its_plan_uses():
+    from adaptive_kv.plan import Plan
+    from adaptive_kv.training.plots import plan_bytes_label
+
+    plan = Plan.uniform(2, 2, keep=64, key_bits=4, value_bits=2, sink_tokens=4, recent_window=8, group_size=16)
+    used, full = plan.nbytes(256, 16, 4), plan.full_nbytes(256, 16, 4)
+    assert plan_bytes_label(plan, 256, 16, 4) == f" | {used / 1024:.1f} KiB = {used / full:.1%} of full"
+    assert plan_bytes_label(plan, 256, None, None) == ""

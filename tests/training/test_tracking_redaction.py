@@ -22,6 +22,9 @@ class _NoTrials:
     def finish(self, best, tracking) -> dict:
         return {}
 
+    def log_search(self, study) -> None:
+        pass
+
 
 def test_train_run_parameters_carry_no_password(tmp_path):
     from mlflow import MlflowClient
