@@ -214,7 +214,7 @@ class VersionCard:
         """Markdown shown on the version's page."""
         scores = ", ".join(f"{float(b):g}: {'infeasible' if s is None else f'{s:.1f}'}"
                            for b, s in sorted(self.validation.items(), reverse=True))
-        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        params = ", ".join(f"{k}={v}" for k, v in sorted(json_params(self.params).items()))
         return (f"Learned KV-cache controller for `{self.base_model}` (weights {self.base_model_revision[:12]}), "
                 f"from trial {self.trial_number} of training run `{self.parent_run_id}`.\n\n"
                 f"Validation score (0-100, teacher-forced) per budget: {scores}.\n\n"
@@ -277,7 +277,9 @@ def register_controller(folder: Path, example: dict[str, Any], make_champion: bo
     run_id = card.trial_run_id if card is not None and card.trial_run_id else None
     with tempfile.TemporaryDirectory(prefix="akv-pyfunc-") as tmp:
         # Model.log with run_id: the logged model's source run, and so the version's run, is the trial's
-        info = Model.log(artifact_path=None, name="controller", flavor=mlflow.pyfunc, run_id=run_id,
+        # named "pyfunc": MLflow 3 lists a run's logged models beside its artifacts, under the model's name,
+        # and the trial run's own controller files are already under controller/
+        info = Model.log(artifact_path=None, name="pyfunc", flavor=mlflow.pyfunc, run_id=run_id,
                          python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                          artifacts={"controller": str(folder)}, signature=signature, input_example=frame,
                          pip_requirements=pyfunc_requirements(), code_paths=[str(_stage_code(Path(tmp)))])
