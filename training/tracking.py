@@ -78,6 +78,23 @@ def json_params(params: dict[str, Any]) -> dict[str, str]:
     return {key: value if isinstance(value, str) else json.dumps(value, default=str) for key, value in params.items()}
 
 
+def run_in_store(run_id: str | None) -> str | None:
+    """`run_id` when the active store holds that run, else None: trainers sharing a study may track into
+    different stores, and a trial's run (recorded in the study) then lives in the other trainer's."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if run_id is None:
+        return None
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return run_id
+
+
 def budget_key(budget: float | str) -> str:
     """A budget's part of a metric name: `b0.125`."""
     return f"b{float(budget):g}"

@@ -183,7 +183,7 @@ def _log_winner(best) -> None:
 
     mlflow.log_param("best_trial", best.number)
     mlflow.log_params(tracking.json_params({f"best/{k}": v for k, v in trial_params(best).items()}))
-    run_id = best.user_attrs.get(RUN_ID_ATTR)
+    run_id = tracking.run_in_store(best.user_attrs.get(RUN_ID_ATTR))  # None: another trainer's store
     if run_id is not None:
         mlflow.set_tag("best_trial_run_id", run_id)
         MlflowClient().set_tag(run_id, "best_trial", "true")
@@ -511,7 +511,7 @@ class _Pipeline:
             decision = self._champion_decision(target, worker, self._reading(trial_config))
             self.log(decision.reason)
             card = tracking.VersionCard(
-                trial_number=best.number, trial_run_id=best.user_attrs.get(RUN_ID_ATTR),
+                trial_number=best.number, trial_run_id=tracking.run_in_store(best.user_attrs.get(RUN_ID_ATTR)),
                 parent_run_id=mlflow.active_run().info.run_id, base_model=self.config.model,
                 base_model_revision=f"sha256:{self.model_sha}", validation=dict(learned["by_budget"]),
                 params=trial_params(best), git_commit=tracking.source_commit())
