@@ -157,7 +157,7 @@ class AttentionStats:
         share = scores.float() / scores.float().sum(-1, keepdim=True).clamp_min(1e-12)
         curve = torch.stack([_top_mass(layer) for layer in share])[..., : len(RECON_TOP_MASS)]
         return AttentionStats(
-            features=torch.cat([self.features, curve.cpu(), global_shares(scores).cpu()], dim=-1),
+            features=torch.cat([self.features, curve.cpu(), self._global_shares(scores).cpu()], dim=-1),
             token_scores={**self.token_scores, scorer: scores},
             seq_len=self.seq_len,
             feature_names=self.feature_names + SCORE_FEATURES[scorer],
@@ -165,6 +165,18 @@ class AttentionStats:
             dtype_bytes=self.dtype_bytes,
             windows=self.windows,
         )
+
+    def _global_shares(self, scores: torch.Tensor) -> torch.Tensor:
+        """`global_shares` of scores (L, H_kv, T) ranked within each group of layers that hold the same tokens
+        (`window_groups`), over those tokens: a head's share times the tokens its layer holds is its count
+        among its group's top, as a policy plans a group (`Policy.plan`; the learned policy's global options)."""
+        if self.windows is None:
+            return global_shares(scores)
+        out = scores.new_zeros(*scores.shape[:2], len(GLOBAL_SHARE_FRACTIONS), dtype=torch.float32)
+        for tokens, layers in self.window_groups().items():
+            pick = torch.tensor(layers, device=scores.device)
+            out[pick] = global_shares(scores[pick, :, self.seq_len - tokens:])
+        return out
 
     def predicted_as_exact(self) -> "AttentionStats":
         """These stats with the predicted reconstruction scores and features under the exact ones' names,

@@ -33,6 +33,17 @@ def _option_budgets(grid, seq_len: int, floor: int) -> tuple:
     return tuple(option.budget(seq_len, floor) if option.allocation == "uniform" else None for option in grid)
 
 
+def _held_groups(stats: AttentionStats) -> dict[tuple[int, bool], tuple[int, ...]]:
+    """Layers by (tokens a full cache holds for them, whether they slide): one group when no layer slides.
+    A sliding layer that holds every token still stores their positions, so it prices its options apart."""
+    if stats.windows is None:
+        return {(stats.seq_len, False): tuple(range(stats.num_layers))}
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for layer, window in enumerate(stats.windows):
+        groups.setdefault((stats.layer_tokens(layer), window is not None), []).append(layer)
+    return {key: tuple(layers) for key, layers in groups.items()}
+
+
 @functools.lru_cache(maxsize=4096)
 def _head_budget(keep: int, key_bits: int, value_bits: int, seq_len: int) -> HeadBudget:
     """A head's budget for a global option's keep, memoised (the same counts recur)."""
@@ -50,7 +61,7 @@ class _GridParts:
     global_grid: tuple
     share_features: tuple[str, ...]
     column: dict[int, int]  # grid index of a global option -> its column among the global ones
-    uniform_bytes: dict[tuple[int, int, int], list[int]]
+    uniform_bytes: dict[tuple[int, int, int, bool], list[int]]  # (held tokens, head_dim, dtype bytes, sliding)
     budgets: dict[tuple[int, int], tuple]
 
     @classmethod
@@ -201,6 +212,15 @@ class Learned(Policy):
             pred = self._folded(features, first)
         return pred.view(stats.num_layers, stats.num_kv_heads, -1)
 
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+        """One option per head: least weighted predicted distortion within `budget` x the full cache's bytes.
+
+        One knapsack over every head of every layer, each read at its own layer's index. A sliding-window
+        layer holds only its window (`AttentionStats.layer_tokens`), so, as for every policy, its full
+        bytes count only those tokens, its options are fractions of them and their bytes include the
+        positions it stores; the plan carries the model's windows (`stats.windows`)."""
+        return self._decide(stats, 0, budget)
+
     def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """One option per head: least weighted predicted distortion within the budget."""
         return self._decide(stats, 0, budget)
@@ -212,55 +232,73 @@ class Learned(Policy):
 
     def option_tables(self, stats: AttentionStats, first_layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The knapsack's input: weighted predicted distortion and bytes (N, O) of every head's options,
-        and the global options' keeps (N, G) (None without global options)."""
+        and the global options' keeps (N, G) (None without global options). Head n is layer n // H of the
+        statistics (the model's layer `first_layer` + n // H); a sliding layer's options are priced over
+        the tokens it holds."""
         head_dim, dtype_bytes = stats.head_dim, stats.dtype_bytes
         if head_dim != self.config.model_shape["head_dim"]:
             raise ValueError(f"controller was trained for head_dim {self.config.model_shape['head_dim']}, got {head_dim}")
-        layout, seq_len = self._layout, stats.seq_len
+        layout = self._layout
         weights = self._layer_weights[first_layer : first_layer + stats.num_layers]
         cost = np.exp(self.predict(stats, first_layer).double().numpy()) * weights[:, None, None]  # (L, H, O)
         grid, floor = self.config.grid, layout.floor
         parts = self._grid_parts
-        num_heads = stats.num_layers * stats.num_kv_heads
-        nbytes = np.empty((num_heads, len(grid)), dtype=np.float64)
-        memo = (seq_len, head_dim, dtype_bytes)
-        if memo not in parts.uniform_bytes:  # the same few context lengths come back on every request
-            if len(parts.uniform_bytes) >= MEMO_LENGTHS:  # a server sees any length: stay bounded
-                parts.uniform_bytes.clear()
-            parts.uniform_bytes[memo] = option_bytes(parts.uniform_grid, layout, seq_len, head_dim, dtype_bytes)
-        nbytes[:, parts.uniform] = parts.uniform_bytes[memo]
+        num_layers, heads = stats.num_layers, stats.num_kv_heads
+        nbytes = np.empty((num_layers, heads, len(grid)), dtype=np.float64)
+        groups = _held_groups(stats)
+        uniform = np.empty((num_layers, 1, len(parts.uniform)), dtype=np.float64)  # per layer, every head alike
+        for (held, sliding), layers in groups.items():
+            memo = (held, head_dim, dtype_bytes, sliding)
+            if memo not in parts.uniform_bytes:  # the same few context lengths come back on every request
+                if len(parts.uniform_bytes) >= MEMO_LENGTHS:  # a server sees any length: stay bounded
+                    parts.uniform_bytes.clear()
+                parts.uniform_bytes[memo] = option_bytes(parts.uniform_grid, layout, held, head_dim, dtype_bytes,
+                                                         sliding)
+            uniform[list(layers), 0] = parts.uniform_bytes[memo]
+        nbytes[:, :, parts.uniform] = uniform
         keeps = None
         if parts.glob:
             # global options: each head's keep (and so its bytes) comes from its share of the global top
             share = stats.features[..., _feature_index(tuple(stats.feature_names), parts.share_features)]
-            keeps = global_keeps_from_share(share, seq_len, floor).reshape(num_heads, len(parts.glob)).numpy()
-            nbytes[:, parts.glob] = keeps_nbytes(parts.global_grid, keeps, layout, head_dim, dtype_bytes)
-        return cost.reshape(num_heads, -1), nbytes, keeps
+            width = len(parts.glob)
+            keeps = np.empty((num_layers, heads, width), dtype=np.int64)
+            glob = np.empty((num_layers, heads, width), dtype=np.float64)
+            for (held, sliding), layers in groups.items():
+                rows = list(layers)
+                keeps[rows] = global_keeps_from_share(share[rows], held, floor).numpy()
+                glob[rows] = keeps_nbytes(parts.global_grid, keeps[rows].reshape(-1, width), layout, head_dim,
+                                          dtype_bytes, sliding).reshape(len(rows), heads, width)
+            nbytes[:, :, parts.glob] = glob
+            keeps = keeps.reshape(num_layers * heads, width)
+        return cost.reshape(num_layers * heads, -1), nbytes.reshape(num_layers * heads, -1), keeps
 
     def _decide(self, stats: AttentionStats, first_layer: int, budget: float) -> Plan:
         check_fraction("budget", budget)
         cost, nbytes, keeps = self.option_tables(stats, first_layer)
         layout, seq_len, grid, parts = self._layout, stats.seq_len, self.config.grid, self._grid_parts
-        floor, num_heads = layout.floor, cost.shape[0]
-        # a DynamicCache's bytes: keys and values of every head and token
-        full = 2 * num_heads * seq_len * stats.head_dim * stats.dtype_bytes
+        floor, heads = layout.floor, stats.num_kv_heads
+        held = [stats.layer_tokens(l) for l in range(stats.num_layers)]
+        # a DynamicCache's bytes: keys and values of every head and token its layer holds
+        full = 2 * heads * sum(held) * stats.head_dim * stats.dtype_bytes
         try:
             choice = allocate(cost, nbytes, budget * full).tolist()
         except ValueError:
             minimum = nbytes.min(-1).sum() / full
             raise InfeasibleBudget(budget, minimum, seq_len, "every head at its smallest option") from None
-        if (seq_len, floor) not in parts.budgets:
-            if len(parts.budgets) >= MEMO_LENGTHS:
-                parts.budgets.clear()
-            parts.budgets[(seq_len, floor)] = _option_budgets(grid, seq_len, floor)
-        options = parts.budgets[(seq_len, floor)]  # None for global options
-        picked = [options[c] for c in choice]
-        if parts.glob:
-            for n, c in enumerate(choice):
-                if picked[n] is None:
-                    picked[n] = _head_budget(int(keeps[n, parts.column[c]]), grid[c].key_bits, grid[c].value_bits, seq_len)
-        heads = stats.num_kv_heads
-        return Plan(tuple(tuple(picked[l * heads : (l + 1) * heads]) for l in range(stats.num_layers)), **layout.keywords())
+        rows = []
+        for l, tokens in enumerate(held):
+            if (tokens, floor) not in parts.budgets:
+                if len(parts.budgets) >= MEMO_LENGTHS:
+                    parts.budgets.clear()
+                parts.budgets[(tokens, floor)] = _option_budgets(grid, tokens, floor)
+            options = parts.budgets[(tokens, floor)]  # None for global options
+            row = [options[c] for c in choice[l * heads : (l + 1) * heads]]
+            for h, c in enumerate(choice[l * heads : (l + 1) * heads]):
+                if row[h] is None:
+                    n = l * heads + h
+                    row[h] = _head_budget(int(keeps[n, parts.column[c]]), grid[c].key_bits, grid[c].value_bits, tokens)
+            rows.append(tuple(row))
+        return Plan(tuple(rows), **layout.keywords(), windows=stats.windows)
 
     @functools.cached_property
     def _folded(self) -> FoldedNet:

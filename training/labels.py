@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptive_kv.plan import Layout, Plan
+from adaptive_kv.plan import Layout, Plan, window_tokens
 from adaptive_kv.policies.controller.options import HeadOption, option_keeps, plan_from_choices
 from adaptive_kv.prefill import Captured, capture
 from adaptive_kv.stats import AttentionStats, StatsConfig
@@ -68,16 +68,22 @@ class RequestLabels:
 
 
 def option_plan(option: HeadOption, num_layers: int, num_heads: int, seq_len: int, layout: Layout,
-                stats: AttentionStats | None = None) -> Plan:
-    """The plan giving every head `option` (a global option's keeps come from the request's `stats`)."""
+                stats: AttentionStats | None = None, windows: tuple[int | None, ...] | None = None) -> Plan:
+    """The plan giving every head `option` (a global option's keeps come from the request's `stats`), for
+    layers with these sliding `windows` (the model's: `cache.windows`): a sliding layer's option is a fraction
+    of the tokens it holds, as the learned policy plans it (`option_keeps`)."""
     floor = layout.floor
     if option.allocation == "global":
         if stats is None:
             raise ValueError("a global option's plan needs the request's statistics")
-        keeps = option_keeps((option,), stats.features, stats.feature_names, seq_len, floor)
-        return plan_from_choices((option,), torch.zeros(num_layers, num_heads, dtype=torch.long), keeps, seq_len, layout)
-    budget = option.budget(seq_len, floor)
-    return Plan(tuple((budget,) * num_heads for _ in range(num_layers)), **layout.keywords())
+        keeps = option_keeps((option,), stats.features, stats.feature_names, seq_len, floor, windows)
+        choice = torch.zeros(num_layers, num_heads, dtype=torch.long)
+        return plan_from_choices((option,), choice, keeps, seq_len, layout, windows)
+    rows = []
+    for layer in range(num_layers):
+        held = window_tokens(seq_len, None if windows is None else windows[layer])
+        rows.append((option.budget(held, floor),) * num_heads)
+    return Plan(tuple(rows), **layout.keywords(), windows=windows)
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor,
@@ -131,7 +137,7 @@ def collect_labels(model, tokenizer, request: CalibrationRequest, grid: tuple[He
     measure = _residual_error(model, reference) if target.error == "residual" else _relative_error
     distortion = torch.zeros(num_layers, num_heads, len(grid))
     for o, option in enumerate(grid):
-        fork = captured.fork(option_plan(option, num_layers, num_heads, seq_len, layout, captured.stats))
+        fork = captured.fork(option_plan(option, num_layers, num_heads, seq_len, layout, captured.stats, captured.windows))
         for l in range(num_layers):
             out = _head_outputs(fork.head_states(l, torch.float32), recorder.layers[l], recorder.scaling)
             distortion[l, :, o] = measure(l, out[:, :, rows], reference[l])

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptive_kv.plan import ALLOWED_BITS, HeadBudget, Layout, Plan, kept_nbytes
+from adaptive_kv.plan import ALLOWED_BITS, HeadBudget, Layout, Plan, kept_nbytes, window_tokens
 from adaptive_kv.stats import GLOBAL_SHARE_FRACTIONS, RECON_GLOBAL_SHARE
 
 DEFAULT_KEEPS: tuple[float | None, ...] = (None, 0.5, 0.25, 0.125, 0.0)
@@ -102,8 +102,13 @@ def global_keeps_from_share(share: torch.Tensor, seq_len: int, floor: int) -> to
 
 
 def option_keeps(grid: tuple[HeadOption, ...], features: torch.Tensor, feature_names, seq_len: int,
-                 floor: int) -> torch.Tensor:
-    """Tokens every head holds under every option: (..., O) from features (..., F)."""
+                 floor: int, windows: tuple[int | None, ...] | None = None) -> torch.Tensor:
+    """Tokens every head holds under every option: (..., O) from features (..., F). With `windows` (one per
+    layer of features (L, H, F)), a sliding layer's options are fractions of the tokens it holds
+    (`plan.window_tokens`), as the learned policy plans it."""
+    if windows is not None:
+        return torch.stack([option_keeps(grid, features[l], feature_names, window_tokens(seq_len, window), floor)
+                            for l, window in enumerate(windows)])
     columns = []
     for option in grid:
         if option.allocation == "global":
@@ -116,10 +121,11 @@ def option_keeps(grid: tuple[HeadOption, ...], features: torch.Tensor, feature_n
 
 
 def keeps_nbytes(grid: tuple[HeadOption, ...], keeps: np.ndarray, layout: Layout, head_dim: int,
-                 dtype_bytes: int) -> np.ndarray:
-    """Bytes (N, O) of heads holding keeps (N, O) under each option's bits, scores tracked (a plan that evicts)."""
+                 dtype_bytes: int, sliding: bool = False) -> np.ndarray:
+    """Bytes (N, O) of heads holding keeps (N, O) under each option's bits, scores tracked (a plan that evicts;
+    `sliding`: heads of a sliding-window layer, which store every token's position)."""
     key_bits, value_bits = _grid_bits(grid)
-    return kept_nbytes(keeps, key_bits, value_bits, layout, head_dim, dtype_bytes, tracks_scores=True)
+    return kept_nbytes(keeps, key_bits, value_bits, layout, head_dim, dtype_bytes, tracks_scores=True, sliding=sliding)
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,27 +135,32 @@ def _grid_bits(grid: tuple[HeadOption, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_from_choices(grid: tuple[HeadOption, ...], choice, keeps: torch.Tensor, seq_len: int,
-                      layout: Layout) -> Plan:
-    """The plan giving head (l, h) option choice[l, h] with keeps (L, H, O)."""
+                      layout: Layout, windows: tuple[int | None, ...] | None = None) -> Plan:
+    """The plan giving head (l, h) option choice[l, h] with keeps (L, H, O), for layers with these sliding
+    `windows` (a head keeping every token its layer holds keeps all)."""
     rows = []
     for l in range(keeps.shape[0]):
+        held = window_tokens(seq_len, None if windows is None else windows[l])
         row = []
         for h in range(keeps.shape[1]):
             option = grid[int(choice[l][h])]
             keep = int(keeps[l, h, int(choice[l][h])])
-            row.append(HeadBudget(None if keep >= seq_len else keep, option.key_bits, option.value_bits))
+            row.append(HeadBudget(None if keep >= held else keep, option.key_bits, option.value_bits))
         rows.append(tuple(row))
-    return Plan(tuple(rows), **layout.keywords())
+    return Plan(tuple(rows), **layout.keywords(), windows=windows)
 
 
 def option_bytes(grid: tuple[HeadOption, ...], layout: Layout, seq_len: int, head_dim: int,
-                 dtype_bytes: int) -> list[int]:
-    """Bytes of one head under each option (exact, from Plan.head_nbytes), for a plan that evicts."""
+                 dtype_bytes: int, sliding: bool = False) -> list[int]:
+    """Bytes of one head under each option (exact, from Plan.head_nbytes), for a plan that evicts; `seq_len`
+    is the tokens the head's layer holds, `sliding` whether it is a sliding-window layer (which stores every
+    token's position)."""
     floor = layout.floor
     out = []
     for option in grid:
-        # scores are tracked whenever any head of the plan evicts; count them as the full plan will
-        evicting = HeadBudget(max(floor, 1), 16, 16)
-        plan = Plan(((option.budget(seq_len, floor), evicting),), **layout.keywords())
-        out.append(plan.head_nbytes(0, 0, seq_len, head_dim, dtype_bytes))
+        budget = option.budget(seq_len, floor)
+        kept = seq_len if budget.keep is None else min(budget.keep, seq_len)
+        # scores are tracked whenever any head of the layer evicts; count them as the full plan will
+        out.append(int(kept_nbytes(kept, budget.key_bits, budget.value_bits, layout, head_dim, dtype_bytes,
+                                   tracks_scores=True, sliding=sliding)))
     return out
