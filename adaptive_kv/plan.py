@@ -126,6 +126,9 @@ class Plan:
     # per layer: None (attends to every token) or its sliding window (attends to that many newest
     # tokens); None for the whole tuple when no layer slides
     windows: tuple[int | None, ...] | None = None
+    # why the plan is what it is, when its policy did not decide the usual way (e.g. a controller asked
+    # outside the lengths and budgets it was trained on); shown in reports, never read by the cache
+    note: str | None = None
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
 
@@ -148,6 +151,8 @@ class Plan:
         layout = Layout(self.sink_tokens, self.recent_window, self.group_size, self.scorer, self.selection)
         object.__setattr__(self, "_layout", layout)  # built once: byte counts read it per head
         object.__setattr__(self, "windows", _check_windows(self.windows, len(heads)))
+        if self.note is not None and not isinstance(self.note, str):
+            raise ValueError(f"note must be None or a string, got {type(self.note).__name__}")
         floor = layout.floor
         for layer_idx, layer in enumerate(heads):
             window = self.layer_window(layer_idx)
@@ -306,6 +311,8 @@ class Plan:
             data.pop("windows")
         else:
             data["windows"] = list(self.windows)
+        if self.note is None:
+            data.pop("note")
         return data
 
     def to_json(self) -> str:
@@ -317,7 +324,8 @@ class Plan:
         """Inverse of `to_dict`; validates everything."""
         if not isinstance(data, dict) or "heads" not in data:
             raise ValueError("plan must be an object with a 'heads' field")
-        unknown = set(data) - {"heads", "sink_tokens", "recent_window", "group_size", "scorer", "selection", "windows"}
+        unknown = set(data) - {"heads", "sink_tokens", "recent_window", "group_size", "scorer", "selection", "windows",
+                               "note"}
         if unknown:
             raise ValueError(f"unknown plan fields {sorted(unknown)}")
         heads = tuple(tuple(_budget_from(b) for b in layer) for layer in data["heads"])
@@ -346,6 +354,7 @@ class Plan:
             "group_size": self.group_size,
             "scorer": self.scorer,
             "selection": self.selection,
+            **({"note": self.note} if self.note is not None else {}),
         }
 
 

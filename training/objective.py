@@ -13,6 +13,7 @@ here (STYLE.md point 10).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -26,6 +27,7 @@ from adaptive_kv.policies.controller.files import ControllerConfig
 from adaptive_kv.policies.learned import RECONSTRUCTION_SOURCES, Learned
 from adaptive_kv.predicted_reconstruction import load_predictor
 from adaptive_kv.policies.controller.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
+from adaptive_kv.policies.controller.trained_range import TrainedRange
 from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.fit import FitConfig, fit
@@ -217,6 +219,9 @@ def run_trial(model, trial: TrialConfig, train: list[RequestLabels], valid: list
               on_epoch: Callable | None = None) -> tuple[ControllerConfig, Any, dict[str, Any]]:
     """Fit a controller for `trial` and score it end to end. Returns (config, net, metrics)."""
     config = controller_config(trial, model, model_name)
+    # the lengths and budgets it learns from: outside them `learned` plans with kvzip's allocation
+    trained = TrainedRange.of([labels.seq_len for labels in train + valid], budgets)
+    config = dataclasses.replace(config, notes={**config.notes, "trained_range": trained.to_notes()})
     net, fit_metrics = fit(config, trial.fit, train, valid, on_epoch)
     policy = Learned.from_parts(config, net)
     result = evaluate_policy(model, items, policy.plan, budgets)

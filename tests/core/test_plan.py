@@ -23,6 +23,11 @@ def test_json_round_trip():
         sink_tokens=4, recent_window=32, group_size=32, scorer="key_norm",
     )
     assert Plan.from_json(plan.to_json()) == plan
+    noted = dataclasses.replace(plan, note="outside the trained range")
+    assert Plan.from_json(noted.to_json()) == noted and noted.summary()["note"] == "outside the trained range"
+    assert "note" not in plan.to_dict() and "note" not in plan.summary()
+    with pytest.raises(ValueError, match="note must be None or a string, got int"):
+        dataclasses.replace(plan, note=3)
 
 
 @pytest.mark.parametrize(
