@@ -19,6 +19,8 @@ from adaptive_kv.policies.base import Policy, check_fraction, check_layer
 from adaptive_kv.policies.controller.files import ControllerConfig, load_controller
 from adaptive_kv.policies.controller.net import ControllerNet, FoldedNet
 from adaptive_kv.policies.controller.options import global_keeps_from_share, keeps_nbytes, option_bytes
+from adaptive_kv.policies.controller.trained_range import TrainedRange
+from adaptive_kv.policies.kvzip import KVzip
 from adaptive_kv.policies.registry import register
 from adaptive_kv.predicted_reconstruction import (PREDICTED_SCORER, SCORER_JSON, ReconstructionPredictor, has_predictor,
                                                   load_predictor)
@@ -218,7 +220,15 @@ class Learned(Policy):
         One knapsack over every head of every layer, each read at its own layer's index. A sliding-window
         layer holds only its window (`AttentionStats.layer_tokens`), so, as for every policy, its full
         bytes count only those tokens, its options are fractions of them and their bytes include the
-        positions it stores; the plan carries the model's windows (`stats.windows`)."""
+        positions it stores; the plan carries the model's windows (`stats.windows`).
+
+        A request outside the lengths and budgets the controller was trained on (`trained_range`) is
+        planned by kvzip's global allocation of the same reconstruction scores instead, and the plan's
+        note says why."""
+        reason = None if self._trained_range is None else self._trained_range.outside(stats.seq_len, budget)
+        if reason is not None:
+            plan = self._fallback.plan(stats, budget)
+            return dataclasses.replace(plan, note=f"{reason}; planned by kvzip's global allocation of the same scores")
         return self._decide(stats, 0, budget)
 
     def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
@@ -309,6 +319,18 @@ class Learned(Policy):
     def _layout(self) -> Layout:
         """`layout()` built once: both halves of a decision read it."""
         return self.layout()
+
+    @functools.cached_property
+    def _trained_range(self) -> TrainedRange | None:
+        """The lengths and budgets the controller was trained on (None: its files predate the record)."""
+        return TrainedRange.from_notes(self.config.notes)
+
+    @functools.cached_property
+    def _fallback(self) -> KVzip:
+        """kvzip over the scores this controller reads, in its layout: the plan outside its range."""
+        layout = self._layout
+        return KVzip(sink_tokens=layout.sink_tokens, recent_window=layout.recent_window, group_size=layout.group_size,
+                     selection=layout.selection, scorer=layout.scorer)
 
     @functools.cached_property
     def _layer_weights(self) -> np.ndarray:
