@@ -589,17 +589,10 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
 
 def _base_model(model, config: TrainConfig) -> ModelIdentity:
     """The identity of the model trained for (recorded in the controller, names its registered model); ValueError
-    before any work for a model with sliding-window layers (labels and the learned policy plan every layer over
-    the whole context: not yet for a layer that holds a window) or a scorer fitted for another model."""
-    from adaptive_kv.cache import sliding_windows
+    before any work for a scorer fitted for another model."""
     from adaptive_kv.predicted_reconstruction import load_predictor
 
     identity = ModelIdentity.of(model.config, config.model)
-    windows = sliding_windows(model.config)
-    if windows is not None:
-        sliding = [layer for layer, window in enumerate(windows) if window is not None]
-        raise ValueError(f"train does not support sliding-window layers yet: model {identity.describe()} slides layers "
-                         f"{sliding}; the other policies (e.g. kvzip, hybrid) run on it")
     if config.scorer is not None:
         load_predictor(config.scorer).check_model(model.config)
     return identity

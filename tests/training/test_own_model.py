@@ -2,7 +2,8 @@
 saved as a local Hugging Face folder, on a real local Ray with SQLite Optuna and MLflow stores; then
 `generate --policy models:/...`, `eval` and the service use the controller registered for it, the registry keeps
 it under that model's own registered model, and a Phi-3 of the very same KV shape is refused, naming both.
-A model with sliding-window layers is refused by `train` before any work (not supported yet)."""
+A tiny Gemma-3 (sliding-window and global layers) is trained the same way: its controller plans with the model's
+windows, within budget, real bytes equal to the prediction, and its identity plan decodes as plain greedy."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from test_training import _config, ray_local  # noqa: F401  (fixtures)
 
 # ~300 tiny-BPE tokens of plain English
 PROMPT = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun. " * 12).strip()
+# ~230 tokens: within the lengths the Gemma-3 controller is trained on (200) and past its 24-token windows
+SHORT_PROMPT = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun. " * 6).strip()
 
 
 def _save(folder, model, tokenizer_bos):
@@ -118,11 +121,62 @@ def test_train_for_a_qwen3_folder_then_generate_eval_and_serve_with_its_champion
         Engine(EngineConfig(model=str(phi_dir), policy=PolicySpec(uri=champion), threads=1)).start()
 
 
-def test_train_refuses_a_model_with_sliding_window_layers_before_any_work(tmp_path, tiny_tokenizer_bos):
-    from adaptive_kv.training.train import run_train
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory, tiny_tokenizer_bos):
+    return _folder(tmp_path_factory, tiny_tokenizer_bos, "gemma3")
 
-    folder = _save(tmp_path / "tiny-gemma3", build_family_model("gemma3"), tiny_tokenizer_bos)
-    with pytest.raises(ValueError, match=r"train does not support sliding-window layers yet: model .*tiny-gemma3' "
-                                         r"\(gemma3_text.* slides layers \[0, 2\]"):
-        run_train(_config(folder, tmp_path / "train"), log=lambda *a: None)
-    assert not (tmp_path / "train" / "optuna.db").exists()  # nothing started
+
+def test_train_for_a_gemma3_folder_with_sliding_window_layers(gemma_dir, tmp_path, ray_local, monkeypatch, capsys):
+    import torch
+
+    import adaptive_kv
+    from adaptive_kv import CompressedCache, Plan
+    from adaptive_kv.cache import sliding_windows
+    from adaptive_kv.policies import get_policy
+    from adaptive_kv.prefill import cache_inputs
+    from adaptive_kv.training.train import run_train
+    from conftest import FAMILY_WINDOW
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("ADAPTIVE_KV_CACHE", str(tmp_path / "cache"))
+    # labels, the trial's validation and the champion's scoring all plan on the Ray workers: each plan carries
+    # the model's windows, or the workers' caches refuse it
+    summary = run_train(_config(gemma_dir, tmp_path / "train", mlflow_uri=uri, trials=1, smoke_test=False),
+                        log=lambda *a: None)
+    assert summary["best_score"] > 0
+
+    model, tokenizer = adaptive_kv.load_model(str(gemma_dir))
+    windows = sliding_windows(model.config)
+    assert windows == (FAMILY_WINDOW, None, FAMILY_WINDOW)
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    policy = get_policy("learned", path=summary["controller"])
+    ids = tokenizer(SHORT_PROMPT).input_ids
+    assert len(ids) > 4 * FAMILY_WINDOW
+    for budget in (0.5, 0.25):
+        cache = CompressedCache(model, plan_provider=lambda stats: policy.plan(stats, budget),
+                                **cache_inputs(tokenizer, ids, policy.stats_config()))
+        with torch.no_grad():
+            model(torch.tensor([ids]), cache=cache)
+        plan = cache.plan
+        assert plan.windows == windows
+        assert all(b.keep is None or b.keep < FAMILY_WINDOW for layer in (0, 2) for b in plan.heads[layer])
+        shape = cache.stats  # the KV shape the plan was made for: head size and bytes of the cached states
+        predicted = plan.nbytes(len(ids), shape.head_dim, shape.dtype_bytes)
+        assert cache.nbytes() == predicted <= budget * cache.full_nbytes()
+        assert cache.full_nbytes() == plan.full_nbytes(len(ids), shape.head_dim, shape.dtype_bytes)
+
+    # the registered champion, as a user runs it
+    code, out, err = _cli(["generate", "--model", str(gemma_dir), "--policy", f"models:/{summary['registered_model']}"
+                           "@champion", "--budget", "0.5", "--max-new-tokens", "2", "--raw", "--json", SHORT_PROMPT], capsys)
+    assert code == 0, err
+    kv = json.loads(out)["kv"]
+    assert 0 < kv["bytes"] <= 0.5 * kv["full_bytes"]
+
+    # the model as train loaded it: the identity plan (with its windows) decodes past the window as plain greedy
+    context = torch.tensor([ids[:64]])
+    with torch.no_grad():
+        reference = model.generate(context, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        identity = CompressedCache(model, plan=Plan.full(layers, heads, windows=windows))
+        assert torch.equal(model.generate(context, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                          cache=identity), reference)
