@@ -32,6 +32,13 @@ def _engine(tokenizer, **config) -> Engine:
     return engine
 
 
+@pytest.fixture
+def engine(tiny_tokenizer):
+    engine = _engine(tiny_tokenizer)
+    yield engine
+    engine.close()
+
+
 def _split(engine: Engine) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """A 200-token context and three questions of different lengths."""
     ids = engine.encode_text(PROMPT)
@@ -40,17 +47,21 @@ def _split(engine: Engine) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
 
 
 @torch.inference_mode()
-def _fresh_text(engine: Engine, context: tuple[int, ...], fed: list[tuple[int, ...]]) -> str:
-    """Independent of the engine: the context compressed alone by the policy, then each of `fed` run as one
-    step, then greedy decoding, all through the library."""
+def _fresh_tokens(engine: Engine, context: tuple[int, ...], fed: list[tuple[int, ...]] = ()) -> list[int]:
+    """Independent of the engine: the tokens (end tokens dropped) greedy decoding picks through the library
+    after `context` is compressed alone by the policy and each of `fed` is run as one step after it (no
+    `fed`: a plain request of `context`, its plan seeing the whole prompt)."""
     policy, model = get_policy(POLICY), engine.model
     cache = CompressedCache(model, plan_provider=lambda stats: policy.plan(stats, BUDGET),
                             **cache_inputs(engine.tokenizer, context, needs_of([policy])))
-    model(torch.tensor([list(context)]), cache=cache)
+    logits = model(torch.tensor([list(context)]), cache=cache).logits[:, -1]
     for part in fed:
         logits = model(torch.tensor([list(part)]), cache=cache).logits[:, -1]
-    tokens = decode(model, cache, logits, MAX_TOKENS, eos=engine.eos).tokens
-    return engine.tokenizer.decode([t for t in tokens if t not in engine.eos], skip_special_tokens=True)
+    return [t for t in decode(model, cache, logits, MAX_TOKENS, eos=engine.eos).tokens if t not in engine.eos]
+
+
+def _fresh_text(engine: Engine, context: tuple[int, ...], fed: list[tuple[int, ...]]) -> str:
+    return engine.tokenizer.decode(_fresh_tokens(engine, context, fed), skip_special_tokens=True)
 
 
 def _ask(engine: Engine, context, question, tenant: str = "a", context_tokens: int | None = None) -> GenerationOutput:
@@ -64,68 +75,46 @@ def _metric(engine: Engine, name: str) -> float:
     return engine.metrics.registry.get_sample_value(name) or 0.0
 
 
-def test_questions_over_a_stored_context_equal_fresh_query_agnostic_runs(tiny_tokenizer):
-    engine = _engine(tiny_tokenizer)
-    try:
-        context, questions = _split(engine)
-        first = _ask(engine, context, questions[0])  # compresses the context alone and stores it
-        assert first.text == _fresh_text(engine, context, [questions[0]])
-        assert (first.kv["reused_tokens"], first.kv["prefilled_tokens"]) == (0, len(context) + len(questions[0]))
-        assert len(engine.contexts) >= 1
+def test_questions_over_a_stored_context_equal_fresh_query_agnostic_runs(engine, tiny_tokenizer):
+    context, questions = _split(engine)
+    first = _ask(engine, context, questions[0])  # compresses the context alone and stores it
+    assert first.text == _fresh_text(engine, context, [questions[0]])
+    assert (first.kv["reused_tokens"], first.kv["prefilled_tokens"]) == (0, len(context) + len(questions[0]))
+    assert len(engine.contexts) >= 1
 
-        async def together() -> list[GenerationOutput]:
-            return await asyncio.gather(*(asyncio.to_thread(_ask, engine, context, q) for q in questions[1:]))
+    async def together() -> list[GenerationOutput]:
+        return await asyncio.gather(*(asyncio.to_thread(_ask, engine, context, q) for q in questions[1:]))
 
-        outs = asyncio.run(together())  # decoding together, each over its own copy of the one context
-        for question, out in zip(questions[1:], outs):
-            assert out.text == _fresh_text(engine, context, [question])
-            assert (out.kv["reused_tokens"], out.kv["prefilled_tokens"]) == (len(context), len(question))
-            assert out.kv["policy"] == POLICY and out.kv["bytes"] < out.kv["full_bytes"]
-        assert _metric(engine, "adaptive_kv_context_hits_total") >= 2
-        assert _metric(engine, "adaptive_kv_reused_prompt_tokens_total") >= 2 * len(context)
-        # the stored context itself never moved: asked again, the first question answers as before
-        assert _ask(engine, context, questions[0]).text == first.text
-    finally:
-        engine.close()
+    outs = asyncio.run(together())  # decoding together, each over its own copy of the one context
+    for question, out in zip(questions[1:], outs):
+        assert out.text == _fresh_text(engine, context, [question])
+        assert (out.kv["reused_tokens"], out.kv["prefilled_tokens"]) == (len(context), len(question))
+        assert out.kv["policy"] == POLICY and out.kv["bytes"] < out.kv["full_bytes"]
+    assert _metric(engine, "adaptive_kv_context_hits_total") >= 2
+    assert _metric(engine, "adaptive_kv_reused_prompt_tokens_total") >= 2 * len(context)
+    # the stored context itself never moved: asked again, the first question answers as before
+    assert _ask(engine, context, questions[0]).text == first.text
 
 
-def test_the_next_turn_starts_from_the_finished_request(tiny_tokenizer):
-    engine = _engine(tiny_tokenizer)
-    try:
-        context, questions = _split(engine)
-        first = _ask(engine, context, questions[0], context_tokens=0)  # no context boundary: a plain request
-        assert first.kv["reused_tokens"] == 0
-        reply = tuple(_fresh_tokens(engine, context + questions[0]))
-        assert tiny_tokenizer.decode(reply, skip_special_tokens=True) == first.text
-        fed = reply[:-1] if first.finish_reason == "length" else reply  # the last token picked is never run
-        nxt = _ask(engine, context + questions[0] + fed, questions[1], context_tokens=0)
-        assert nxt.kv["reused_tokens"] == len(context) + len(questions[0]) + len(fed)
-        assert nxt.kv["prefilled_tokens"] == len(questions[1])
-    finally:
-        engine.close()
+def test_the_next_turn_starts_from_the_finished_request(engine, tiny_tokenizer):
+    context, questions = _split(engine)
+    first = _ask(engine, context, questions[0], context_tokens=0)  # no context boundary: a plain request
+    assert first.kv["reused_tokens"] == 0
+    reply = tuple(_fresh_tokens(engine, context + questions[0]))
+    assert tiny_tokenizer.decode(reply, skip_special_tokens=True) == first.text
+    fed = reply[:-1] if first.finish_reason == "length" else reply  # the last token picked is never run
+    nxt = _ask(engine, context + questions[0] + fed, questions[1], context_tokens=0)
+    assert nxt.kv["reused_tokens"] == len(context) + len(questions[0]) + len(fed)
+    assert nxt.kv["prefilled_tokens"] == len(questions[1])
 
 
-@torch.inference_mode()
-def _fresh_tokens(engine: Engine, prompt: tuple[int, ...]) -> list[int]:
-    """The tokens a plain request of `prompt` picks (query-aware: the plan sees the whole prompt)."""
-    policy, model = get_policy(POLICY), engine.model
-    cache = CompressedCache(model, plan_provider=lambda stats: policy.plan(stats, BUDGET),
-                            **cache_inputs(engine.tokenizer, prompt, needs_of([policy])))
-    logits = model(torch.tensor([list(prompt)]), cache=cache).logits[:, -1]
-    return [t for t in decode(model, cache, logits, MAX_TOKENS, eos=engine.eos).tokens if t not in engine.eos]
-
-
-def test_another_tenant_never_reuses_a_stored_context(tiny_tokenizer):
-    engine = _engine(tiny_tokenizer)
-    try:
-        context, questions = _split(engine)
-        _ask(engine, context, questions[0], tenant="a")
-        other = _ask(engine, context, questions[1], tenant="b")
-        assert other.kv["reused_tokens"] == 0  # stored its own copy instead
-        assert _ask(engine, context, questions[2], tenant="b").kv["reused_tokens"] == len(context)
-        assert _ask(engine, context, questions[2], tenant="a").kv["reused_tokens"] == len(context)
-    finally:
-        engine.close()
+def test_another_tenant_never_reuses_a_stored_context(engine, tiny_tokenizer):
+    context, questions = _split(engine)
+    _ask(engine, context, questions[0], tenant="a")
+    other = _ask(engine, context, questions[1], tenant="b")
+    assert other.kv["reused_tokens"] == 0  # stored its own copy instead
+    assert _ask(engine, context, questions[2], tenant="b").kv["reused_tokens"] == len(context)
+    assert _ask(engine, context, questions[2], tenant="a").kv["reused_tokens"] == len(context)
 
 
 def test_stored_contexts_give_way_to_requests_and_their_bytes_are_freed(tiny_tokenizer):
@@ -151,17 +140,13 @@ def test_stored_contexts_give_way_to_requests_and_their_bytes_are_freed(tiny_tok
         engine.close()
 
 
-def test_a_context_too_short_for_the_budget_is_planned_with_its_question(tiny_tokenizer):
-    engine = _engine(tiny_tokenizer)
-    try:
-        context, questions = _split(engine)
-        prompt = context + questions[0]
-        short = asyncio.run(engine.complete(GenerationRequest(prompt, MAX_TOKENS, budget=BUDGET, context_tokens=12)))
-        assert (short.kv["reused_tokens"], short.kv["prefilled_tokens"]) == (0, len(prompt))
-        assert short.text == tiny_tokenizer.decode(_fresh_tokens(engine, prompt), skip_special_tokens=True)
-        assert len(engine.contexts) == 1  # only the finished request, not a 12-token context
-    finally:
-        engine.close()
+def test_a_context_too_short_for_the_budget_is_planned_with_its_question(engine, tiny_tokenizer):
+    context, questions = _split(engine)
+    prompt = context + questions[0]
+    short = asyncio.run(engine.complete(GenerationRequest(prompt, MAX_TOKENS, budget=BUDGET, context_tokens=12)))
+    assert (short.kv["reused_tokens"], short.kv["prefilled_tokens"]) == (0, len(prompt))
+    assert short.text == tiny_tokenizer.decode(_fresh_tokens(engine, prompt), skip_special_tokens=True)
+    assert len(engine.contexts) == 1  # only the finished request, not a 12-token context
 
 
 def test_bad_context_boundary_is_refused():
