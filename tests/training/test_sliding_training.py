@@ -199,3 +199,24 @@ def test_learned_meets_every_budget_on_sliding_models_or_names_its_minimum(famil
         fork = captured.fork(plan)  # positions a sliding layer stores count: within budget in real bytes
         assert fork.nbytes() == plan.nbytes(stats.seq_len, stats.head_dim, stats.dtype_bytes) <= budget * fork.full_nbytes()
     assert planned == 7
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_learned_plans_sliding_layers_one_by_one_within_each_layers_bytes(family, models, tiny_tokenizer):
+    """Bounded prefill's `plan_layer`: each layer at its own index, within budget x what that layer holds."""
+    model = models[family]
+    policy = _controller(model, expensive=set(range(model.config.num_hidden_layers)))  # every head wants it all
+    captured = _captured(model, tiny_tokenizer)
+    stats, budget = captured.stats, 0.8
+    plan = policy.plan_per_layer(stats, budget)
+    assert plan.windows == captured.windows
+    for layer in range(stats.num_layers):
+        one = policy.plan_layer(stats.layer(layer), layer, stats.num_layers, budget)
+        assert one.heads[0] == plan.heads[layer]
+        held = stats.layer_tokens(layer)
+        torch.testing.assert_close(policy.predict(stats.layer(layer), layer), policy.predict(stats)[layer:layer + 1])
+        spent = sum(plan.head_nbytes(layer, h, stats.seq_len, stats.head_dim, stats.dtype_bytes)
+                    for h in range(stats.num_kv_heads))
+        assert spent <= budget * 2 * stats.num_kv_heads * held * stats.head_dim * stats.dtype_bytes
+    fork = captured.fork(plan)
+    assert fork.nbytes() == plan.nbytes(stats.seq_len, stats.head_dim, stats.dtype_bytes) <= budget * fork.full_nbytes()
