@@ -227,8 +227,13 @@ class Learned(Policy):
         note says why."""
         reason = None if self._trained_range is None else self._trained_range.outside(stats.seq_len, budget)
         if reason is not None:
-            plan = self._fallback.plan(stats, budget)
-            return dataclasses.replace(plan, note=f"{reason}; planned by kvzip's global allocation of the same scores")
+            try:
+                plan = self._fallback.plan(stats, budget)
+            except InfeasibleBudget:  # kvzip's floor is higher on sliding layers: the controller still plans
+                plan, how = self._decide(stats, 0, budget), "kvzip's allocation cannot reach it, so the controller planned"
+            else:
+                how = "planned by kvzip's global allocation of the same scores"
+            return dataclasses.replace(plan, note=f"{reason}; {how}")
         return self._decide(stats, 0, budget)
 
     def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:

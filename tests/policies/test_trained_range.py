@@ -87,3 +87,22 @@ def test_inside_its_range_or_without_one_the_controller_decides():
     assert ranged.plan(stats, 0.125).note is None
     assert ranged.plan(stats, 0.125) == plain.plan(stats, 0.125)
     assert plain.plan(hand_made_stats(2, 2, 5000), 0.05).note is None  # files without a range: nothing checked
+
+
+def test_where_kvzip_cannot_reach_the_budget_the_controller_still_plans():
+    import torch
+
+    from adaptive_kv.errors import InfeasibleBudget
+    from conftest import hand_made_stats
+
+    policy = _learned({"min_length": 300, "max_length": 400, "min_budget": 0.0625, "max_budget": 0.25})
+    stats = hand_made_stats(2, 2, 2000, features=torch.rand(2, 2, len(policy.feature_names)))
+
+    class Unreachable:
+        def plan(self, stats, budget):
+            raise InfeasibleBudget(budget, 0.5, stats.seq_len, "sliding layers")
+
+    policy.__dict__["_fallback"] = Unreachable()  # as kvzip on a model whose sliding layers raise its floor
+    plan = policy.plan(stats, 0.25)
+    assert plan.heads == policy._decide(stats, 0, 0.25).heads
+    assert "kvzip's allocation cannot reach it, so the controller planned" in plan.note
