@@ -79,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         where = f"@{summary['alias']}" if summary["champion_moved"] else f"/{summary['model_version']}"
         print(f"registered: models:/{summary['registered_model']}{where} (version {summary['model_version']}; "
               f"{summary['champion_reason']})")
+    if summary.get("tracking_pending"):  # MLflow was down at the end: what to rerun
+        print(summary["tracking_pending"])
     print(f"figures: {summary['figures']}")
     print(f"inspect: {summary['ui']}")
     print(f"wall time: {summary['wall_time_s']} s")

@@ -170,13 +170,14 @@ def trial_metrics(metrics: dict[str, Any], history: list[tuple[int, float, float
     return out
 
 
-def log_metrics(client, run_id: str, metrics: dict[str, Any]) -> None:
-    """Log `metrics` (name -> value, or name -> [(step, value)]) into run `run_id` in batches."""
+def log_metrics(client, run_id: str, metrics: dict[str, Any], timestamp_ms: int | None = None) -> None:
+    """Log `metrics` (name -> value, or name -> [(step, value)]) into run `run_id` in batches, stamped
+    `timestamp_ms` (default now; a retry with the same stamp adds no rows: MLflow drops identical ones)."""
     import time
 
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
     rows = []
     for name, value in metrics.items():
         steps = value if isinstance(value, list) else [(0, value)]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_kv.model_identity import ModelIdentity
-from adaptive_kv.training import atomic
+from adaptive_kv.training import atomic, trial_runs
 from adaptive_kv.training.calibration import CALIBRATION_SEED, DEFAULT_MIX, VALIDATION_SEED, make_requests
 from adaptive_kv.training.search import SearchSpace
 
@@ -104,6 +104,7 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     from adaptive_kv.models import load_model
     from adaptive_kv.training import search, tracking
     from adaptive_kv.training.label_cache import model_digest
+    from adaptive_kv.training.trial_runs import TrialRuns, short_http_retries
 
     start = time.perf_counter()
     out = Path(config.output)
@@ -128,8 +129,10 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     pool = WorkerPool(ray, config.model, config.workers, config.max_consecutive_failures)
     pipeline = _Pipeline(config, ray, pool, train_requests, valid_requests, out, log, model_sha)
     pipeline.base_model = base_model
+    pipeline.runs = TrialRuns(out, config.study, uri, log)
     try:
-        summary = _run(config, pipeline, study, tracking, uri, start)
+        with short_http_retries():  # a dead tracking server costs seconds per call, not minutes
+            summary = _run(config, pipeline, study, tracking, uri, start)
     finally:  # actors hold a CPU each: free them, and the Ray this call started
         pool.shutdown()
         if owns_ray:
@@ -139,24 +142,65 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
 
 
 def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, start: float) -> dict[str, Any]:
-    """The MLflow parent run around the trials and the final artifacts."""
+    """The MLflow parent run around the trials and the final artifacts.
+
+    The tracking server must answer at the start; if it stops answering later, trials go on (their runs are
+    logged when it is back: `trial_runs.TrialRuns`), and if it is still down at the end the controller is
+    saved and the summary says that rerunning the same command logs and registers it."""
     import mlflow
     from tqdm import tqdm
 
-    with mlflow.start_run(run_name=f"train-{Path(config.model).name}", log_system_metrics=_system_metrics()) as parent:
+    from adaptive_kv.training.trial_runs import unreachable
+
+    parent = mlflow.start_run(run_name=f"train-{Path(config.model).name}", log_system_metrics=_system_metrics())
+    status = "FAILED"
+    try:
         config_params = {k: v for k, v in asdict(config).items() if k != "space"}
         mlflow.log_params(tracking.json_params(tracking.redact_credentials(config_params)))
         mlflow.log_dict(asdict(config.space), "search_space.json")
+        pipeline.runs.adopt(study)  # trial runs an earlier run of this command could not log
         pipeline.run_trials(study, tqdm)
         best = pipeline.best_trial(study)
-        _log_winner(best)
-        summary = pipeline.finish(best, tracking)
-        pipeline.log_search(study)
-        mlflow.log_metric("best_score", best.value)
+        try:
+            if not pipeline.runs.sync():  # still down: no call of the end would get through
+                raise pipeline.runs.down
+            _log_winner(best, pipeline.runs)
+            summary = pipeline.finish(best, tracking)
+            pipeline.log_search(study)
+            mlflow.log_metric("best_score", best.value)
+        except Exception as exc:  # noqa: BLE001  only an unreachable server is survived here
+            if not unreachable(exc):
+                raise
+            summary = pipeline.untracked_end(best, uri, exc)
+        else:
+            pipeline.runs.sync()  # a last try for trial runs that failed while the end was logged
         summary.update(parent_run=parent.info.run_id, tracking_uri=uri, ui=tracking.ui_command(uri),
                        best_trial=best.number, best_score=best.value, best_params=best.params,
                        wall_time_s=round(time.perf_counter() - start, 1))
+        status = "FINISHED"
+    finally:
+        _end_parent(parent.info.run_id, status, pipeline.runs)
     return summary
+
+
+def _end_parent(run_id: str, status: str, runs) -> None:
+    """End the parent run; when the server is unreachable it is ended at the next sync (a resume) instead,
+    and its system-metrics sampler is stopped here."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    from adaptive_kv.training.trial_runs import unreachable
+
+    try:
+        mlflow.end_run(status)  # takes the run off MLflow's active stack before it calls the server
+    except Exception as exc:  # noqa: BLE001
+        if not unreachable(exc):
+            raise
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+        runs.defer_parent(run_id, status, "MLflow was unreachable at the end of this run: the figures, summary "
+                                          "table and registration are in the run of the command that resumed it")
 
 
 def _system_metrics() -> bool:
@@ -173,7 +217,7 @@ def trial_params(trial) -> dict[str, Any]:
     return dict(trial.user_attrs.get(TRIAL_CONFIG_ATTR) or trial.params)
 
 
-def _log_winner(best) -> None:
+def _log_winner(best, runs) -> None:
     """The parent run names its winning trial (`best_trial`, and its hyper-parameters as `best/<name>`
     parameters); the winning trial's run is tagged `best_trial=true`."""
     import mlflow
@@ -183,7 +227,7 @@ def _log_winner(best) -> None:
 
     mlflow.log_param("best_trial", best.number)
     mlflow.log_params(tracking.json_params({f"best/{k}": v for k, v in trial_params(best).items()}))
-    run_id = tracking.run_in_store(best.user_attrs.get(RUN_ID_ATTR))  # None: another trainer's store
+    run_id = runs.run_id(best)  # None: another trainer's store
     if run_id is not None:
         mlflow.set_tag("best_trial_run_id", run_id)
         MlflowClient().set_tag(run_id, "best_trial", "true")
@@ -195,7 +239,7 @@ SUMMARY_TABLE = "validation_summary.json"
 HEATMAP_REQUESTS = 3
 # Optuna user attributes of a trial: its MLflow run, and its whole trial config (another trainer sharing
 # the study, or a rerun, finds both there)
-RUN_ID_ATTR = "mlflow_run_id"
+RUN_ID_ATTR = trial_runs.RUN_ID_ATTR
 TRIAL_CONFIG_ATTR = "config"
 
 
@@ -207,6 +251,7 @@ class _Pipeline:
         self.train_requests, self.valid_requests, self.model_sha = train_requests, valid_requests, model_sha
         self.labels: dict[str, tuple[list, list]] = {}
         self.base_model: ModelIdentity | None = None  # the model trained for (registry name, trial checks)
+        self.runs = None  # trial_runs.TrialRuns: every MLflow call about a trial run goes through it
 
     # ------------------------------------------------------------------ labels
     def labels_for(self, trial_config, tqdm) -> tuple[list, list]:
@@ -293,46 +338,30 @@ class _Pipeline:
                 if done:
                     self._collect(study, running.pop(done[0]), done[0], heartbeat, bar)
         finally:
-            for _, _, _, run_id in running.values():  # interrupted: their runs end now, not as RUNNING forever
-                self._close_trial_run(run_id, "KILLED")
+            for trial, _, _, _ in running.values():  # interrupted: their runs end now, not as RUNNING forever
+                self.runs.close(trial.number, "KILLED")
             heartbeat.stop()
             epochs.close()
             bar.close()
 
-    def _open_trial_run(self, trial, trial_config) -> str:
+    def _open_trial_run(self, trial, trial_config) -> str | None:
         """The trial's MLflow run, nested under the active (parent) run and opened as the trial starts, so
         its duration is the trial's; its parameters are the whole trial config, named as Optuna names the
-        searched ones. The run id and config go into the Optuna trial too (`RUN_ID_ATTR`)."""
+        searched ones. The config, and the run id when the server answered, go into the Optuna trial too
+        (`TRIAL_CONFIG_ATTR`, `RUN_ID_ATTR`); a run the server could not take is created later (`self.runs`)."""
         import mlflow
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         from adaptive_kv.training import tracking
 
+        trial.set_user_attr(TRIAL_CONFIG_ATTR, trial_config.to_params())
         parent = mlflow.active_run()
-        tags = {"trial_number": str(trial.number)}
-        if parent is not None:
-            tags[MLFLOW_PARENT_RUN_ID] = parent.info.run_id
         experiment_id = parent.info.experiment_id if parent is not None else mlflow.get_experiment_by_name(
             tracking.TRAIN_EXPERIMENT).experiment_id
-        client = MlflowClient()
-        run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags=tags)
         params = {**trial_config.to_params(), "trial_number": trial.number}
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in tracking.json_params(params).items()])
-        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-        trial.set_user_attr(TRIAL_CONFIG_ATTR, trial_config.to_params())
-        return run.info.run_id
-
-    @staticmethod
-    def _close_trial_run(run_id: str, status: str, note: str | None = None) -> None:
-        """End a trial's run with `status` (FINISHED, FAILED, KILLED) and why, when it did not finish."""
-        from mlflow import MlflowClient
-
-        client = MlflowClient()
-        if note is not None:
-            client.set_tag(run_id, "mlflow.note.content", note)
-        client.set_terminated(run_id, status)
+        run_id = self.runs.open(trial, params, parent.info.run_id if parent is not None else None, experiment_id)
+        if run_id is not None:
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+        return run_id
 
     def _ask(self, study, target: int):
         """A new trial, or None when the study's finished and running trials already make `target`."""
@@ -354,19 +383,18 @@ class _Pipeline:
 
     def _collect(self, study, entry: tuple, future, heartbeat, bar) -> None:
         """Record one finished trial task: saved, told, logged; or failed, with the worker given back or replaced."""
-        import mlflow
         from optuna.trial import TrialState
 
         from adaptive_kv.training import tracking
 
-        trial, trial_config, worker, run_id = entry
+        trial, trial_config, worker, _ = entry
         heartbeat.remove(trial)
         try:
             result = self.ray.get(future)
         except Exception as exc:  # noqa: BLE001  a failed trial is recorded as failed, the study goes on
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             self.log(f"trial {trial.number} failed: {exc}")
-            self._close_trial_run(run_id, "FAILED", f"failed: {exc}")
+            self.runs.close(trial.number, "FAILED", f"failed: {exc}")
             self.pool.failed(worker, exc)
             return
         self.pool.succeeded(worker)
@@ -374,14 +402,11 @@ class _Pipeline:
         told = study.tell(trial, result["metrics"]["score"], skip_if_finished=True)
         if told.state != TrialState.COMPLETE:  # another trainer failed it while its heartbeat lagged
             self.log(f"trial {trial.number} was marked {told.state.name} by another trainer; its result is not counted")
-            self._close_trial_run(run_id, "KILLED", f"marked {told.state.name} by another trainer; not counted")
+            self.runs.close(trial.number, "KILLED", f"marked {told.state.name} by another trainer; not counted")
             return
-        client = mlflow.MlflowClient()
-        tracking.log_metrics(client, run_id, tracking.trial_metrics(result["metrics"], result["history"],
-                                                                     trial_config.fit.loss))
-        for path in sorted(folder.iterdir()):  # the controller's files under controller/, metrics.json beside
-            client.log_artifact(run_id, str(path), None if path.name == "metrics.json" else "controller")
-        self._close_trial_run(run_id, "FINISHED")
+        # its metrics, and its folder's files as artifacts; kept on disk until the server has them
+        self.runs.close(trial.number, "FINISHED", metrics=tracking.trial_metrics(
+            result["metrics"], result["history"], trial_config.fit.loss), folder=folder)
         bar.set_postfix(score=f"{result['metrics']['score']:.1f}")
         bar.update(1)
 
@@ -456,14 +481,7 @@ class _Pipeline:
         from adaptive_kv.training.summary_table import summary_rows
 
         source = self.out / "trials" / str(best.number)
-        target = self.out / "controller"
-
-        def fill(folder: Path) -> None:
-            shutil.copytree(source, folder, dirs_exist_ok=True)
-            if self.config.scorer is not None:
-                self._add_scorer(folder)
-
-        atomic.write_folder(target, fill)  # the previous controller stays until the new one is complete
+        target = self._save_controller(best)
         config, net = load_controller(target)
         trial_config = TrialConfig(**config.layout.keywords())
         worker = self.pool.any_worker()
@@ -511,7 +529,7 @@ class _Pipeline:
             decision = self._champion_decision(target, worker, self._reading(trial_config))
             self.log(decision.reason)
             card = tracking.VersionCard(
-                trial_number=best.number, trial_run_id=tracking.run_in_store(best.user_attrs.get(RUN_ID_ATTR)),
+                trial_number=best.number, trial_run_id=self.runs.run_id(best),
                 parent_run_id=mlflow.active_run().info.run_id, base_model=self.config.model,
                 base_model_revision=f"sha256:{self.model_sha}", validation=dict(learned["by_budget"]),
                 params=trial_params(best), git_commit=tracking.source_commit())
@@ -520,6 +538,34 @@ class _Pipeline:
             summary.update(model_version=version, champion_moved=decision.move, champion_reason=decision.reason,
                            candidate_score=decision.candidate_score, champion_score=decision.champion_score)
         return summary
+
+    def _save_controller(self, best) -> Path:
+        """Copy the best trial's folder (and the scorer) to <output>/controller; its path."""
+        source, target = self.out / "trials" / str(best.number), self.out / "controller"
+
+        def fill(folder: Path) -> None:
+            shutil.copytree(source, folder, dirs_exist_ok=True)
+            if self.config.scorer is not None:
+                self._add_scorer(folder)
+
+        return atomic.write_folder(target, fill)  # the previous controller stays until the new one is complete
+
+    def untracked_end(self, best, uri: str, error: BaseException) -> dict[str, Any]:
+        """The end of a run whose tracking server is unreachable: the controller saved, a summary that says
+        what is missing from MLflow and how it gets there (the same command again, which resumes)."""
+        from adaptive_kv.training import tracking
+
+        target = self._save_controller(best).resolve()
+        registers = self.config.register and not self.config.smoke_test
+        message = (f"MLflow at {uri} is unreachable at the end of training ({type(error).__name__}); the controller "
+                   f"is saved at {target}. Rerun the same command (same --output and --study) when the server is back: "
+                   f"it runs no new trial, logs the pending trial runs"
+                   + (f" and registers the controller as {self.registered_model}." if registers else "."))
+        self.log(message)
+        figures = self.out / "figures"
+        return {"controller": str(target), "registered_model": self.registered_model, "model_version": None,
+                "alias": tracking.CHAMPION, "champion_moved": False,
+                "figures": str(figures.resolve()) if figures.is_dir() else None, "tracking_pending": message}
 
     @property
     def registered_model(self) -> str:
