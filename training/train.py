@@ -152,6 +152,7 @@ def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, 
 
     from adaptive_kv.training.trial_runs import unreachable
 
+    runs = pipeline.runs  # read before the run starts: the finally below must always reach end_run
     parent = mlflow.start_run(run_name=f"train-{Path(config.model).name}", log_system_metrics=_system_metrics())
     status = "FAILED"
     try:
@@ -179,7 +180,7 @@ def _run(config: TrainConfig, pipeline: "_Pipeline", study, tracking, uri: str, 
                        wall_time_s=round(time.perf_counter() - start, 1))
         status = "FINISHED"
     finally:
-        _end_parent(parent.info.run_id, status, pipeline.runs)
+        _end_parent(parent.info.run_id, status, runs)
     return summary
 
 

@@ -13,6 +13,9 @@ PASSWORD = "s3cret-9d2f"
 class _NoTrials:
     """A pipeline whose study is already finished: only the parent run's own logging runs."""
 
+    def __init__(self, runs) -> None:
+        self.runs = runs  # the real trial-run records (none pending)
+
     def run_trials(self, study, tqdm) -> None:
         pass
 
@@ -35,7 +38,10 @@ def test_train_run_parameters_carry_no_password(tmp_path):
     storage = f"postgresql+psycopg2://adaptive_kv:{PASSWORD}@postgres:5432/optuna"
     config = train.TrainConfig(model="tiny", output=str(tmp_path / "out"), storage=storage, mlflow_uri=uri)
     tracking.use_experiment(tracking.TRAIN_EXPERIMENT, uri)  # artifacts beside the store in tmp_path
-    summary = train._run(config, _NoTrials(), None, tracking, uri, time.perf_counter())
+    from adaptive_kv.training.trial_runs import TrialRuns
+
+    runs = TrialRuns(tmp_path / "out", config.study, uri)
+    summary = train._run(config, _NoTrials(runs), None, tracking, uri, time.perf_counter())
     params = MlflowClient(tracking_uri=uri).get_run(summary["parent_run"]).data.params
     assert not [k for k, v in params.items() if PASSWORD in v], params
     # still says where the study lives
