@@ -143,8 +143,10 @@ def test_stored_contexts_give_way_to_requests_and_their_bytes_are_freed(tiny_tok
 def test_a_context_too_short_for_the_budget_is_planned_with_its_question(engine, tiny_tokenizer):
     context, questions = _split(engine)
     prompt = context + questions[0]
-    short = asyncio.run(engine.complete(GenerationRequest(prompt, MAX_TOKENS, budget=BUDGET, context_tokens=12)))
-    assert (short.kv["reused_tokens"], short.kv["prefilled_tokens"]) == (0, len(prompt))
+    for budget in (None, BUDGET):  # the server's default (which may fall back to full) and one the client asked
+        short = asyncio.run(engine.complete(GenerationRequest(prompt, MAX_TOKENS, budget=budget, context_tokens=12)))
+        assert (short.kv["reused_tokens"], short.kv["prefilled_tokens"]) == (0, len(prompt))
+        assert short.kv["policy"] == POLICY and short.kv["bytes"] < short.kv["full_bytes"]  # not a full cache
     assert short.text == tiny_tokenizer.decode(_fresh_tokens(engine, prompt), skip_special_tokens=True)
     assert len(engine.contexts) == 1  # only the finished request, not a 12-token context
 
