@@ -115,6 +115,11 @@ def test_another_tenant_never_reuses_a_stored_context(engine, tiny_tokenizer):
     assert other.kv["reused_tokens"] == 0  # stored its own copy instead
     assert _ask(engine, context, questions[2], tenant="b").kv["reused_tokens"] == len(context)
     assert _ask(engine, context, questions[2], tenant="a").kv["reused_tokens"] == len(context)
+    # nor a request of the same tenant at another budget or policy: the stored plan was made for neither
+    for budget, policy in ((0.5, None), (None, "snapkv")):
+        request = GenerationRequest(context + questions[2], MAX_TOKENS, budget=budget, policy=policy, tenant="a",
+                                    context_tokens=len(context))
+        assert asyncio.run(engine.complete(request)).kv["reused_tokens"] == 0
 
 
 def test_stored_contexts_give_way_to_requests_and_their_bytes_are_freed(tiny_tokenizer):
