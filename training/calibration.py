@@ -17,12 +17,15 @@ EVALUATION_SEEDS = range(0, 10_000)
 CALIBRATION_SEED = 10_000
 VALIDATION_SEED = 20_000
 PROTOCOLS = ("query_agnostic", "query_aware")
+# context lengths a calibration request may be made at, in tokens
+MIN_CONTEXT, MAX_CONTEXT = 64, 16384
 DEFAULT_MIX: tuple[str, ...] = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "fidelity")
 
 
 @dataclass(frozen=True)
 class CalibrationRequest:
-    """One request: context ids, ids that follow, how many of them are the answer (0 = natural text)."""
+    """One request: context ids, ids that follow, how many of them are the answer (0 = natural text), and
+    the context length its sample was made for (several lengths train one controller)."""
 
     task: str
     protocol: str
@@ -31,11 +34,12 @@ class CalibrationRequest:
     answer_tokens: int
     seed: int
     index: int
+    length: int
 
     @property
     def key(self) -> str:
         """A stable identifier."""
-        return f"{self.task}/{self.protocol}/{self.seed}/{self.index}"
+        return f"{self.task}/{self.protocol}/{self.length}/{self.seed}/{self.index}"
 
 
 def answer_ids(tokenizer, answers: tuple[str, ...]) -> tuple[int, ...]:
@@ -53,7 +57,7 @@ def make_requests(tokenizer, *, tasks: tuple[str, ...], context_length: int, per
         for index, sample in enumerate(make_samples(task, tokenizer, context_length, per_task, seed)):
             if task == "fidelity":
                 out.append(CalibrationRequest(task, "query_agnostic", sample.context_ids,
-                                              sample.continuation_ids, 0, seed, index))
+                                              sample.continuation_ids, 0, seed, index, context_length))
                 continue
             answer = answer_ids(tokenizer, sample.answers)
             for protocol in protocols:
@@ -61,5 +65,5 @@ def make_requests(tokenizer, *, tasks: tuple[str, ...], context_length: int, per
                     context, follow = sample.context_ids, sample.question_ids + answer
                 else:
                     context, follow = sample.prompt_ids, answer
-                out.append(CalibrationRequest(task, protocol, context, follow, len(answer), seed, index))
+                out.append(CalibrationRequest(task, protocol, context, follow, len(answer), seed, index, context_length))
     return out

@@ -26,7 +26,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", default="adaptive-kv", help="Optuna study name; rerun with the same name to resume")
     p.add_argument("--output", default="outputs/train", help="folder for labels, trials, the controller and figures")
     p.add_argument("--tasks", type=cli_args.csv, default=None, help="calibration task mix (comma-separated)")
-    p.add_argument("--context-length", type=cli_args.positive, default=None, help="calibration context length in tokens")
+    p.add_argument("--context-lengths", "--context-length", type=cli_args.csv_ints, default=None,
+                   help="calibration context lengths in tokens, comma-separated (default 1024): the lengths the "
+                        "controller is trained for (beyond half the shortest or twice the longest it plans with kvzip's "
+                        "allocation)")
     p.add_argument("--train-per-task", type=cli_args.positive, default=None, help="calibration samples per task")
     p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="validation samples per task")
     p.add_argument("--space", choices=("network", "selection", "full"), default=None,
@@ -53,7 +56,7 @@ def train_config(args: argparse.Namespace):
 
     given = dict(model=args.model, budgets=args.budgets, trials=args.trials, workers=args.workers,
                  ray_address=args.ray_address, storage=args.storage, study=args.study, mlflow_uri=args.mlflow_uri,
-                 output=args.output, tasks=args.tasks, context_length=args.context_length,
+                 output=args.output, tasks=args.tasks, context_lengths=args.context_lengths,
                  train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register,
                  force_champion=args.force or None,
                  scorer=args.scorer, fit_scorer=args.fit_scorer or None, reconstruction=args.reconstruction)

@@ -26,6 +26,8 @@ class FitConfig:
     batch_size: int = 256
     loss: str = "huber"
     seed: int = 0
+    # a request of n tokens weighs (n / shortest)^length_weight in the loss: > 0 favours long requests
+    length_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -46,17 +48,28 @@ def rows(labels: list[RequestLabels], feature_names: tuple[str, ...]) -> tuple[t
     return torch.cat(feats).float(), torch.cat(heads), torch.cat(targets).float()
 
 
+def length_weights(labels: list[RequestLabels], exponent: float) -> torch.Tensor:
+    """Per row of `rows(labels)`: (seq_len / shortest seq_len)^exponent, scaled to mean 1."""
+    shortest = min(item.seq_len for item in labels)
+    per_row = [torch.full((item.features.shape[0] * item.features.shape[1],), (item.seq_len / shortest) ** exponent)
+               for item in labels]
+    weights = torch.cat(per_row)
+    return weights / weights.mean()
+
+
 def fit(config: ControllerConfig, fit_config: FitConfig, train: list[RequestLabels], valid: list[RequestLabels],
         on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[ControllerNet, dict[str, float]]:
     """Train a fresh network on `train`; report per-epoch train/valid loss. Returns (net, final metrics)."""
     torch.manual_seed(fit_config.seed)
     x, h, y = rows(train, config.feature_names)
+    w = length_weights(train, fit_config.length_weight)
     net = config.build()
     net.feature_mean.copy_(x.mean(0))
     net.feature_std.copy_(x.std(0).clamp_min(1e-4))  # constant features (one context length) stay finite
     optimiser = torch.optim.AdamW(net.parameters(), lr=fit_config.lr, weight_decay=fit_config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, fit_config.epochs)
     loss_fn = torch.nn.HuberLoss() if fit_config.loss == "huber" else torch.nn.MSELoss()
+    row_loss = type(loss_fn)(reduction="none")
     valid_rows = rows(valid, config.feature_names) if valid else None
     metrics: dict[str, float] = {}
     for epoch in range(fit_config.epochs):
@@ -65,7 +78,7 @@ def fit(config: ControllerConfig, fit_config: FitConfig, train: list[RequestLabe
         total = 0.0
         for start in range(0, x.shape[0], fit_config.batch_size):
             batch = order[start : start + fit_config.batch_size]
-            loss = loss_fn(net(x[batch], h[batch]), y[batch])
+            loss = (row_loss(net(x[batch], h[batch]), y[batch]).mean(1) * w[batch]).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

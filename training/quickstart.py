@@ -33,7 +33,7 @@ def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -
     space = SearchSpace(hidden=(32, 64), layers=(2, 3), epochs=(30, 80), recent_window=(32,),
                         scorer=("reconstruction",), selection=("per_head",), grid=("global",))
     train = TrainConfig(model=model, budgets=BUDGETS, trials=3, workers=2, output=str(out / "train"),
-                        study="quickstart", tasks=("passkey", "fidelity"), context_length=512,
+                        study="quickstart", tasks=("passkey", "fidelity"), context_lengths=(512,),
                         train_per_task=2, valid_per_task=1, space=space)
     summary = run_train(train)
     trained = time.perf_counter() - start

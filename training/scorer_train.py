@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_kv.model_identity import ModelIdentity
-from adaptive_kv.training.calibration import CALIBRATION_SEED, DEFAULT_MIX, VALIDATION_SEED, make_requests
+from adaptive_kv.training.calibration import (CALIBRATION_SEED, DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, VALIDATION_SEED,
+                                              make_requests)
 from adaptive_kv.training.scorer import KINDS, FitOptions
 
 SCORER_EXPERIMENT = "adaptive-kv-scorer"
-MAX_CONTEXT = 16384
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class ScorerTrainConfig:
         for name in ("train_per_task", "valid_per_task", "sample_tokens", "valid_tokens", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not self.context_lengths or any(not 64 <= n <= MAX_CONTEXT for n in self.context_lengths):
-            raise ValueError(f"context_lengths must be in [64, {MAX_CONTEXT}], got {self.context_lengths}")
+        if not self.context_lengths or any(not MIN_CONTEXT <= n <= MAX_CONTEXT for n in self.context_lengths):
+            raise ValueError(f"context_lengths must be in [{MIN_CONTEXT}, {MAX_CONTEXT}], got {self.context_lengths}")
         unknown = sorted(set(self.kinds) - set(KINDS))
         if not self.kinds or unknown:
             raise ValueError(f"kinds must be among {KINDS}, got {self.kinds}")

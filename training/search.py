@@ -19,6 +19,7 @@ class SearchSpace:
     epochs: tuple[int, int] = (30, 120)
     loss: tuple[str, ...] = ("mse", "huber")
     layer_weight_slope: tuple[float, float] = (-1.5, 1.5)  # < 0: later layers (where retrieval heads sit) weigh more
+    length_weight: tuple[float, float] = (-1.0, 1.0)  # searched only when training spans several lengths
     sink_tokens: tuple[int, ...] = (4,)
     recent_window: tuple[int, ...] = (16, 32)
     scorer: tuple[str, ...] = ("reconstruction", "snapkv")
@@ -54,14 +55,16 @@ class SearchSpace:
                    selection=("per_head",), grid=("global",))
 
 
-def suggest(trial, space: SearchSpace, group_size: int, seed: int) -> TrialConfig:
-    """A TrialConfig from an Optuna trial (suggestions only)."""
+def suggest(trial, space: SearchSpace, group_size: int, seed: int, several_lengths: bool = False) -> TrialConfig:
+    """A TrialConfig from an Optuna trial (suggestions only); how requests of different lengths weigh in the
+    fit is searched when the training requests have `several_lengths`."""
     pick = lambda name, choices: choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))  # noqa: E731
     fit = FitConfig(
         epochs=trial.suggest_int("epochs", *space.epochs),
         lr=trial.suggest_float("lr", *space.lr, log=True),
         loss=pick("loss", space.loss),
         seed=seed,
+        length_weight=trial.suggest_float("length_weight", *space.length_weight) if several_lengths else 0.0,
     )
     return TrialConfig(
         sink_tokens=pick("sink_tokens", space.sink_tokens),

@@ -11,7 +11,8 @@ from typing import Any
 
 from adaptive_kv.model_identity import ModelIdentity
 from adaptive_kv.training import atomic, trial_runs
-from adaptive_kv.training.calibration import CALIBRATION_SEED, DEFAULT_MIX, VALIDATION_SEED, make_requests
+from adaptive_kv.training.calibration import (CALIBRATION_SEED, DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, VALIDATION_SEED,
+                                              make_requests)
 from adaptive_kv.training.search import SearchSpace
 
 STATIC_BASELINES: dict[str, dict] = {
@@ -39,7 +40,8 @@ class TrainConfig:
     mlflow_uri: str | None = None
     output: str = "outputs/train"
     tasks: tuple[str, ...] = DEFAULT_MIX
-    context_length: int = 1024
+    # calibration and validation requests are made at each length (the controller's trained range)
+    context_lengths: tuple[int, ...] = (1024,)
     train_per_task: int = 4
     valid_per_task: int = 2
     group_size: int = 32
@@ -66,10 +68,14 @@ class TrainConfig:
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets must be in (0, 1], got {b}")
-        for name in ("trials", "workers", "train_per_task", "valid_per_task", "context_length",
-                     "max_consecutive_failures", "heartbeat_s"):
+        for name in ("trials", "workers", "train_per_task", "valid_per_task", "max_consecutive_failures",
+                     "heartbeat_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        lengths = self.context_lengths
+        if not lengths or len(set(lengths)) != len(lengths) or any(not MIN_CONTEXT <= n <= MAX_CONTEXT for n in lengths):
+            raise ValueError(f"context_lengths must be distinct lengths in [{MIN_CONTEXT}, {MAX_CONTEXT}] tokens, "
+                             f"got {lengths}")
         if self.scorer is not None and self.fit_scorer:
             raise ValueError("give scorer (a fitted scorer's folder) or fit_scorer, not both")
         if self.reconstruction not in ("exact", "predicted"):
@@ -84,7 +90,7 @@ class TrainConfig:
     @classmethod
     def smoke(cls, **overrides: Any) -> "TrainConfig":
         """A tiny end-to-end run: short contexts, two tasks, one sample each, two small trials."""
-        base = dict(trials=2, tasks=("passkey", "fidelity"), context_length=256, train_per_task=1, valid_per_task=1,
+        base = dict(trials=2, tasks=("passkey", "fidelity"), context_lengths=(256,), train_per_task=1, valid_per_task=1,
                     budgets=(0.5, 0.25), space=SearchSpace.smoke(), smoke_test=True)
         return cls(**{**base, **overrides})
 
@@ -115,10 +121,12 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     del model
     if config.fit_scorer:
         config = replace(config, scorer=_fit_scorer(config, log), fit_scorer=False)
-    train_requests = make_requests(tokenizer, tasks=config.tasks, context_length=config.context_length,
-                                   per_task=config.train_per_task, seed=CALIBRATION_SEED)
-    valid_requests = make_requests(tokenizer, tasks=config.tasks, context_length=config.context_length,
-                                   per_task=config.valid_per_task, seed=VALIDATION_SEED)
+    train_requests, valid_requests = [], []
+    for length in config.context_lengths:
+        train_requests += make_requests(tokenizer, tasks=config.tasks, context_length=length,
+                                        per_task=config.train_per_task, seed=CALIBRATION_SEED)
+        valid_requests += make_requests(tokenizer, tasks=config.tasks, context_length=length,
+                                        per_task=config.valid_per_task, seed=VALIDATION_SEED)
     study = search.open_study(config.study, config.storage_url(), heartbeat_s=config.heartbeat_s)
     uri = tracking.tracking_uri(config.mlflow_uri)
     tracking.use_experiment(tracking.TRAIN_EXPERIMENT, uri)
@@ -322,8 +330,9 @@ class _Pipeline:
             while True:
                 while self.pool.free and (trial := self._ask(study, target)) is not None:
                     heartbeat.add(trial)
-                    trial_config = self._reading(search.suggest(trial, self.config.space, self.config.group_size,
-                                                                seed=trial.number))
+                    trial_config = self._reading(search.suggest(
+                        trial, self.config.space, self.config.group_size, seed=trial.number,
+                        several_lengths=len(self.config.context_lengths) > 1))
                     train, valid = self.labels_for(trial_config, tqdm)
                     worker = self.pool.take()
                     run_id = self._open_trial_run(trial, trial_config)
@@ -497,14 +506,15 @@ class _Pipeline:
         pareto_png(baselines, figures / "pareto.png", f"{Path(self.config.model).name}: validation, learned vs static",
                    trials=self._trial_results())
         budget = sorted(self.config.budgets)[len(self.config.budgets) // 2]  # the registered input example's
+        seq_len = max(self.config.context_lengths)  # the heatmaps show plans at the longest trained length
+        shown = [r for r in self.valid_requests if r.length == seq_len]
         examples = {}
         for each in sorted(self.config.budgets, reverse=True):  # every budget, a few requests of distinct tasks
             plans_json = self.ray.get(worker.plans.remote(config.to_json(), {k: v for k, v in net.state_dict().items()},
-                                                          self.valid_requests, self._reading(trial_config), each))
+                                                          shown, self._reading(trial_config), each))
             distinct = {name.split(" (")[0]: (name, plan) for name, plan in reversed(_one_per_task(plans_json).items())}
             for name, plan in list(reversed(distinct.values()))[:HEATMAP_REQUESTS]:
                 examples[f"{name} @ budget {each:g}"] = Plan.from_json(plan)
-        seq_len = self.config.context_length
         stats = _example_stats(config)
         plan_heatmap_png(examples, seq_len, figures / "plans.png", f"learned plans at {seq_len} tokens",
                          head_dim=stats.head_dim, dtype_bytes=stats.dtype_bytes)
@@ -649,8 +659,8 @@ def _fit_scorer(config: TrainConfig, log) -> str:
     """Run the `train-scorer` step for this training's model, workers, task mix and tracking; its folder."""
     from adaptive_kv.training.scorer_train import ScorerTrainConfig, run_train_scorer
 
-    lengths = (config.context_length,) if config.smoke_test else ScorerTrainConfig().context_lengths
-    step = ScorerTrainConfig(model=config.model, tasks=config.tasks, context_lengths=lengths, workers=config.workers,
+    step = ScorerTrainConfig(model=config.model, tasks=config.tasks, context_lengths=config.context_lengths,
+                             workers=config.workers,
                              ray_address=config.ray_address, mlflow_uri=config.mlflow_uri,
                              output=str(Path(config.output) / "scorer_step"))
     return run_train_scorer(step, log=log)["scorer"]

@@ -115,7 +115,7 @@ def test_labels_of_a_sliding_model(family, models, tiny_tokenizer):
     from adaptive_kv.training.labels import collect_labels
 
     ids = _ids(tiny_tokenizer, CONTEXT + 12)
-    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids[:CONTEXT]), tuple(ids[CONTEXT:]), 4, 0, 0)
+    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids[:CONTEXT]), tuple(ids[CONTEXT:]), 4, 0, 0, CONTEXT)
     trial = _trial()
     labels = collect_labels(models[family], tiny_tokenizer, request, trial.options(), trial.layout(),
                             trial.stats_config(), trial.label_target())

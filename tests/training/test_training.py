@@ -72,7 +72,7 @@ def test_labels_equal_a_direct_computation(target):
     model = build_tiny_model("llama_gqa")
     ids = torch.randint(0, 1000, (120,), generator=torch.Generator().manual_seed(2)).tolist()
     follow = list(range(300, 316))
-    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(follow), 4, 10_000, 0)
+    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(follow), 4, 10_000, 0, len(ids))
     grid = (HeadOption(None, 16, 16), HeadOption(0.25, 16, 16), HeadOption(0.0, 16, 16), HeadOption(None, 4, 4))
     labels = collect_labels(model, None, request, grid, Layout(**LAYOUT), StatsConfig(sink_tokens=4, group_size=16), target)
     assert labels.distortion.shape == (2, 2, 4)
@@ -107,7 +107,7 @@ def test_global_option_labels_equal_each_heads_uniform_label(tiny_tokenizer):
 
     model = build_tiny_model("llama_gqa")
     ids = torch.randint(0, 1000, (200,), generator=torch.Generator().manual_seed(3)).tolist()
-    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(range(300, 316)), 4, 10_000, 0)
+    request = CalibrationRequest("passkey", "query_agnostic", tuple(ids), tuple(range(300, 316)), 4, 10_000, 0, len(ids))
     layout = Layout(**{**LAYOUT, "selection": "per_head"})
     stats_config = StatsConfig(sink_tokens=4, group_size=16, reconstruction=True)
     option = HeadOption(0.2, 4, 4, "global")
@@ -135,7 +135,7 @@ def test_validation_answer_score_equals_a_direct_computation():
     with torch.no_grad():  # the answer: the uncompressed model's own greedy tokens, so compression can only cost
         for _ in range(3):
             follow.append(int(model(torch.tensor([ids + follow])).logits[0, -1].argmax()))
-    request = CalibrationRequest("niah_single", "query_agnostic", tuple(ids), tuple(follow), 3, 20_000, 0)
+    request = CalibrationRequest("niah_single", "query_agnostic", tuple(ids), tuple(follow), 3, 20_000, 0, len(ids))
     items = prepare_validation(model, None, [request], StatsConfig(sink_tokens=4, group_size=16), Layout(**LAYOUT))
     with torch.no_grad():  # direct: the answer's log-probabilities in one forward, no compression
         logits = model(torch.tensor([ids + follow]), cache=DynamicCache(config=model.config)).logits[0].float()
@@ -176,7 +176,7 @@ def test_named_search_spaces_suggest_valid_trials(name):
 
 def test_labels_round_trip(tmp_path):
     model = build_tiny_model("llama_gqa")
-    request = CalibrationRequest("fidelity", "query_agnostic", tuple(range(100, 200)), tuple(range(5, 15)), 0, 10_000, 1)
+    request = CalibrationRequest("fidelity", "query_agnostic", tuple(range(100, 200)), tuple(range(5, 15)), 0, 10_000, 1, 100)
     labels = [collect_labels(model, None, request, (HeadOption(None, 16, 16), HeadOption(0.5, 2, 2)), Layout(**LAYOUT),
                              StatsConfig(sink_tokens=4, group_size=16))]
     save_labels(tmp_path / "l.safetensors", labels)
@@ -208,7 +208,7 @@ def _config(folder, out, **overrides):
     from adaptive_kv.training.train import TrainConfig
 
     base = dict(model=str(folder), output=str(out), mlflow_uri=f"sqlite:///{out}/mlflow.db", workers=2,
-                space=SearchSpace.smoke(), trials=2, context_length=200, group_size=16)
+                space=SearchSpace.smoke(), trials=2, context_lengths=(200,), group_size=16)
     return TrainConfig.smoke(**{**base, **overrides})
 
 
@@ -222,8 +222,9 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
 
     # the controller is trained on the predictions of a scorer fitted first, on the same workers and MLflow
     # smoke_test=False: a smoke run never registers, and this one checks the registration
-    summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True, reconstruction="predicted", smoke_test=False),
-                        log=lambda *a: None)
+    # requests at two lengths: the range the controller records spans them, and the search weighs them
+    summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True, reconstruction="predicted", smoke_test=False,
+                                context_lengths=(160, 240)), log=lambda *a: None)
     scorer = tmp_path / "scorer_step" / "scorer"  # the scorer step ran first, on the same workers and MLflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -235,6 +236,8 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     assert len(children) == 2 and all("score" in c.data.metrics and any(m.startswith("train_loss/") for m in c.data.metrics)
                                       for c in children)
     assert {c.data.params["reconstruction"] for c in children} == {"predicted"}
+    assert all(-1.0 <= float(c.data.params["length_weight"]) <= 1.0 for c in children)
+    assert len({c.data.params["length_weight"] for c in children}) == 2  # searched, not fixed
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/pareto.png", "figures/plans.png", "figures/label_statistics.json"} <= artifacts
     (scorer_run,) = client.search_runs([client.get_experiment_by_name("adaptive-kv-scorer").experiment_id])
@@ -255,6 +258,15 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     assert len(downloads) == 1
     assert [p.name.startswith(".partial-") for p in (tmp_path / "cache" / "controllers").iterdir()] == [False]
     policy = get_policy("learned", path=str(folder))  # reads what it was trained on: the shipped scorer's predictions
+    from transformers import AutoTokenizer
+
+    from adaptive_kv.training.calibration import make_requests
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    made = [len(r.context_ids) for n in (160, 240) for seed in (10_000, 20_000)
+            for r in make_requests(tokenizer, tasks=("passkey", "fidelity"), context_length=n, per_task=1, seed=seed)]
+    trained = policy.config.notes["trained_range"]
+    assert (trained["min_length"], trained["max_length"]) == (min(made), max(made)) and max(made) > 200
     from adaptive_kv.predicted_reconstruction import load_predictor
 
     fitted = load_predictor(scorer)

@@ -184,7 +184,7 @@ def test_damaged_files_are_redone_and_other_requests_get_their_own_labels(tiny_m
     assert len(after) == len(before) and all(torch.equal(a.distortion, b) for a, b in zip(after, before))
     assert [t.state for t in _study(tmp_path).trials].count(TrialState.COMPLETE) == 3
     # the same output folder, other requests (shorter contexts): new labels, not the cached ones
-    run_train(_config(tiny_model_dir, tmp_path, trials=1, register=False, context_length=120, study="short"),
+    run_train(_config(tiny_model_dir, tmp_path, trials=1, register=False, context_lengths=(120,), study="short"),
               log=quiet)
     folders = sorted((tmp_path / "labels").iterdir(), key=lambda p: p.stat().st_mtime)
     assert len(folders) == 2 and folders[0] == folder
@@ -236,7 +236,7 @@ from adaptive_kv.training.train import TrainConfig, run_train
 folder, out, mlflow_db, storage = sys.argv[1:5]
 space = SearchSpace.smoke().__class__(**{**SearchSpace.smoke().__dict__, "epochs": (1500, 2000)})  # seconds per trial: they overlap
 run_train(TrainConfig.smoke(model=folder, output=out, mlflow_uri=f"sqlite:///{mlflow_db}", workers=1, trials=4,
-                            space=space, context_length=200, group_size=16, storage=storage, register=False,
+                            space=space, context_lengths=(200,), group_size=16, storage=storage, register=False,
                             heartbeat_s=1), log=print)
 """
 
