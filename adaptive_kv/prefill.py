@@ -73,5 +73,6 @@ def capture(model, tokenizer, ids: Sequence[int], needs: StatsConfig | None = No
     """
     start = time.perf_counter()
     cache = CompressedCache(model, capture=True, **cache_inputs(tokenizer, ids, needs or StatsConfig()), **cache_options)
-    logits = model(torch.tensor([list(ids)], device=model.device), cache=cache).logits[:, -1]
+    # the last position only: a context's full logits would be its length x the vocabulary, held by any view of them
+    logits = model(torch.tensor([list(ids)], device=model.device), cache=cache, logits_to_keep=1).logits[:, -1]
     return Captured(cache, logits, time.perf_counter() - start)

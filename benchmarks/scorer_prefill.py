@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model("smollm2-135m")
     predictor = get_policy("kvzap").predictor
     variants = {
-        "plain": lambda ids: model(torch.tensor([ids]), cache=DynamicCache(config=model.config)),
+        "plain": lambda ids: model(torch.tensor([ids]), cache=DynamicCache(config=model.config), logits_to_keep=1),
         "stats": lambda ids: capture(model, tokenizer, ids, StatsConfig()),
         "predicted": lambda ids: capture(model, tokenizer, ids, StatsConfig(predictor=predictor)),
         "exact": lambda ids: capture(model, tokenizer, ids, StatsConfig(reconstruction=True)),

@@ -195,10 +195,13 @@ _SCORER_FOLDERS: dict[int, str] = {}
 
 def scorer_folder(model: torch.nn.Module) -> str:
     """A folder holding a random predictor for `model` (one per model object, in a temporary directory)."""
+    import atexit
+    import shutil
     import tempfile
 
     if id(model) not in _SCORER_FOLDERS:
         folder = tempfile.mkdtemp(prefix="adaptive-kv-scorer-")
+        atexit.register(shutil.rmtree, folder, True)  # the session's runs leave no folders behind
         random_predictor(model).save(folder)
         _SCORER_FOLDERS[id(model)] = folder
     return _SCORER_FOLDERS[id(model)]
