@@ -69,3 +69,15 @@ def test_bad_context_lengths_are_refused_in_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_requests_at_two_lengths_have_distinct_keys(tiny_tokenizer_bos):
+    """The label cache and the plan figures key requests by `key`: the same sample index at two lengths
+    must not collide."""
+    from adaptive_kv.training.calibration import make_requests
+
+    made = {n: make_requests(tiny_tokenizer_bos, tasks=("passkey", "fidelity"), context_length=n, per_task=1,
+                             seed=10_000) for n in (160, 240)}
+    keys = [r.key for n in made for r in made[n]]
+    assert len(keys) == 6 and len(set(keys)) == len(keys)
+    assert all(r.length == n for n in made for r in made[n])
