@@ -67,3 +67,15 @@ def make_requests(tokenizer, *, tasks: tuple[str, ...], context_length: int, per
                     context, follow = sample.prompt_ids, answer
                 out.append(CalibrationRequest(task, protocol, context, follow, len(answer), seed, index, context_length))
     return out
+
+
+def make_split(tokenizer, *, tasks: tuple[str, ...], context_lengths: tuple[int, ...], train_per_task: int,
+               valid_per_task: int, protocols: tuple[str, ...] = PROTOCOLS) -> tuple[list, list]:
+    """Training (calibration seed) and validation (validation seed) requests at every context length."""
+    train: list[CalibrationRequest] = []
+    valid: list[CalibrationRequest] = []
+    for length in context_lengths:
+        common = dict(tasks=tasks, context_length=length, protocols=protocols)
+        train += make_requests(tokenizer, per_task=train_per_task, seed=CALIBRATION_SEED, **common)
+        valid += make_requests(tokenizer, per_task=valid_per_task, seed=VALIDATION_SEED, **common)
+    return train, valid

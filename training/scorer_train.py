@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_kv.model_identity import ModelIdentity
-from adaptive_kv.training.calibration import (CALIBRATION_SEED, DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, VALIDATION_SEED,
-                                              make_requests)
+from adaptive_kv.training.calibration import DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, make_split
 from adaptive_kv.training.scorer import KINDS, FitOptions
 
 SCORER_EXPERIMENT = "adaptive-kv-scorer"
@@ -57,12 +56,9 @@ class ScorerTrainConfig:
 
     def requests(self, tokenizer) -> tuple[list, list]:
         """Training and held-out calibration requests (query-agnostic contexts) at every length."""
-        train, valid = [], []
-        for length in self.context_lengths:
-            common = dict(tasks=self.tasks, context_length=length, protocols=("query_agnostic",))
-            train += make_requests(tokenizer, per_task=self.train_per_task, seed=CALIBRATION_SEED, **common)
-            valid += make_requests(tokenizer, per_task=self.valid_per_task, seed=VALIDATION_SEED, **common)
-        return train, valid
+        return make_split(tokenizer, tasks=self.tasks, context_lengths=self.context_lengths,
+                          train_per_task=self.train_per_task, valid_per_task=self.valid_per_task,
+                          protocols=("query_agnostic",))
 
 
 def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:

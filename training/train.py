@@ -11,8 +11,7 @@ from typing import Any
 
 from adaptive_kv.model_identity import ModelIdentity
 from adaptive_kv.training import atomic, trial_runs
-from adaptive_kv.training.calibration import (CALIBRATION_SEED, DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, VALIDATION_SEED,
-                                              make_requests)
+from adaptive_kv.training.calibration import DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, make_split
 from adaptive_kv.training.search import SearchSpace
 
 STATIC_BASELINES: dict[str, dict] = {
@@ -121,12 +120,9 @@ def run_train(config: TrainConfig, log=print) -> dict[str, Any]:
     del model
     if config.fit_scorer:
         config = replace(config, scorer=_fit_scorer(config, log), fit_scorer=False)
-    train_requests, valid_requests = [], []
-    for length in config.context_lengths:
-        train_requests += make_requests(tokenizer, tasks=config.tasks, context_length=length,
-                                        per_task=config.train_per_task, seed=CALIBRATION_SEED)
-        valid_requests += make_requests(tokenizer, tasks=config.tasks, context_length=length,
-                                        per_task=config.valid_per_task, seed=VALIDATION_SEED)
+    train_requests, valid_requests = make_split(tokenizer, tasks=config.tasks, context_lengths=config.context_lengths,
+                                                train_per_task=config.train_per_task,
+                                                valid_per_task=config.valid_per_task)
     study = search.open_study(config.study, config.storage_url(), heartbeat_s=config.heartbeat_s)
     uri = tracking.tracking_uri(config.mlflow_uri)
     tracking.use_experiment(tracking.TRAIN_EXPERIMENT, uri)
@@ -316,14 +312,13 @@ class _Pipeline:
         (`search.open_study`) and asked again. A failed trial is recorded as failed and asked again;
         a worker that died is replaced (`pool.WorkerPool`), which stops after too many failures in a row.
         """
-        from ray.util.queue import Queue
-
         from adaptive_kv.training import search
+        from adaptive_kv.training.progress import EpochTicks
 
         target = self.config.trials
         bar = tqdm(total=target, initial=min(target, search.finished(study)), desc="trials", unit="trial")
         epochs = tqdm(total=0, desc="epochs", unit="epoch")
-        progress = Queue(actor_options={"num_cpus": 0})  # no CPU of its own: the workers hold them all
+        ticks = EpochTicks(self.log)
         running: dict[Any, tuple] = {}
         heartbeat = search.TrialHeartbeat(study, self.config.heartbeat_s)
         try:
@@ -337,14 +332,14 @@ class _Pipeline:
                     worker = self.pool.take()
                     run_id = self._open_trial_run(trial, trial_config)
                     future = worker.trial.remote(trial_config, train, valid, self.valid_requests,
-                                                 self.config.budgets, progress)
+                                                 self.config.budgets, ticks.queue)
                     running[future] = (trial, trial_config, worker, run_id)
                     epochs.total += trial_config.fit.epochs
                     epochs.refresh()
                 if not running:
                     break
                 done, _ = self.ray.wait(list(running), num_returns=1, timeout=0.5)
-                epochs.update(len(progress.get_nowait_batch(progress.qsize())) if progress.qsize() else 0)
+                epochs.update(ticks.drain())
                 if done:
                     self._collect(study, running.pop(done[0]), done[0], heartbeat, bar)
         finally:

@@ -57,12 +57,13 @@ class TrainingWorker:
 
         `progress` (a Ray queue) receives one item per finished epoch, for the driver's progress bar.
         """
+        from adaptive_kv.training.progress import send_tick
+
         history: list[tuple[int, float, float]] = []
 
         def on_epoch(*row) -> None:
             history.append(row)
-            if progress is not None:
-                progress.put_nowait(row[0])
+            send_tick(progress, row[0])
 
         config, net, metrics = run_trial(self.model, trial, train, valid, self._items(requests, trial), budgets,
                                          model_name=self.model_name, on_epoch=on_epoch)

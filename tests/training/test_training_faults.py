@@ -39,11 +39,12 @@ def _deadline(seconds: int):
 
 
 class _WorkerKiller:
-    """SIGKILLs this test's own Ray worker processes while they run `TrainingWorker.trial` (found among
-    this process's descendants, so no other Ray on the machine is touched): the first one, or every one."""
+    """SIGKILLs this test's own Ray worker processes whose title names `target` (by default those running
+    `TrainingWorker.trial`; found among this process's descendants, so no other Ray on the machine is
+    touched): the first one, or every one."""
 
-    def __init__(self, every: bool) -> None:
-        self.every, self.killed = every, []
+    def __init__(self, every: bool, target: str = "TrainingWorker.trial") -> None:
+        self.every, self.target, self.killed = every, target, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -60,10 +61,10 @@ class _WorkerKiller:
         while not self._stop.is_set():
             for process in me.children(recursive=True):
                 try:
-                    running_trial = "TrainingWorker.trial" in " ".join(process.cmdline())
+                    running_target = self.target in " ".join(process.cmdline())
                 except psutil.Error:
                     continue
-                if running_trial and process.pid not in self.killed:
+                if running_target and process.pid not in self.killed:
                     os.kill(process.pid, signal.SIGKILL)
                     self.killed.append(process.pid)
                     if not self.every:
@@ -91,6 +92,21 @@ def test_a_worker_killed_mid_trial_is_replaced_and_training_finishes(tiny_model_
     assert states.count(TrialState.COMPLETE) == 3  # the killed trial was asked again: nothing lost
     assert states.count(TrialState.FAIL) == 1
     assert any("ActorDiedError" in line or "actor" in line.lower() for line in logs if "failed" in line)
+    assert Path(summary["controller"], "controller.safetensors").is_file()
+
+
+def test_a_dead_progress_queue_neither_fails_trials_nor_stops_training(tiny_model_dir, tmp_path, ray_local):
+    """The epoch bar's Ray queue actor killed (as an out-of-memory kill takes it with the workers)."""
+    from optuna.trial import TrialState
+
+    from adaptive_kv.training.train import run_train
+
+    logs: list[str] = []
+    with _deadline(300), _WorkerKiller(every=False, target="_QueueActor") as killer:
+        summary = run_train(_config(tiny_model_dir, tmp_path, trials=3, register=False), log=logs.append)
+    assert len(killer.killed) == 1  # the fault really happened
+    assert [t.state for t in _study(tmp_path).trials] == [TrialState.COMPLETE] * 3  # no trial failed for it
+    assert any("progress queue died" in line for line in logs)
     assert Path(summary["controller"], "controller.safetensors").is_file()
 
 
