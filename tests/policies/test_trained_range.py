@@ -13,8 +13,8 @@ def test_range_spans_the_training_requests_and_round_trips_through_notes():
 
 
 @pytest.mark.parametrize("seq_len, budget, inside", [
-    (1024, 0.125, True), (2200, 0.0625, True), (512, 0.25, True), (1024, 0.5, True),  # above max budget: more room
-    (2201, 0.125, False), (511, 0.125, False), (1024, 0.03125, False), (4096, 0.125, False),
+    (1024, 0.125, True), (1210, 0.0625, True), (931, 0.25, True), (1024, 0.5, True),  # above max budget: more room
+    (1211, 0.125, False), (930, 0.125, False), (1024, 0.03125, False), (2048, 0.125, False),
 ])
 def test_outside_names_what_is_out_of_range(seq_len, budget, inside):
     trained = TrainedRange(1024, 1100, 0.0625, 0.25)
