@@ -171,6 +171,8 @@ def _print_table(results: dict, means: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from adaptive_kv.report import plan_notes
+
     tasks = sorted({r["task"] for r in results["records"]})
     cell = {(r["policy"], r["budget"], r["task"]): r["score"] for r in results["records"]}
     table = Table(title=f"{results['model']} ctx {results['context_length']} {results['protocol']}")
@@ -182,6 +184,8 @@ def _print_table(results: dict, means: dict) -> None:
         tail = [f"{m['score']:.1f}", f"{m['bytes_fraction']:.4f}"] if m else ["infeasible", "-"]
         table.add_row(policy, f"{budget:g}", *scores, *tail)
     Console().print(table)
+    for line in plan_notes(results):
+        print(f"note: {line}")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -109,6 +109,7 @@ class _Tally:
     kv_bytes: list[int] = field(default_factory=list)
     full_bytes: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what plans said about themselves (Plan.note)
     extra: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
@@ -179,11 +180,14 @@ class Evaluator:
             tally = tallies[(policy, budget, task)]
             tally.extra["prefill_s"].append(seconds if self.policies[policy].stats_config().reconstruction else plain)
             try:
-                cache = captured.fork(self._plan(policy, budget, captured))
+                plan = self._plan(policy, budget, captured)
+                cache = captured.fork(plan)
             except InfeasibleBudget as exc:  # recorded, not fatal: the other budgets still run
                 tally.errors.append(str(exc))
                 self.progress()
                 continue
+            if plan.note:  # e.g. `learned` outside its trained range: the row is another rule's
+                tally.notes.append(plan.note)
             tally.kv_bytes.append(cache.nbytes())
             tally.full_bytes.append(cache.full_nbytes())
             yield tally, cache
@@ -237,6 +241,8 @@ class Evaluator:
                 record["sample_scores"] = [round(x, 4) for x in t.scores]
             if t.errors:
                 record["infeasible_samples"], record["error"] = len(t.errors), t.errors[0]
+            if t.notes:
+                record["noted_samples"], record["note"] = len(t.notes), t.notes[0]
             for key, values in t.extra.items():
                 record[key] = sum(values) / len(values)
             records.append(record)

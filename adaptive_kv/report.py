@@ -50,7 +50,24 @@ def summary_markdown(results: dict[str, Any]) -> str:
     best = best_per_budget(results)
     if best:
         lines += ["", "Best policy per budget (mean score): " + ", ".join(f"{b:g}: {p}" for b, p in best.items())]
+    notes = plan_notes(results)
+    if notes:
+        lines += ["", "Plans that say they were made by another rule:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def plan_notes(results: dict[str, Any]) -> list[str]:
+    """One line per (policy, budget) whose plans carried a note, e.g. `learned` outside its trained range."""
+    noted: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in results["records"]:
+        if r.get("noted_samples"):
+            noted.setdefault((r["policy"], r["budget"]), []).append(r)
+    lines = []
+    for (policy, budget), rows in sorted(noted.items(), key=lambda k: (k[0][0], -k[0][1])):
+        count = sum(r["noted_samples"] for r in rows)
+        total = sum(r["n_samples"] + r.get("infeasible_samples", 0) for r in rows)
+        lines.append(f"{policy} @ {budget:g}: {count} of {total} samples: {rows[0]['note']}")
+    return lines
 
 
 def _with_interval(record: dict[str, Any]) -> str:

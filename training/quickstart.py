@@ -19,6 +19,7 @@ from adaptive_kv.training.train import TrainConfig, run_train
 STATIC = ("kvzip", "hybrid", "kivi", "knorm", "tova:selection=shared")
 BUDGETS = (0.25, 0.125)
 TASKS = ("passkey", "fidelity")
+EVAL_LENGTH = 1024
 
 
 def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -> dict:
@@ -32,8 +33,9 @@ def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -
     out = Path(output)
     space = SearchSpace(hidden=(32, 64), layers=(2, 3), epochs=(30, 80), recent_window=(32,),
                         scorer=("reconstruction",), selection=("per_head",), grid=("global",))
+    # trained at the evaluation's length: a controller decides only near the lengths it was trained on
     train = TrainConfig(model=model, budgets=BUDGETS, trials=3, workers=2, output=str(out / "train"),
-                        study="quickstart", tasks=("passkey", "fidelity"), context_lengths=(512,),
+                        study="quickstart", tasks=("passkey", "fidelity"), context_lengths=(EVAL_LENGTH,),
                         train_per_task=2, valid_per_task=1, space=space)
     summary = run_train(train)
     trained = time.perf_counter() - start
@@ -42,8 +44,8 @@ def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -
     policies = (*STATIC, "learned", f"learned:path={summary['controller']}")
     results = {}
     for protocol in ("query_agnostic", "query_aware"):
-        config = EvalConfig(policies=policies, budgets=BUDGETS, tasks=TASKS, context_length=1024, samples=samples,
-                            protocol=protocol, seed=0, max_new_tokens=10)
+        config = EvalConfig(policies=policies, budgets=BUDGETS, tasks=TASKS, context_length=EVAL_LENGTH,
+                            samples=samples, protocol=protocol, seed=0, max_new_tokens=10)
         results[protocol] = Evaluator(model_obj, tokenizer, config, catalog=catalog, model_name=model).run()
         write_outputs(results[protocol], out / "eval" / protocol)
     _print_table(results, summary["controller"])
@@ -59,6 +61,8 @@ def run_quickstart(output: str, samples: int = 3, model: str = "smollm2-135m") -
 def _print_table(results: dict, new_controller: str) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from adaptive_kv.report import plan_notes
 
     table = Table(title="held-out samples (seed 0): score / real bytes fraction")
     table.add_column("policy")
@@ -76,3 +80,6 @@ def _print_table(results: dict, new_controller: str) -> None:
             cells.append("infeasible" if not scores else f"{sum(scores) / len(scores):.1f} / {sum(fraction) / len(fraction):.3f}")
         table.add_row(label, *cells)
     Console().print(table)
+    for protocol, result in results.items():
+        for line in plan_notes(result):
+            print(f"note ({protocol.replace('query_', '')}): {line}")

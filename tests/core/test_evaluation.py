@@ -218,3 +218,40 @@ def test_a_failed_write_leaves_the_previous_outputs_whole(llama_gqa, tiny_tokeni
         write_outputs({**results, "model": "other"}, tmp_path)
     assert {name: path.read_bytes() for name, path in paths.items()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png", "results.json", "summary.md"]
+
+
+def test_rows_made_by_another_rule_say_so(llama_gqa, tiny_tokenizer, tmp_path):
+    """`learned` outside its trained range plans as kvzip: its records carry the plan's note, and the
+    summary lists it; inside the range nothing is noted."""
+    import dataclasses
+
+    from adaptive_kv.plan import Layout
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
+    from adaptive_kv.report import plan_notes, summary_markdown
+    from adaptive_kv.stats import FEATURE_NAMES
+
+    torch.manual_seed(0)
+    config = ControllerConfig(
+        model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES, grid=option_grid(),
+        layout=Layout(sink_tokens=4, recent_window=16, group_size=16, scorer="snapkv", selection="per_head"),
+        layer_weights=(1.0, 1.0), hidden=16, layers=1,
+    )
+    network = config.build()
+    folders = {}
+    for name, (low, high) in {"inside": (240, 256), "outside": (2000, 2100)}.items():
+        ranged = dataclasses.replace(config, notes={"trained_range": dict(
+            min_length=low, max_length=high, min_budget=0.25, max_budget=0.5)})
+        folders[name] = save_controller(tmp_path / name, ranged, network)
+    specs = {name: f"learned:path={folder}" for name, folder in folders.items()}
+    eval_config = EvalConfig(policies=tuple(specs.values()), budgets=(0.5,), tasks=("fidelity",), context_length=256,
+                             samples=2)
+    results = Evaluator(llama_gqa, tiny_tokenizer, eval_config, catalog=catalog, model_name="tiny").run()
+    rows = {r["policy"]: r for r in results["records"]}
+    outside, inside = rows[specs["outside"]], rows[specs["inside"]]
+    assert outside["noted_samples"] == 2 and "outside the controller's range" in outside["note"]
+    assert "kvzip" in outside["note"]
+    assert "noted_samples" not in inside and "note" not in inside
+    (line,) = plan_notes(results)
+    assert line.startswith(f"{specs['outside']} @ 0.5: 2 of 2 samples: ")
+    assert line in summary_markdown(results)
