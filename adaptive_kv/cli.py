@@ -135,6 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate policies x budgets on offline tasks, sharing each prefill; write the reports."""
     from tqdm import tqdm
 
+    from adaptive_kv.eval_progress import PROGRESS_FILE
     from adaptive_kv.evaluation import EvalConfig, Evaluator
     from adaptive_kv.models import load_model
     from adaptive_kv.report import mean_by_policy_budget, write_outputs
@@ -152,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluator = Evaluator(model, tokenizer, config, catalog=catalog, model_name=args.model,
                           progress=lambda: bar.update(1))
     bar.total = len(evaluator.combos()) * config.samples * len(config.tasks)
-    results = evaluator.run()
+    results = evaluator.run(Path(args.output) / PROGRESS_FILE, resume=args.resume)
     bar.close()
     paths = write_outputs(results, Path(args.output))
     if args.mlflow:
@@ -199,7 +200,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("query_aware", "query_agnostic"), default="query_agnostic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=cli_args.positive, default=None, help="cap on each task's answer length")
-    p.add_argument("--output", default="outputs/eval", help="folder for results.json, summary.md, pareto.png")
+    p.add_argument("--output", default="outputs/eval",
+                   help="folder for results.json, summary.md, pareto.png and progress.json (the state after each sample)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/progress.json: its samples are kept (same settings; --samples may grow)")
     p.add_argument("--mlflow", action="store_true", help="also log the run to MLflow (needs the training extra)")
     p.add_argument("--json", action="store_true", help="print results.json on stdout")
     p.set_defaults(func=cmd_eval)

@@ -8,9 +8,11 @@ question is in the prompt; `query_agnostic` compresses the context alone, then a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
@@ -18,6 +20,7 @@ import torch
 from adaptive_kv.cache import CompressedCache
 from adaptive_kv.decode import decode
 from adaptive_kv.errors import InfeasibleBudget
+from adaptive_kv.eval_progress import identity_of, read_progress, write_progress
 from adaptive_kv.plan import Plan
 from adaptive_kv.prefill import Captured, capture, needs_of
 from adaptive_kv.tasks import TASKS, TaskSample, kl_divergence, make_samples, perplexity, score_sample, top1_agreement
@@ -112,6 +115,13 @@ class _Tally:
     notes: list[str] = field(default_factory=list)  # what plans said about themselves (Plan.note)
     extra: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"extra": dict(self.extra)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "_Tally":
+        return cls(**{**data, "extra": defaultdict(list, data["extra"])})
+
 
 class PolicyCatalog(Protocol):
     """Where policies come from by name (the `adaptive_kv.policies` package is one)."""
@@ -151,14 +161,38 @@ class Evaluator:
         c = self.config
         return {t: make_samples(t, self.tokenizer, c.context_length, c.samples, c.seed) for t in c.tasks}
 
-    def run(self) -> dict[str, Any]:
-        """Evaluate everything; returns the results.json dict (schema in docs/ARCHITECTURE.md)."""
+    def run(self, progress: Path | None = None, resume: bool = False) -> dict[str, Any]:
+        """Evaluate everything; returns the results.json dict (schema in docs/ARCHITECTURE.md).
+
+        With `progress`, the state after each sample is written there; `resume` continues from that
+        file's samples (same settings; the sample count may grow) instead of starting over.
+        """
         start = time.perf_counter()
         tallies: dict[tuple[str, float, str], _Tally] = defaultdict(_Tally)
+        done: list[tuple[str, int]] = []
+        spent = 0.0
+        if resume and progress is not None and progress.exists():
+            state = read_progress(progress, self._identity(), self.config.samples)
+            tallies.update({tuple(t["key"]): _Tally.from_json(t["tally"]) for t in state["tallies"]})
+            done, spent = [tuple(d) for d in state["done"]], state["seconds"]
         for task, samples in self.samples().items():
-            for sample in samples:
+            for index, sample in enumerate(samples):
+                if (task, index) in done:
+                    for _ in self.combos():
+                        self.progress()
+                    continue
                 self._run_sample(sample, tallies)
-        return self._results(tallies, time.perf_counter() - start)
+                done.append((task, index))
+                if progress is not None:
+                    write_progress(progress, self._identity(), done,
+                                   [(key, t.to_json()) for key, t in tallies.items()],
+                                   spent + time.perf_counter() - start)
+        return self._results(tallies, spent + time.perf_counter() - start)
+
+    def _identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the one it continues: every setting but the sample count."""
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "samples"}
+        return identity_of({"model": self.model_name, **settings})
 
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
         policy_obj = self.policies[policy]

@@ -3,7 +3,8 @@
 # training), budgets 1/8 to 1/64, learned vs kvzip vs kvzap vs hybrid (the best static policy without
 # reconstruction scores). Each task x protocol at one context length is one `adaptive-kv eval` run
 # sharing every prefill; results land in benchmarks/results/eval_range/ctx<CONTEXT>/ (resumable:
-# finished rows stay). A budget below what a policy can reach at that length is reported infeasible.
+# finished rows stay, a stopped row continues from its progress.json). A budget below what a policy
+# can reach at that length is reported infeasible.
 # Usage: bash benchmarks/range_figures.sh [SAMPLES] [CONTEXT] [PROTOCOLS] [TASKS...]
 #   e.g. bash benchmarks/range_figures.sh 20 2048 query_agnostic niah_single passkey
 # Environment: POLICIES, BUDGETS, MAX_NEW_TOKENS (the answer cap; generation stops earlier once an
@@ -24,6 +25,6 @@ for task in ${tasks[@]}; do
     [ -f "$out/results.json" ] && continue
     adaptive-kv eval --policies "$policies" --budgets "$budgets" --tasks "$task" \
       --context-length "$context" --samples "$samples" --protocol "$protocol" --seed 0 --max-new-tokens "$max_new_tokens" \
-      --output "$out"
+      --output "$out" --resume
   done
 done

@@ -1,6 +1,7 @@
 """Evaluation harness on a tiny model: schema, reports, shared prefills, CLI errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -255,3 +256,67 @@ def test_rows_made_by_another_rule_say_so(llama_gqa, tiny_tokenizer, tmp_path):
     (line,) = plan_notes(results)
     assert line.startswith(f"{specs['outside']} @ 0.5: 2 of 2 samples: ")
     assert line in summary_markdown(results)
+
+
+def _progress_config(**overrides) -> EvalConfig:
+    settings = dict(policies=("snapkv", "kivi"), budgets=(0.5,), tasks=("passkey", "fidelity"), context_length=256,
+                    samples=3, max_new_tokens=4)
+    return EvalConfig(**{**settings, **overrides})
+
+
+def test_a_stopped_run_resumes_and_grows_to_the_results_of_one_run(llama_gqa, tiny_tokenizer, tmp_path, monkeypatch):
+    def evaluator(samples: int) -> Evaluator:
+        return Evaluator(llama_gqa, tiny_tokenizer, _progress_config(samples=samples), catalog=catalog,
+                         model_name="tiny")
+
+    scores = lambda res: {(r["policy"], r["budget"], r["task"]): r["sample_scores"] for r in res["records"]}  # noqa: E731
+    whole = evaluator(3).run()
+    progress = tmp_path / "progress.json"
+    # stopped for real in the middle of the second task's first sample (a session ending, a kill)
+    stopped = evaluator(2)
+    real, calls = stopped._run_sample, []
+
+    def dies_on_the_third(sample, tallies):
+        calls.append(sample.task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(sample, tallies)
+
+    monkeypatch.setattr(stopped, "_run_sample", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(progress)
+    monkeypatch.undo()
+    resumed = evaluator(2)
+    prefills = []
+    monkeypatch.setattr(resumed, "_prefill", lambda ids: prefills.append(ids) or Evaluator._prefill(resumed, ids))
+    half = resumed.run(progress, resume=True)
+    assert len(prefills) == 2  # fidelity's two samples; passkey's came from the file
+    # grown to three samples: only the third of each task runs
+    grown = evaluator(3).run(progress, resume=True)
+    assert scores(grown) == scores(whole)
+    assert {k: v[:2] for k, v in scores(whole).items()} == scores(half)
+    assert all(r["n_samples"] == 3 for r in grown["records"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(budgets=(0.25,)), "budgets was [0.5], now [0.25]"),
+    (dict(seed=1), "seed was 0, now 1"),
+    (dict(samples=1), "samples must be >= 2"),
+])
+def test_resuming_with_other_settings_is_refused(llama_gqa, tiny_tokenizer, tmp_path, overrides, message):
+    progress = tmp_path / "progress.json"
+    Evaluator(llama_gqa, tiny_tokenizer, _progress_config(samples=2, tasks=("fidelity",)), catalog=catalog,
+              model_name="tiny").run(progress)
+    other = Evaluator(llama_gqa, tiny_tokenizer, _progress_config(tasks=("fidelity",), **{"samples": 2, **overrides}),
+                      catalog=catalog, model_name="tiny")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        other.run(progress, resume=True)
+
+
+def test_a_file_that_is_not_a_progress_file_is_refused_by_name(tmp_path):
+    from adaptive_kv.eval_progress import read_progress
+
+    path = tmp_path / "progress.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"cannot resume from {re.escape(str(path))}: not a progress file"):
+        read_progress(path, {"seed": 0}, samples=1)
