@@ -135,8 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate policies x budgets on offline tasks, sharing each prefill; write the reports."""
     from tqdm import tqdm
 
-    from adaptive_kv.eval_progress import PROGRESS_FILE
-    from adaptive_kv.evaluation import EvalConfig, Evaluator
+    from adaptive_kv.eval_progress import PROGRESS_FILE, read_progress
+    from adaptive_kv.evaluation import EvalConfig, Evaluator, run_identity
     from adaptive_kv.models import load_model
     from adaptive_kv.report import mean_by_policy_budget, write_outputs
 
@@ -148,12 +148,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # fail on bad names before the model loads (seconds) or anything is prefilled (minutes)
     config.validate(None, catalog.available_policies())
+    progress = Path(args.output) / PROGRESS_FILE
+    if args.resume and progress.exists():
+        read_progress(progress, run_identity(args.model, config), config.samples)
     model, tokenizer = load_model(args.model)
     bar = tqdm(total=0, desc="eval", unit="run", disable=args.json)
     evaluator = Evaluator(model, tokenizer, config, catalog=catalog, model_name=args.model,
                           progress=lambda: bar.update(1))
     bar.total = len(evaluator.combos()) * config.samples * len(config.tasks)
-    results = evaluator.run(Path(args.output) / PROGRESS_FILE, resume=args.resume)
+    results = evaluator.run(progress, resume=args.resume)
     bar.close()
     paths = write_outputs(results, Path(args.output))
     if args.mlflow:

@@ -73,6 +73,12 @@ PLANNINGS = ("end_of_prefill", "per_layer")
 BOOTSTRAP_RESAMPLES = 2000
 
 
+def run_identity(model_name: str, config: EvalConfig) -> dict[str, Any]:
+    """What a resumed run must share with the one it continues: every setting but the sample count."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "samples"}
+    return identity_of({"model": model_name, **settings})
+
+
 def bootstrap_interval(scores: list[float], level: float = 0.95, seed: int = 0) -> list[float]:
     """Percentile bootstrap interval [low, high] of the mean of `scores` (resampled with a fixed seed)."""
     values = torch.tensor(scores, dtype=torch.float64)
@@ -190,9 +196,7 @@ class Evaluator:
         return self._results(tallies, spent + time.perf_counter() - start)
 
     def _identity(self) -> dict[str, Any]:
-        """What a resumed run must share with the one it continues: every setting but the sample count."""
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "samples"}
-        return identity_of({"model": self.model_name, **settings})
+        return run_identity(self.model_name, self.config)
 
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
         policy_obj = self.policies[policy]

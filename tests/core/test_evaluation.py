@@ -320,3 +320,17 @@ def test_a_file_that_is_not_a_progress_file_is_refused_by_name(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match=f"cannot resume from {re.escape(str(path))}: not a progress file"):
         read_progress(path, {"seed": 0}, samples=1)
+
+
+def test_eval_cli_refuses_a_resume_with_other_settings_before_loading_the_model(tmp_path, capsys):
+    from adaptive_kv.eval_progress import write_progress
+    from adaptive_kv.evaluation import run_identity
+
+    missing = str(tmp_path / "no-model-here")  # loading it would fail with another message
+    made = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("passkey",), samples=2)
+    write_progress(tmp_path / "progress.json", run_identity(missing, made), [("passkey", 0)], [], 1.0)
+    argv = ["eval", "--model", missing, "--policies", "snapkv", "--tasks", "passkey", "--samples", "2",
+            "--output", str(tmp_path), "--resume"]
+    assert main([*argv, "--budgets", "0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "budgets was [0.5], now [0.25]" in err and len(err.splitlines()) == 1
