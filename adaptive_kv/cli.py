@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from adaptive_kv.eval_progress import PROGRESS_FILE, read_progress
-    from adaptive_kv.evaluation import EvalConfig, Evaluator, run_identity
+    from adaptive_kv.evaluation import EvalConfig, Evaluator, build_policies, run_identity
     from adaptive_kv.models import load_model
     from adaptive_kv.report import mean_by_policy_budget, write_outputs
 
@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config.validate(None, catalog.available_policies())
     progress = Path(args.output) / PROGRESS_FILE
     if args.resume and progress.exists():
-        read_progress(progress, run_identity(args.model, config), config.samples)
+        read_progress(progress, run_identity(args.model, config, build_policies(config, catalog)[0]), config.samples)
     model, tokenizer = load_model(args.model)
     bar = tqdm(total=0, desc="eval", unit="run", disable=args.json)
     evaluator = Evaluator(model, tokenizer, config, catalog=catalog, model_name=args.model,

@@ -73,10 +73,25 @@ PLANNINGS = ("end_of_prefill", "per_layer")
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def run_identity(model_name: str, config: EvalConfig) -> dict[str, Any]:
-    """What a resumed run must share with the one it continues: every setting but the sample count."""
+def run_identity(model_name: str, config: EvalConfig, policies: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the one it continues: every setting but the sample count,
+    and the weights of every trained policy (a controller retrained in the same folder is another policy)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "samples"}
-    return identity_of({"model": model_name, **settings})
+    weights = {spec: policy.weights_digest() for spec, policy in policies.items()}
+    return identity_of({"model": model_name, **settings,
+                        "policy_weights": {spec: d for spec, d in weights.items() if d is not None}})
+
+
+def build_policies(config: EvalConfig, catalog: "PolicyCatalog") -> tuple[dict[str, Any], dict[str, str]]:
+    """Each spec's policy (the full cache's too) and how its plan is made (`PLANNINGS`)."""
+    policies, planning = {}, {}
+    for spec in config.policies:
+        name, options = parse_policy_spec(spec)
+        planning[spec] = options.pop("planning", PLANNINGS[0])
+        policies[spec] = catalog.get_policy(name, **{**config.policy_options.get(spec, {}), **options})
+    if REFERENCE_POLICY not in policies:
+        policies[REFERENCE_POLICY] = catalog.get_policy(REFERENCE_POLICY)
+    return policies, planning
 
 
 def bootstrap_interval(scores: list[float], level: float = 0.95, seed: int = 0) -> list[float]:
@@ -142,16 +157,9 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, config: EvalConfig, *, catalog: PolicyCatalog, model_name: str,
                  progress: Callable | None = None):
-        get_policy = catalog.get_policy
         config.validate(getattr(model.config, "max_position_embeddings", None), catalog.available_policies())
         self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
-        self.policies, self.planning = {}, {}
-        for spec in config.policies:
-            name, options = parse_policy_spec(spec)
-            self.planning[spec] = options.pop("planning", PLANNINGS[0])
-            self.policies[spec] = get_policy(name, **{**config.policy_options.get(spec, {}), **options})
-        if REFERENCE_POLICY not in self.policies:
-            self.policies[REFERENCE_POLICY] = get_policy(REFERENCE_POLICY)
+        self.policies, self.planning = build_policies(config, catalog)
         self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
         self.progress = progress or (lambda: None)
         # one prefill serves every policy: it reads what all of them need (one reconstruction pass at most)
@@ -196,7 +204,7 @@ class Evaluator:
         return self._results(tallies, spent + time.perf_counter() - start)
 
     def _identity(self) -> dict[str, Any]:
-        return run_identity(self.model_name, self.config)
+        return run_identity(self.model_name, self.config, self.policies)
 
     def _plan(self, policy: str, budget: float, cache: CompressedCache) -> Plan:
         policy_obj = self.policies[policy]

@@ -62,6 +62,11 @@ class Policy:
                       scorer=scorer, selection=self.selection)
         return Layout(**{**fields, **overrides})
 
+    def weights_digest(self) -> str | None:
+        """A digest of the learned weights this policy plans with (None: it has none), so a record of
+        its results can tell one trained policy from another under the same name."""
+        return None
+
     def stats_config(self) -> StatsConfig:
         """What the cache must read during prefill for this policy (give it to `CompressedCache`)."""
         reconstruction = getattr(self, "scorer", None) == "reconstruction"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,6 +326,18 @@ class Learned(Policy):
     def _layout(self) -> Layout:
         """`layout()` built once: both halves of a decision read it."""
         return self.layout()
+
+    def weights_digest(self) -> str:
+        """sha256 of the controller's config and weights and of the predictor it reads, if any."""
+        described = {"config": self.config.to_json(), "reconstruction": self.reconstruction}
+        digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+        tensors = dict(self.net.state_dict())
+        if self.predictor is not None:
+            tensors.update({f"predictor.{k}": v for k, v in self.predictor.weights.items()})
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @functools.cached_property
     def _trained_range(self) -> TrainedRange | None:

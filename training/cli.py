@@ -28,8 +28,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=cli_args.csv, default=None, help="calibration task mix (comma-separated)")
     p.add_argument("--context-lengths", "--context-length", type=cli_args.csv_ints, default=None,
                    help="calibration context lengths in tokens, comma-separated (default 1024): the lengths the "
-                        "controller is trained for (beyond half the shortest or twice the longest it plans with kvzip's "
-                        "allocation)")
+                        "controller is trained for (outside them, past a small margin, `learned` plans with kvzip's "
+                        "allocation and says so in the plan's note)")
     p.add_argument("--train-per-task", type=cli_args.positive, default=None, help="calibration samples per task")
     p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="validation samples per task")
     p.add_argument("--space", choices=("network", "selection", "full"), default=None,

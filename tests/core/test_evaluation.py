@@ -1,5 +1,6 @@
 """Evaluation harness on a tiny model: schema, reports, shared prefills, CLI errors."""
 
+import dataclasses
 import json
 import re
 
@@ -324,13 +325,47 @@ def test_a_file_that_is_not_a_progress_file_is_refused_by_name(tmp_path):
 
 def test_eval_cli_refuses_a_resume_with_other_settings_before_loading_the_model(tmp_path, capsys):
     from adaptive_kv.eval_progress import write_progress
-    from adaptive_kv.evaluation import run_identity
+    from adaptive_kv.evaluation import build_policies, run_identity
 
     missing = str(tmp_path / "no-model-here")  # loading it would fail with another message
     made = EvalConfig(policies=("snapkv",), budgets=(0.5,), tasks=("passkey",), samples=2)
-    write_progress(tmp_path / "progress.json", run_identity(missing, made), [("passkey", 0)], [], 1.0)
+    identity = run_identity(missing, made, build_policies(made, catalog)[0])
+    write_progress(tmp_path / "progress.json", identity, [("passkey", 0)], [], 1.0)
     argv = ["eval", "--model", missing, "--policies", "snapkv", "--tasks", "passkey", "--samples", "2",
             "--output", str(tmp_path), "--resume"]
     assert main([*argv, "--budgets", "0.25"]) == 2
     err = capsys.readouterr().err.strip()
     assert "budgets was [0.5], now [0.25]" in err and len(err.splitlines()) == 1
+
+
+def _save_tiny_controller(folder, seed: int):
+    """A random controller for llama_gqa's shape (2 layers x 2 KV heads, head_dim 16) in `folder`."""
+    from adaptive_kv.plan import Layout
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
+    from adaptive_kv.stats import FEATURE_NAMES
+
+    torch.manual_seed(seed)
+    config = ControllerConfig(
+        model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES, grid=option_grid(),
+        layout=Layout(sink_tokens=4, recent_window=32, group_size=32, scorer="snapkv", selection="per_head"),
+        layer_weights=(1.0, 1.0), hidden=16, layers=1)
+    save_controller(folder, config, config.build())
+
+
+def test_a_controller_retrained_in_the_same_folder_cannot_resume_the_other_ones_run(llama_gqa, tiny_tokenizer,
+                                                                                    tmp_path):
+    folder, progress = tmp_path / "controller", tmp_path / "run" / "progress.json"
+    config = _progress_config(policies=(f"learned:path={folder}",), tasks=("fidelity",), samples=1)
+
+    def evaluator(samples: int) -> Evaluator:
+        return Evaluator(llama_gqa, tiny_tokenizer, dataclasses.replace(config, samples=samples), catalog=catalog,
+                         model_name="tiny")
+
+    _save_tiny_controller(folder, seed=0)
+    evaluator(1).run(progress)
+    _save_tiny_controller(folder, seed=0)  # written again, the same weights: the run continues
+    evaluator(2).run(progress, resume=True)
+    _save_tiny_controller(folder, seed=1)  # retrained: its samples would mix with the other's in one row
+    with pytest.raises(ValueError, match=re.escape("cannot resume from") + ".*policy_weights was"):
+        evaluator(3).run(progress, resume=True)
