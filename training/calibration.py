@@ -25,7 +25,8 @@ DEFAULT_MIX: tuple[str, ...] = ("passkey", "niah_single", "niah_multikey", "vari
 @dataclass(frozen=True)
 class CalibrationRequest:
     """One request: context ids, ids that follow, how many of them are the answer (0 = natural text), and
-    the context length its sample was made for (several lengths train one controller)."""
+    the context length its sample was made for (several lengths train one controller). A task request
+    also carries what `eval` scores a generated answer with: the answers, the metric and the token cap."""
 
     task: str
     protocol: str
@@ -35,6 +36,9 @@ class CalibrationRequest:
     seed: int
     index: int
     length: int
+    answers: tuple[str, ...] = ()
+    metric: str = "none"
+    max_new_tokens: int = 0
 
     @property
     def key(self) -> str:
@@ -65,7 +69,8 @@ def make_requests(tokenizer, *, tasks: tuple[str, ...], context_length: int, per
                     context, follow = sample.context_ids, sample.question_ids + answer
                 else:
                     context, follow = sample.prompt_ids, answer
-                out.append(CalibrationRequest(task, protocol, context, follow, len(answer), seed, index, context_length))
+                out.append(CalibrationRequest(task, protocol, context, follow, len(answer), seed, index, context_length,
+                                              sample.answers, sample.metric, sample.max_new_tokens))
     return out
 
 

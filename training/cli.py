@@ -42,6 +42,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reconstruction", choices=("exact", "predicted"), default=None,
                    help="train the controller on exact reconstruction scores (default) or on the scorer's "
                         "predictions (no second pass at serving; needs --scorer or --fit-scorer)")
+    p.add_argument("--objective", choices=("likelihood", "generated"), default=None,
+                   help="how validation requests score a controller: the reference answer's likelihood relative "
+                        "to the full cache (default), or the answer generated from the compressed cache, "
+                        "scored as eval scores it")
     p.add_argument("--no-register", action="store_true", help="do not register the best controller")
     p.add_argument("--force", action="store_true", help="move @champion to the new controller even when it does "
                                                         "not beat the current champion on the validation requests")
@@ -59,7 +63,8 @@ def train_config(args: argparse.Namespace):
                  output=args.output, tasks=args.tasks, context_lengths=args.context_lengths,
                  train_per_task=args.train_per_task, valid_per_task=args.valid_per_task, register=not args.no_register,
                  force_champion=args.force or None,
-                 scorer=args.scorer, fit_scorer=args.fit_scorer or None, reconstruction=args.reconstruction)
+                 scorer=args.scorer, fit_scorer=args.fit_scorer or None, reconstruction=args.reconstruction,
+                 objective=args.objective)
     given = {k: v for k, v in given.items() if v is not None}
     if args.space is not None:
         from adaptive_kv.training.search import SearchSpace

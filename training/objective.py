@@ -7,8 +7,13 @@ mean over answer tokens of log p_compressed - log p_full)): 100 when compression
 nothing, falling as the answer becomes less likely. Unlike "every answer token is the top choice",
 this separates plans even where the uncompressed model misses the exact answer (most 1k NIAH
 answers for a 135M model), so NIAH and variable tracking weigh in the search beside passkey.
-Natural text scores the top-1 agreement with the uncompressed cache. No Ray, Optuna or MLflow
-here (STYLE.md point 10).
+Natural text scores the top-1 agreement with the uncompressed cache.
+
+The `generated` objective scores a task request as `eval` does instead: the answer generated greedily
+from the compressed cache (the question fed after compression under query_agnostic), scored by the
+task's metric. The likelihood ratio saturates near 100 where generated answers still differ (a plan
+that loses the needle may keep its answer likely under teacher forcing); the generated score is the
+figure users read, coarser per request. No Ray, Optuna or MLflow here.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from adaptive_kv.cache import CompressedCache
+from adaptive_kv.decode import decode
 from adaptive_kv.model_identity import ModelIdentity
 from adaptive_kv.plan import Layout, Plan
 from adaptive_kv.policies.controller.files import ControllerConfig
@@ -29,6 +35,7 @@ from adaptive_kv.predicted_reconstruction import load_predictor
 from adaptive_kv.policies.controller.options import DEFAULT_BITS, DEFAULT_KEEPS, option_grid
 from adaptive_kv.policies.controller.trained_range import TrainedRange
 from adaptive_kv.stats import FEATURE_NAMES, GLOBAL_SHARE_FRACTIONS, RECONSTRUCTION_FEATURES, StatsConfig
+from adaptive_kv.tasks.scoring import METRICS
 from adaptive_kv.training.calibration import CalibrationRequest
 from adaptive_kv.training.fit import FitConfig, fit
 from adaptive_kv.training.labels import LabelTarget, RequestLabels, capture_reading
@@ -41,6 +48,11 @@ GRIDS: dict[str, tuple] = {
     # the default grid plus a global allocation's keeps (KVzip's per-head counts) at every bit pair
     "global": (DEFAULT_KEEPS, DEFAULT_BITS, GLOBAL_SHARE_FRACTIONS, DEFAULT_BITS),
 }
+# how a validation task request is scored (module docstring); natural text is top-1 agreement under both
+OBJECTIVES = ("likelihood", "generated")
+# new tokens a generated validation answer may take (the answers are a few tokens; `eval`'s range rows
+# cap at 12-32): a wrong answer runs to the cap, a right one stops when it is complete
+GENERATED_TOKENS_CAP = 32
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,12 @@ class TrialConfig:
     # `scorer_path` (the controller then decides without a second pass)
     reconstruction: str = "exact"
     scorer_path: str | None = None
+    # what the validation score (the search's objective) measures; fixed by the training, not searched
+    objective: str = "likelihood"
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {self.grid!r}")
         self.label_target()  # validates label_rows and label_error
@@ -177,8 +193,35 @@ def score_plan(model, item: ValidationItem, plan: Plan) -> float:
     return answer_score(compressed, answer_log_likelihood(item.last_logits, item.reference, follow[0], count))
 
 
-def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budgets: tuple[float, ...]) -> dict[str, Any]:
+@torch.inference_mode()
+def generated_score(model, tokenizer, item: ValidationItem, plan: Plan) -> float:
+    """The greedy answer from one plan's cache scored by the task's metric (0-100), as `eval` scores
+    it; natural text (no answer) is scored by `score_plan`."""
+    request = item.request
+    if request.answer_tokens == 0:
+        return score_plan(model, item, plan)
+    cache = item.captured.fork(plan)
+    first = item.last_logits
+    question = request.follow_ids[:-request.answer_tokens]
+    if question:  # query_agnostic: the question arrives after compression
+        first = model(torch.tensor([list(question)], device=model.device), cache=cache).logits[:, -1]
+    metric = METRICS[request.metric]
+
+    def score(tokens: list[int]) -> float:
+        return metric(tokenizer.decode(tokens, skip_special_tokens=True), request.answers)
+
+    eos = {t for t in [tokenizer.eos_token_id] if t is not None}
+    limit = min(request.max_new_tokens, GENERATED_TOKENS_CAP)
+    # containment scores cannot drop when more text follows: stop once the answer is complete
+    tokens = decode(model, cache, first, limit, eos=eos, on_token=lambda toks: score(toks) >= 100).tokens
+    return score(tokens)
+
+
+def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budgets: tuple[float, ...],
+                    objective: str = "likelihood", tokenizer=None) -> dict[str, Any]:
     """Scores of `plan_for(stats, budget)` per budget and task, plus real byte fractions.
+
+    `objective` says how a task request is scored (`OBJECTIVES`; "generated" needs `tokenizer`).
 
     `score` (the search objective) counts a request whose budget is below the policy's reach as 0, so
     the search prefers controllers that always plan. The reported means leave such requests out:
@@ -186,8 +229,12 @@ def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budg
     infeasible budget), and `infeasible[b]` counts them. `samples` / `sample_bytes` hold each feasible
     request's score and byte fraction per "task/budget" key (intervals of the summary table).
     """
-    out: dict[str, Any] = {"by_budget": {}, "by_task": {}, "bytes_fraction": {}, "infeasible": {},
-                           "samples": {}, "sample_bytes": {}}
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "generated" and tokenizer is None:
+        raise ValueError("objective 'generated' decodes answers to text: give the tokenizer")
+    out: dict[str, Any] = {"objective": objective, "by_budget": {}, "by_task": {}, "bytes_fraction": {},
+                           "infeasible": {}, "samples": {}, "sample_bytes": {}}
     objective = []
     for budget in budgets:
         scores, fractions, infeasible = [], [], 0
@@ -197,7 +244,8 @@ def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budg
             except ValueError:  # below this policy's reach
                 infeasible += 1
                 continue
-            score = score_plan(model, item, plan)
+            score = (score_plan(model, item, plan) if objective == "likelihood"
+                     else generated_score(model, tokenizer, item, plan))
             scores.append(score)
             shape = item.captured.stats
             seq_len, head_dim, itemsize = shape.seq_len, shape.head_dim, shape.dtype_bytes
@@ -216,7 +264,7 @@ def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budg
 
 def run_trial(model, trial: TrialConfig, train: list[RequestLabels], valid: list[RequestLabels],
               items: list[ValidationItem], budgets: tuple[float, ...], *, model_name: str = "",
-              on_epoch: Callable | None = None) -> tuple[ControllerConfig, Any, dict[str, Any]]:
+              on_epoch: Callable | None = None, tokenizer=None) -> tuple[ControllerConfig, Any, dict[str, Any]]:
     """Fit a controller for `trial` and score it end to end. Returns (config, net, metrics)."""
     config = controller_config(trial, model, model_name)
     # the lengths and budgets it learns from: outside them `learned` plans with kvzip's allocation
@@ -224,6 +272,6 @@ def run_trial(model, trial: TrialConfig, train: list[RequestLabels], valid: list
     config = dataclasses.replace(config, notes={**config.notes, "trained_range": trained.to_notes()})
     net, fit_metrics = fit(config, trial.fit, train, valid, on_epoch)
     policy = Learned.from_parts(config, net)
-    result = evaluate_policy(model, items, policy.plan, budgets)
+    result = evaluate_policy(model, items, policy.plan, budgets, trial.objective, tokenizer)
     result.update(fit_metrics)
     return config, net, result

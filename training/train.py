@@ -12,6 +12,7 @@ from typing import Any
 from adaptive_kv.model_identity import ModelIdentity
 from adaptive_kv.training import atomic, trial_runs
 from adaptive_kv.training.calibration import DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, make_split
+from adaptive_kv.training.objective import OBJECTIVES
 from adaptive_kv.training.search import SearchSpace
 
 STATIC_BASELINES: dict[str, dict] = {
@@ -62,6 +63,9 @@ class TrainConfig:
     # what the controller reads its reconstruction features from: "exact" (the second pass) or
     # "predicted" (the shipped scorer, no second pass; needs scorer or fit_scorer)
     reconstruction: str = "exact"
+    # how validation requests score a controller (`objective.OBJECTIVES`): the answer's likelihood
+    # relative to the full cache, or the answer generated from the compressed cache as `eval` scores it
+    objective: str = "likelihood"
 
     def __post_init__(self) -> None:
         for b in self.budgets:
@@ -77,6 +81,8 @@ class TrainConfig:
                              f"got {lengths}")
         if self.scorer is not None and self.fit_scorer:
             raise ValueError("give scorer (a fitted scorer's folder) or fit_scorer, not both")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.reconstruction not in ("exact", "predicted"):
             raise ValueError(f"reconstruction must be 'exact' or 'predicted', got {self.reconstruction!r}")
         if self.reconstruction == "predicted" and self.scorer is None and not self.fit_scorer:
@@ -458,7 +464,8 @@ class _Pipeline:
         return atomic.write_folder(self.out / "trials" / str(number), fill)  # a killed run leaves no half folder
 
     def _reading(self, trial_config):
-        """The trial with this training's reconstruction source."""
+        """The trial with this training's reconstruction source and validation objective."""
+        trial_config = replace(trial_config, objective=self.config.objective)
         if self.config.reconstruction == "exact":
             return trial_config
         return replace(trial_config, reconstruction="predicted", scorer_path=str(Path(self.config.scorer).resolve()))
@@ -488,7 +495,8 @@ class _Pipeline:
         source = self.out / "trials" / str(best.number)
         target = self._save_controller(best)
         config, net = load_controller(target)
-        trial_config = TrialConfig(**config.layout.keywords())
+        # static policies read exact scores (their own); scored with this training's objective
+        trial_config = TrialConfig(**config.layout.keywords(), objective=self.config.objective)
         worker = self.pool.any_worker()
         baselines = self.ray.get(worker.baselines.remote(STATIC_BASELINES, self.valid_requests, trial_config,
                                                          self.config.budgets))

@@ -66,7 +66,7 @@ class TrainingWorker:
             send_tick(progress, row[0])
 
         config, net, metrics = run_trial(self.model, trial, train, valid, self._items(requests, trial), budgets,
-                                         model_name=self.model_name, on_epoch=on_epoch)
+                                         model_name=self.model_name, on_epoch=on_epoch, tokenizer=self.tokenizer)
         state = {k: v.clone() for k, v in net.state_dict().items()}
         return {"config": config.to_json(), "state": state, "metrics": metrics, "history": history}
 
@@ -78,7 +78,8 @@ class TrainingWorker:
         out = {}
         for label, options in policies.items():
             policy = get_policy(options["name"], **options.get("options", {}))
-            out[label] = evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets)
+            out[label] = evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets,
+                                         trial.objective, self.tokenizer)
         return out
 
     def score_controller(self, files: dict[str, bytes], requests: list[CalibrationRequest], trial: TrialConfig,
@@ -94,7 +95,8 @@ class TrainingWorker:
                 (Path(folder) / name).write_bytes(data)
             policy = get_policy("learned", path=folder)
             policy.check_model(self.model.config)  # another model's controller cannot be scored: it is refused
-            return evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets)
+            return evaluate_policy(self.model, self._items(requests, trial), policy.plan, budgets, trial.objective,
+                                   self.tokenizer)
 
     def plans(self, config_json: dict, state: dict, requests: list[CalibrationRequest], trial: TrialConfig,
               budget: float) -> dict[str, str]:

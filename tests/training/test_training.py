@@ -151,6 +151,46 @@ def test_validation_answer_score_equals_a_direct_computation():
     assert want < 99.9  # the plan really costs the answer something
 
 
+@pytest.mark.parametrize("protocol", ["query_agnostic", "query_aware"])
+def test_generated_validation_score_reads_the_answer_the_model_generates(tiny_tokenizer, protocol):
+    """The `generated` objective scores the greedy answer as `eval` does: with the full plan it finds the
+    text a plain greedy loop (no cache, no compression) generates after context + question, and not
+    an answer the model does not give."""
+    import dataclasses
+
+    from adaptive_kv.training.objective import evaluate_policy, generated_score, prepare_validation
+
+    model = build_tiny_model("llama_gqa")
+    ids = torch.randint(0, 1000, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    question, steps = [7, 8, 9, 10], 6
+    greedy = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([ids + question + greedy])).logits[0, -1].argmax())
+            if token == tiny_tokenizer.eos_token_id:
+                break
+            greedy.append(token)
+    said = tiny_tokenizer.decode(greedy, skip_special_tokens=True).strip()
+    assert said, "the tiny model's greedy text is empty: pick another seed"
+    answer = (11, 12)  # teacher-forced ids: the generated score never reads them
+    if protocol == "query_agnostic":
+        context, follow = ids, question + list(answer)
+    else:
+        context, follow = ids + question, list(answer)
+    request = CalibrationRequest("niah_single", protocol, tuple(context), tuple(follow), len(answer), 20_000, 0,
+                                 len(ids), answers=(said,), metric="string_match_all", max_new_tokens=steps)
+    items = prepare_validation(model, tiny_tokenizer, [request], StatsConfig(sink_tokens=4, group_size=16),
+                               Layout(**LAYOUT))
+    full = Plan.full(2, 2, **LAYOUT)
+    assert generated_score(model, tiny_tokenizer, items[0], full) == 100.0
+    other = dataclasses.replace(items[0], request=dataclasses.replace(request, answers=("never said",)))
+    assert generated_score(model, tiny_tokenizer, other, full) == 0.0
+    result = evaluate_policy(model, [items[0], other], lambda stats, budget: full, (1.0,), "generated", tiny_tokenizer)
+    assert result["objective"] == "generated" and result["by_budget"][1.0] == 50.0
+    with pytest.raises(ValueError, match="give the tokenizer"):
+        evaluate_policy(model, items, lambda stats, budget: full, (1.0,), "generated")
+
+
 @pytest.mark.parametrize("name", ["network", "selection", "full", "smoke"])
 def test_named_search_spaces_suggest_valid_trials(name):
     """Every named space yields TrialConfigs from a real Optuna trial; a knob with several
@@ -222,9 +262,10 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
 
     # the controller is trained on the predictions of a scorer fitted first, on the same workers and MLflow
     # smoke_test=False: a smoke run never registers, and this one checks the registration
-    # requests at two lengths: the range the controller records spans them, and the search weighs them
+    # requests at two lengths: the range the controller records spans them, and the search weighs them;
+    # validation scores generated answers (the likelihood objective is the unit tests')
     summary = run_train(_config(tiny_model_dir, tmp_path, fit_scorer=True, reconstruction="predicted", smoke_test=False,
-                                context_lengths=(160, 240)), log=lambda *a: None)
+                                context_lengths=(160, 240), objective="generated"), log=lambda *a: None)
     scorer = tmp_path / "scorer_step" / "scorer"  # the scorer step ran first, on the same workers and MLflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -236,6 +277,9 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     assert len(children) == 2 and all("score" in c.data.metrics and any(m.startswith("train_loss/") for m in c.data.metrics)
                                       for c in children)
     assert {c.data.params["reconstruction"] for c in children} == {"predicted"}
+    assert {c.data.params["objective"] for c in children} == {"generated"}
+    scored = json.loads((tmp_path / "figures" / "validation_scores.json").read_text())
+    assert {result["objective"] for result in scored.values()} == {"generated"}  # the baselines' too
     assert all(-1.0 <= float(c.data.params["length_weight"]) <= 1.0 for c in children)
     assert len({c.data.params["length_weight"] for c in children}) == 2  # searched, not fixed
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
