@@ -6,6 +6,8 @@ reconstruction pass. Both kinds are fitted on growing shares of the training req
 data the scorer needs), and the kind with the best held-out Spearman correlation on all of them
 is saved as `OUTPUT/scorer` (scorer.json + scorer.safetensors), with the metrics in MLflow: per
 layer as a metric stepped by layer index, the learning curve stepped by training requests.
+Each example is kept in `OUTPUT/examples` as soon as it is made (`example_cache`): a stopped
+collection resumes, and a rerun with more lengths or contexts computes only the new ones.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_kv.model_identity import ModelIdentity
+from adaptive_kv.training import example_cache, label_cache
 from adaptive_kv.training.calibration import DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, make_split
 from adaptive_kv.training.scorer import KINDS, FitOptions
 
@@ -74,14 +77,16 @@ def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(config.model)
     base_model = ModelIdentity.of(model.config, config.model)  # recorded in the scorer: refused on other models
+    model_sha = label_cache.model_digest(model)  # the example cache's key reads the weights themselves
     del model
     train_requests, valid_requests = config.requests(tokenizer)
     owns_ray = not _ray.is_initialized()
     ray = search.start_ray(config.ray_address, config.workers)
     workers = search.make_workers(ray, config.model, config.workers)
     try:
-        train = _examples(ray, workers, train_requests, config.sample_tokens, log)
-        valid = _examples(ray, workers, valid_requests, config.valid_tokens, log)
+        cache = _ExampleCache(out / "examples", model_sha)
+        train = _examples(ray, workers, train_requests, config.sample_tokens, cache)
+        valid = _examples(ray, workers, valid_requests, config.valid_tokens, cache)
         shape = ray.get(workers[0].predictor_shape.remote())
     finally:
         for worker in workers:
@@ -102,7 +107,8 @@ def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
             "kind": chosen, "scorer": str(folder.resolve()), "run_id": run.info.run_id, "tracking_uri": uri,
             "ui": tracking.ui_command(uri), "train_requests": len(train), "valid_requests": len(valid),
             "by_kind": {k: {key: v for key, v in r.items() if key != "predictor"} for k, r in results.items()},
-            "collect_s": round(collect_s, 1), "wall_time_s": round(time.perf_counter() - start, 1),
+            "collect_s": round(collect_s, 1), "examples_reused": cache.reused,
+            "wall_time_s": round(time.perf_counter() - start, 1),
         }
         mlflow.log_dict(summary, "summary.json")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -110,12 +116,34 @@ def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
     return summary
 
 
-def _examples(ray, workers, requests, sample_tokens: int, log) -> list:
-    """Every request's example, computed over the workers one request per task."""
+@dataclass
+class _ExampleCache:
+    """Where examples are kept between runs (`example_cache`), and how many this run read from there."""
+
+    folder: Path
+    model_sha: str
+    reused: int = 0
+
+
+def _examples(ray, workers, requests, sample_tokens: int, cache: _ExampleCache) -> list:
+    """Every request's example: read from the cache where it is there, else computed over the workers (one
+    request per task) and stored as soon as it is done, so a stopped run keeps every example it finished."""
     from tqdm import tqdm
 
-    futures = [workers[i % len(workers)].scorer_example.remote(r, sample_tokens, i) for i, r in enumerate(requests)]
-    return [ray.get(f) for f in tqdm(futures, desc="scorer examples", unit="request")]
+    keys = [example_cache.example_key(cache.model_sha, r, sample_tokens, i) for i, r in enumerate(requests)]
+    out = [example_cache.load(cache.folder, key, r.key) for key, r in zip(keys, requests)]
+    missing = [i for i, example in enumerate(out) if example is None]
+    cache.reused += len(requests) - len(missing)
+    pending = {workers[n % len(workers)].scorer_example.remote(requests[i], sample_tokens, i): i
+               for n, i in enumerate(missing)}
+    with tqdm(total=len(requests), initial=len(requests) - len(missing), desc="scorer examples", unit="request") as bar:
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done)
+            out[index] = ray.get(done)
+            example_cache.store(cache.folder, keys[index], out[index])
+            bar.update(1)
+    return out
 
 
 def _fit_all(config: ScorerTrainConfig, shape, train: list, valid: list) -> tuple[str, dict[str, Any]]:

@@ -335,6 +335,40 @@ def test_train_smoke_end_to_end(tiny_model_dir, tmp_path, ray_local, monkeypatch
     assert Plan.from_json(out["plan"][0]).heads == policy.plan(predicted, 0.3).heads
 
 
+def test_scorer_examples_are_kept_and_a_grown_run_computes_only_what_it_lacks(tiny_model_dir, tmp_path, ray_local):
+    """`train-scorer` keeps each example as it is made: a rerun with another length reads the old ones
+    back (a damaged file is made again) and computes only the new length's."""
+    from transformers import AutoTokenizer
+
+    from adaptive_kv.models import load_model
+    from adaptive_kv.training import example_cache
+    from adaptive_kv.training.label_cache import model_digest
+    from adaptive_kv.training.scorer import collect_example
+    from adaptive_kv.training.scorer_train import ScorerTrainConfig, run_train_scorer
+
+    common = dict(model=str(tiny_model_dir), tasks=("passkey", "fidelity"), train_per_task=1, valid_per_task=1,
+                  sample_tokens=48, valid_tokens=64, kinds=("linear",), fractions=(1.0,), workers=2,
+                  output=str(tmp_path / "scorer"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    first = run_train_scorer(ScorerTrainConfig(**common, context_lengths=(160,)), log=lambda *a: None)
+    folder = tmp_path / "scorer" / "examples"
+    made = {p: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+    assert first["examples_reused"] == 0 and len(made) == first["train_requests"] + first["valid_requests"] == 4
+    # a cached example is the one a direct computation gives for that request, tokens drawn alike
+    model, tokenizer = load_model(str(tiny_model_dir))
+    train, _ = ScorerTrainConfig(**common, context_lengths=(160,)).requests(AutoTokenizer.from_pretrained(tiny_model_dir))
+    key = example_cache.example_key(model_digest(model), train[1], 48, 1)
+    direct = collect_example(model, tokenizer, train[1].context_ids, train[1].key, sample_tokens=48, seed=1)
+    cached = example_cache.load(folder, key, train[1].key)
+    assert torch.equal(cached.inputs, direct.inputs) and torch.equal(cached.targets, direct.targets)
+    damaged = sorted(made)[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    grown = run_train_scorer(ScorerTrainConfig(**common, context_lengths=(160, 240)), log=lambda *a: None)
+    assert grown["examples_reused"] == 3 and grown["train_requests"] + grown["valid_requests"] == 8
+    now = {p: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+    assert len(now) == 8 and [p for p in made if now[p] != made[p]] == [damaged]
+    assert not list(folder.glob(".partial-*"))
+
+
 def test_interrupted_study_resumes_without_losing_or_repeating_trials(tiny_model_dir, tmp_path, ray_local):
     import optuna
     from optuna.trial import TrialState
