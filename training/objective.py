@@ -205,6 +205,10 @@ def generated_score(model, tokenizer, item: ValidationItem, plan: Plan) -> float
     question = request.follow_ids[:-request.answer_tokens]
     if question:  # query_agnostic: the question arrives after compression
         first = model(torch.tensor([list(question)], device=model.device), cache=cache).logits[:, -1]
+    if request.metric not in METRICS or not request.answers or request.max_new_tokens < 1:
+        raise ValueError(f"request {request.key} cannot be scored on a generated answer: it needs answers, a metric "
+                         f"in {sorted(METRICS)} and max_new_tokens >= 1 (got {request.answers!r}, {request.metric!r}, "
+                         f"{request.max_new_tokens})")
     metric = METRICS[request.metric]
 
     def score(tokens: list[int]) -> float:

@@ -189,6 +189,9 @@ def test_generated_validation_score_reads_the_answer_the_model_generates(tiny_to
     assert result["objective"] == "generated" and result["by_budget"][1.0] == 50.0
     with pytest.raises(ValueError, match="give the tokenizer"):
         evaluate_policy(model, items, lambda stats, budget: full, (1.0,), "generated")
+    bare = dataclasses.replace(items[0], request=dataclasses.replace(request, answers=(), metric="none"))
+    with pytest.raises(ValueError, match="cannot be scored on a generated answer: it needs answers"):
+        generated_score(model, tiny_tokenizer, bare, full)
 
 
 @pytest.mark.parametrize("name", ["network", "selection", "full", "smoke"])
