@@ -239,7 +239,7 @@ def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budg
         raise ValueError("objective 'generated' decodes answers to text: give the tokenizer")
     out: dict[str, Any] = {"objective": objective, "by_budget": {}, "by_task": {}, "bytes_fraction": {},
                            "infeasible": {}, "samples": {}, "sample_bytes": {}}
-    objective = []
+    per_budget = []
     for budget in budgets:
         scores, fractions, infeasible = [], [], 0
         for item in items:
@@ -260,9 +260,9 @@ def evaluate_policy(model, items: list[ValidationItem], plan_for: Callable, budg
         out["by_budget"][budget] = sum(scores) / len(scores) if scores else None
         out["bytes_fraction"][budget] = sum(fractions) / len(fractions) if fractions else None
         out["infeasible"][budget] = infeasible
-        objective.append(sum(scores) / len(items))
+        per_budget.append(sum(scores) / len(items))
     out["by_task"] = {k: sum(v) / len(v) for k, v in out["samples"].items()}
-    out["score"] = sum(objective) / len(budgets)
+    out["score"] = sum(per_budget) / len(budgets)
     return out
 
 

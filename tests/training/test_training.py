@@ -158,7 +158,7 @@ def test_generated_validation_score_reads_the_answer_the_model_generates(tiny_to
     an answer the model does not give."""
     import dataclasses
 
-    from adaptive_kv.training.objective import evaluate_policy, generated_score, prepare_validation
+    from adaptive_kv.training.objective import evaluate_policy, generated_score, prepare_validation, score_plan
 
     model = build_tiny_model("llama_gqa")
     ids = torch.randint(0, 1000, (120,), generator=torch.Generator().manual_seed(4)).tolist()
@@ -187,6 +187,11 @@ def test_generated_validation_score_reads_the_answer_the_model_generates(tiny_to
     assert generated_score(model, tiny_tokenizer, other, full) == 0.0
     result = evaluate_policy(model, [items[0], other], lambda stats, budget: full, (1.0,), "generated", tiny_tokenizer)
     assert result["objective"] == "generated" and result["by_budget"][1.0] == 50.0
+    # the default objective scores the answer's likelihood (teacher-forced), whatever the model generates
+    evicting = Plan.uniform(2, 2, keep=20, key_bits=2, value_bits=2, **LAYOUT)
+    likelihood = evaluate_policy(model, [items[0], other], lambda stats, budget: evicting, (0.5,), tokenizer=tiny_tokenizer)
+    want = [score_plan(model, items[0], evicting), score_plan(model, other, evicting)]
+    assert likelihood["objective"] == "likelihood" and likelihood["samples"]["niah_single/0.5"] == want
     with pytest.raises(ValueError, match="give the tokenizer"):
         evaluate_policy(model, items, lambda stats, budget: full, (1.0,), "generated")
     bare = dataclasses.replace(items[0], request=dataclasses.replace(request, answers=(), metric="none"))
