@@ -13,6 +13,7 @@ Files: `scorer.json` (kind, shape, the model it was fitted for, fit metrics) and
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class ReconstructionPredictor:
 
     Inputs are standardised per layer (`mean`, `std`, from the fit's data). `linear`: one matrix
     (L, hidden, H) and bias (L, H); `mlp`: (L, hidden, width) -> SiLU -> (L, width, H).
-    Compared by identity: one loaded predictor is one scorer.
+    Compared by identity; `digest` tells two loaded copies of one scorer apart from two scorers.
     """
 
     kind: str
@@ -145,6 +146,16 @@ class ReconstructionPredictor:
                           "hidden_size": self.shape.hidden_size},
                 "metrics": self.metrics,
                 **({"base_model": self.base_model.to_json()} if self.base_model is not None else {})}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the kind and the weights: equal for two files holding the same scorer."""
+        sha = hashlib.sha256(self.kind.encode())
+        for name in sorted(self.weights):
+            data = self.weights[name].detach().cpu().contiguous().reshape(-1)
+            sha.update(f"{name}:{data.dtype}:{tuple(self.weights[name].shape)}".encode())
+            sha.update(data.view(torch.uint8).numpy().tobytes())
+        return sha.hexdigest()
 
     def save(self, folder: str | Path) -> Path:
         """Write scorer.json and scorer.safetensors into `folder` (created)."""

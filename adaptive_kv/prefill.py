@@ -37,9 +37,13 @@ def needs_of(policies: Iterable[ReadsStatistics]) -> StatsConfig:
     configs = [policy.stats_config() for policy in policies]
     layouts = {replace(config, reconstruction=False, predictor=None, trained_for=()) for config in configs}
     layout = layouts.pop() if len(layouts) == 1 else StatsConfig()
-    predictors = {id(c.predictor): c.predictor for c in configs if c.predictor is not None}
+    # keyed by content: two controller folders each carrying a copy of one scorer share a prefill
+    predictors: dict[str, Any] = {}
+    for config in configs:
+        if config.predictor is not None:
+            predictors.setdefault(config.predictor.digest, config.predictor)
     if len(predictors) > 1:
-        raise ValueError("one prefill runs one reconstruction predictor; these policies read different scorer files")
+        raise ValueError("one prefill runs one reconstruction predictor; these policies read different scorers")
     # every policy's files are checked against the model (two controllers of one model may be compared)
     trained_for = tuple(dict.fromkeys(files for config in configs for files in config.trained_for))
     return replace(layout, reconstruction=any(config.reconstruction for config in configs),

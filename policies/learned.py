@@ -333,7 +333,7 @@ class Learned(Policy):
         digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
         tensors = dict(self.net.state_dict())
         if self.predictor is not None:
-            tensors.update({f"predictor.{k}": v for k, v in self.predictor.weights.items()})
+            digest.update(self.predictor.digest.encode())
         for name in sorted(tensors):
             digest.update(name.encode())
             digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -85,6 +86,10 @@ def test_one_prefill_reads_one_predictor(tmp_path):
     assert needs_of(same + [get_policy("kvzip")]).predictor is same[0].predictor  # one file, one object
     with pytest.raises(ValueError, match="one prefill runs one reconstruction predictor"):
         needs_of([same[0], get_policy("kvzap", path=str(tmp_path / "b"))])
+    # a copy of one scorer in another folder (each trained controller ships its own) shares the prefill
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    copy = get_policy("kvzap", path=str(tmp_path / "copy"))
+    assert copy.predictor is not same[0].predictor and needs_of([same[0], copy]).predictor is same[0].predictor
 
 
 def test_mismatched_or_broken_scorer_files_are_refused(tmp_path, monkeypatch):
