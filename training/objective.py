@@ -11,9 +11,9 @@ Natural text scores the top-1 agreement with the uncompressed cache.
 
 The `generated` objective scores a task request as `eval` does instead: the answer generated greedily
 from the compressed cache (the question fed after compression under query_agnostic), scored by the
-task's metric. The likelihood ratio saturates near 100 where generated answers still differ (a plan
-that loses the needle may keep its answer likely under teacher forcing); the generated score is the
-figure users read, coarser per request. No Ray, Optuna or MLflow here.
+task's metric. The likelihood ratio can sit near 100 for two plans whose generated answers differ
+(it averages over every answer token); the generated score is the figure users read, coarser per
+request (0 or 100 on most tasks). No Ray, Optuna or MLflow here.
 """
 
 from __future__ import annotations
@@ -200,16 +200,16 @@ def generated_score(model, tokenizer, item: ValidationItem, plan: Plan) -> float
     request = item.request
     if request.answer_tokens == 0:
         return score_plan(model, item, plan)
-    cache = item.captured.fork(plan)
-    first = item.last_logits
-    question = request.follow_ids[:-request.answer_tokens]
-    if question:  # query_agnostic: the question arrives after compression
-        first = model(torch.tensor([list(question)], device=model.device), cache=cache).logits[:, -1]
     if request.metric not in METRICS or not request.answers or request.max_new_tokens < 1:
         raise ValueError(f"request {request.key} cannot be scored on a generated answer: it needs answers, a metric "
                          f"in {sorted(METRICS)} and max_new_tokens >= 1 (got {request.answers!r}, {request.metric!r}, "
                          f"{request.max_new_tokens})")
     metric = METRICS[request.metric]
+    cache = item.captured.fork(plan)
+    first = item.last_logits
+    question = request.follow_ids[:-request.answer_tokens]
+    if question:  # query_agnostic: the question arrives after compression
+        first = model(torch.tensor([list(question)], device=model.device), cache=cache).logits[:, -1]
 
     def score(tokens: list[int]) -> float:
         return metric(tokenizer.decode(tokens, skip_special_tokens=True), request.answers)
