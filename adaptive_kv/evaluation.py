@@ -185,8 +185,9 @@ class Evaluator:
         tallies: dict[tuple[str, float, str], _Tally] = defaultdict(_Tally)
         done: list[tuple[str, int]] = []
         spent = 0.0
+        identity = self._identity()  # hashes trained policies' weights: once per run, not per sample
         if resume and progress is not None and progress.exists():
-            state = read_progress(progress, self._identity(), self.config.samples)
+            state = read_progress(progress, identity, self.config.samples)
             tallies.update({tuple(t["key"]): _Tally.from_json(t["tally"]) for t in state["tallies"]})
             done, spent = [tuple(d) for d in state["done"]], state["seconds"]
         for task, samples in self.samples().items():
@@ -198,7 +199,7 @@ class Evaluator:
                 self._run_sample(sample, tallies)
                 done.append((task, index))
                 if progress is not None:
-                    write_progress(progress, self._identity(), done,
+                    write_progress(progress, identity, done,
                                    [(key, t.to_json()) for key, t in tallies.items()],
                                    spent + time.perf_counter() - start)
         return self._results(tallies, spent + time.perf_counter() - start)
