@@ -127,10 +127,17 @@ class Plan:
     # tokens); None for the whole tuple when no layer slides
     windows: tuple[int | None, ...] | None = None
     # why the plan is what it is, when its policy did not decide the usual way (e.g. a controller asked
-    # outside the lengths and budgets it was trained on); shown in reports, never read by the cache
+    # outside the lengths and budgets it was trained on, or token scores predicted beyond the lengths
+    # their scorer was fitted on); shown in reports, never read by the cache
     note: str | None = None
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
+
+    def noted(self, note: str | None) -> "Plan":
+        """This plan with `note` added to what it already says (itself when `note` is None)."""
+        if note is None:
+            return self
+        return dataclasses.replace(self, note=note if self.note is None else f"{self.note}; {note}")
 
     def __post_init__(self) -> None:
         heads = tuple(tuple(layer) for layer in self.heads)

@@ -52,7 +52,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines += ["", "Best policy per budget (mean score): " + ", ".join(f"{b:g}: {p}" for b, p in best.items())]
     notes = plan_notes(results)
     if notes:
-        lines += ["", "Plans that say they were made by another rule:", ""] + [f"- {n}" for n in notes]
+        heading = "Plans that say how they were made (another rule, extrapolated scores):"
+        lines += ["", heading, ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 

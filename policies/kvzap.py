@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaptive_kv.plan import Plan
 from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER, ReconstructionPredictor, load_predictor
 from adaptive_kv.policies.kvzip import KVzip
 from adaptive_kv.policies.registry import register
-from adaptive_kv.stats import StatsConfig
+from adaptive_kv.stats import AttentionStats, StatsConfig
 
 # The scorer fitted for the embedded model ships beside its controller.
 SHIPPED = Path(__file__).resolve().parent / "controller" / "shipped" / "smollm2-135m"
@@ -24,6 +25,8 @@ class KVzap(KVzip):
     for the embedded model) predicts each token's reconstruction score from the hidden states the
     prefill computes anyway, so there is no second pass over the context; the scores then compete
     in one global ranking and kept tokens are stored at `key_bits` / `value_bits`, as in `kvzip`.
+    A request far from the context lengths the predictor was fitted on is planned the same way,
+    and the plan's note says its scores are extrapolated.
     """
 
     scorer: str = PREDICTED_SCORER
@@ -39,3 +42,8 @@ class KVzap(KVzip):
     def stats_config(self) -> StatsConfig:
         """The layout's statistics plus the predictor, which scores tokens inside the prefill."""
         return dataclasses.replace(super().stats_config(), predictor=self.predictor)
+
+    def plan(self, stats: AttentionStats, budget: float) -> Plan:
+        """KVzip's plan over the predicted scores, noting when they are extrapolated."""
+        return super().plan(stats, budget).noted(self.predictor.extrapolated(stats.seq_len))
+

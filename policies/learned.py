@@ -227,6 +227,7 @@ class Learned(Policy):
         A request outside the lengths and budgets the controller was trained on (`trained_range`) is
         planned by kvzip's global allocation of the same reconstruction scores instead, and the plan's
         note says why."""
+        extrapolated = None if self.predictor is None else self.predictor.extrapolated(stats.seq_len)
         reason = None if self._trained_range is None else self._trained_range.outside(stats.seq_len, budget)
         if reason is not None:
             try:
@@ -235,8 +236,8 @@ class Learned(Policy):
                 plan, how = self._decide(stats, 0, budget), "kvzip's allocation cannot reach it, so the controller planned"
             else:
                 how = "planned by kvzip's global allocation of the same scores"
-            return dataclasses.replace(plan, note=f"{reason}; {how}")
-        return self._decide(stats, 0, budget)
+            return dataclasses.replace(plan, note=f"{reason}; {how}").noted(extrapolated)
+        return self._decide(stats, 0, budget).noted(extrapolated)
 
     def plan_uniform(self, stats: AttentionStats, budget: float) -> Plan:
         """One option per head: least weighted predicted distortion within the budget."""

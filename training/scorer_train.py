@@ -4,8 +4,9 @@ The examples are calibration contexts (the task generators and natural text, see
 evaluation) at each of `context_lengths`; each worker prefills its contexts once with the exact
 reconstruction pass. Both kinds are fitted on growing shares of the training requests (how much
 data the scorer needs), and the kind with the best held-out Spearman correlation on all of them
-is saved as `OUTPUT/scorer` (scorer.json + scorer.safetensors), with the metrics in MLflow: per
-layer as a metric stepped by layer index, the learning curve stepped by training requests.
+is saved as `OUTPUT/scorer` (scorer.json + scorer.safetensors, with the context lengths it saw),
+with the metrics in MLflow: per layer as a metric stepped by layer index, the learning curve
+stepped by training requests.
 Each example is kept in `OUTPUT/examples` as soon as it is made (`example_cache`): a stopped
 collection resumes, and a rerun with more lengths or contexts computes only the new ones.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_kv.model_identity import ModelIdentity
+from adaptive_kv.predicted_reconstruction import FittedLengths
 from adaptive_kv.training import example_cache, label_cache
 from adaptive_kv.training.calibration import DEFAULT_MIX, MAX_CONTEXT, MIN_CONTEXT, make_split
 from adaptive_kv.training.scorer import KINDS, FitOptions
@@ -101,7 +103,9 @@ def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:
         mlflow.log_params(tracking.json_params({f"fit.{k}": v for k, v in asdict(config.fit).items()}))
         mlflow.log_metric("collect_s", collect_s)
         chosen, results = _fit_all(config, shape, train, valid)
-        folder = replace(results[chosen]["predictor"], base_model=base_model).save(out / "scorer")
+        # the lengths it saw: plans from its scores at other lengths say they are extrapolated
+        fitted = FittedLengths.of([len(r.context_ids) for r in train_requests + valid_requests])
+        folder = replace(results[chosen]["predictor"], base_model=base_model, fitted_lengths=fitted).save(out / "scorer")
         mlflow.log_artifacts(str(folder), "scorer")
         summary = {
             "kind": chosen, "scorer": str(folder.resolve()), "run_id": run.info.run_id, "tracking_uri": uri,

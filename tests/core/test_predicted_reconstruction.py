@@ -234,3 +234,40 @@ def test_a_sliding_layer_is_scored_over_the_tokens_it_holds():
         torch.testing.assert_close(got[:, CONTEXT - held:], direct[layer][:, CONTEXT - held:], atol=1e-6, rtol=1e-5)
         assert (got[:, : CONTEXT - held] == 0).all()
     assert window_tokens(CONTEXT, sliding_windows(model.config)[0]) < CONTEXT  # the case is really sliding
+
+
+def test_plans_from_scores_predicted_far_from_the_fitted_lengths_say_so(tmp_path):
+    """A scorer records the context lengths it was fitted on; kvzap and learned plan as usual outside them
+    (a tenth of reach each way) and their plans' notes say the scores are extrapolated."""
+    import dataclasses
+
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
+    from adaptive_kv.predicted_reconstruction import FittedLengths
+    from adaptive_kv.plan import Layout
+    from adaptive_kv.stats import FEATURE_NAMES, RECONSTRUCTION_FEATURES
+
+    model = build_tiny_model("llama_gqa")
+    folder = dataclasses.replace(random_predictor(model), fitted_lengths=FittedLengths(200, 400)).save(tmp_path / "s")
+    assert json.loads((folder / "scorer.json").read_text())["fitted_lengths"] == {"min_length": 200, "max_length": 400}
+    config = ControllerConfig(
+        model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES,
+        grid=option_grid(global_keeps=(0.2, 0.1)), layout=Layout(scorer="reconstruction", selection="per_head"),
+        layer_weights=(1.0, 1.0), hidden=16, layers=1)
+    controller = save_controller(tmp_path / "c", config, config.build())
+    policies = [get_policy("kvzap", path=str(folder)),
+                get_policy("learned", path=str(controller), reconstruction="predicted", scorer_path=str(folder))]
+    unrecorded = get_policy("kvzap", path=str(random_predictor(model).save(tmp_path / "old")))
+    for length, extrapolated in ((181, True), (182, False), (440, False), (441, True), (600, True)):
+        stats = capture(model, None, _ids(3, length), policies[0].stats_config()).cache.stats
+        for policy in policies:
+            plan = policy.plan(stats, 0.3)
+            said = plan.note is not None and f"{length} tokens is outside the 200-400 tokens the reconstruction scorer" in plan.note
+            assert said == extrapolated, (type(policy).__name__, length, plan.note)
+            # the note never changes the plan: the same heads as the scores planned without a recorded range
+            if policy is policies[0]:
+                assert plan.heads == unrecorded.plan(stats, 0.3).heads and unrecorded.plan(stats, 0.3).note is None
+    meta = json.loads((folder / "scorer.json").read_text())
+    (folder / "scorer.json").write_text(json.dumps({**meta, "fitted_lengths": {"min_length": 500, "max_length": 20}}))
+    with pytest.raises(ValueError, match=r"fitted_lengths must satisfy 1 <= min_length <= max_length, got 500, 20"):
+        load_predictor(folder)

@@ -375,6 +375,11 @@ def test_scorer_examples_are_kept_and_a_grown_run_computes_only_what_it_lacks(ti
     now = {p: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
     assert len(now) == 8 and [p for p in made if now[p] != made[p]] == [damaged]
     assert not list(folder.glob(".partial-*"))
+    # the saved scorer records the span of its requests' context lengths (plans elsewhere say it)
+    lengths = [len(r.context_ids) for split in ScorerTrainConfig(**common, context_lengths=(160, 240)).requests(
+        AutoTokenizer.from_pretrained(tiny_model_dir)) for r in split]
+    fitted = json.loads((tmp_path / "scorer" / "scorer" / "scorer.json").read_text())["fitted_lengths"]
+    assert fitted == {"min_length": min(lengths), "max_length": max(lengths)} and max(lengths) > 200
 
 
 def test_interrupted_study_resumes_without_losing_or_repeating_trials(tiny_model_dir, tmp_path, ray_local):
