@@ -60,18 +60,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         provider, options = _provider(policy, args.budget), {"stats_config": policy.stats_config()}
     result = generate(model, tokenizer, ids, plan_provider=provider, max_new_tokens=args.max_new_tokens, **options)
     kv = result.kv
+    # e.g. `learned` outside its trained range, or scores predicted far from the scorer's lengths
+    note = (kv.get("plan") or {}).get("note")
     if args.json:
-        summary = {"full_bytes": kv["full_bytes"], "bytes": kv["bytes"], "ratio": kv["ratio"]}
+        summary = {"full_bytes": kv["full_bytes"], "bytes": kv["bytes"], "ratio": kv["ratio"],
+                   **({"note": note} if note else {})}
         print(json.dumps({"text": result.text, "prompt_tokens": result.prompt_tokens, "kv": summary}))
         return 0
     print(result.text)
     what = f"policy {args.policy} at budget {args.budget:g}" if policy is not None else f"keep {args.keep:g}, {args.bits}-bit"
+    report = sys.stderr if args.quiet_report else sys.stdout
     print(
         f"\n[kv] prompt {result.prompt_tokens} tokens, {what}: "
         f"full {_format_bytes(kv['full_bytes'])}, real {_format_bytes(kv['bytes'])}, "
         f"ratio {kv['ratio']:.2f}x smaller",
-        file=sys.stderr if args.quiet_report else sys.stdout,
+        file=report,
     )
+    if note:
+        print(f"[kv] note: {note}", file=report)
     return 0
 
 
@@ -257,6 +263,8 @@ def _print_plan(plan, policy: str, budget: float, seq_len: int, fraction: float)
         cells = [f"{'all' if b.keep is None else b.keep} / {b.key_bits} / {b.value_bits}" for b in layer]
         table.add_row(str(layer_idx), *cells)
     Console().print(table)
+    if plan.note:
+        print(f"note: {plan.note}")
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:

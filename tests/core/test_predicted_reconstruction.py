@@ -271,3 +271,43 @@ def test_plans_from_scores_predicted_far_from_the_fitted_lengths_say_so(tmp_path
     (folder / "scorer.json").write_text(json.dumps({**meta, "fitted_lengths": {"min_length": 500, "max_length": 20}}))
     with pytest.raises(ValueError, match=r"fitted_lengths must satisfy 1 <= min_length <= max_length, got 500, 20"):
         load_predictor(folder)
+
+
+def test_plan_and_generate_print_what_the_plan_says_about_itself(tmp_path, tiny_tokenizer_bos, capsys):
+    """A user's `plan` and `generate` show the plan's note: here a controller and its scorer asked far
+    outside the lengths they were trained and fitted on."""
+    import dataclasses
+
+    from adaptive_kv.cli import main
+    from adaptive_kv.policies.controller.files import ControllerConfig, save_controller
+    from adaptive_kv.policies.controller.options import option_grid
+    from adaptive_kv.predicted_reconstruction import FittedLengths
+    from adaptive_kv.plan import Layout
+    from adaptive_kv.stats import FEATURE_NAMES, RECONSTRUCTION_FEATURES
+
+    model = build_tiny_model("llama_gqa")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer_bos.__class__(tokenizer_object=tiny_tokenizer_bos.backend_tokenizer, bos_token="<s>",
+                                 eos_token="</s>").save_pretrained(model_dir)
+    config = ControllerConfig(
+        model_shape=dict(num_layers=2, num_kv_heads=2, head_dim=16), feature_names=FEATURE_NAMES + RECONSTRUCTION_FEATURES,
+        grid=option_grid(global_keeps=(0.2, 0.1)), layout=Layout(scorer="reconstruction", selection="per_head"),
+        layer_weights=(1.0, 1.0), hidden=16, layers=1,
+        notes={"reconstruction": "predicted", "trained_range": {"min_length": 4000, "max_length": 4000,
+                                                                "min_budget": 0.1, "max_budget": 0.5}})
+    folder = save_controller(tmp_path / "controller", config, config.build())
+    dataclasses.replace(random_predictor(model), fitted_lengths=FittedLengths(4000, 4000)).save(folder)
+    prompt = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun. " * 12
+    common = ["--model", str(model_dir), "--policy", "learned", "--controller", str(folder), "--budget", "0.5", "--raw"]
+    outside = "is outside the controller's range: trained on 4000-4000 tokens"
+    extrapolated = "tokens is outside the 4000-4000 tokens the reconstruction scorer was fitted on"
+    assert main(["plan", prompt, *common]) == 0
+    out = capsys.readouterr().out
+    assert "note: " in out and outside in out and extrapolated in out
+    assert main(["generate", prompt, *common, "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[kv] note: " in out and outside in out and extrapolated in out
+    assert main(["generate", prompt, *common, "--max-new-tokens", "2", "--json"]) == 0
+    note = json.loads(capsys.readouterr().out)["kv"]["note"]
+    assert outside in note and extrapolated in note
