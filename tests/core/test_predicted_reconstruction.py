@@ -311,3 +311,24 @@ def test_plan_and_generate_print_what_the_plan_says_about_itself(tmp_path, tiny_
     assert main(["generate", prompt, *common, "--max-new-tokens", "2", "--json"]) == 0
     note = json.loads(capsys.readouterr().out)["kv"]["note"]
     assert outside in note and extrapolated in note
+
+
+def test_kvzap_window_floor_keeps_what_the_window_reads_where_the_predictor_says_nothing(tmp_path):
+    """floor="window": each predicted score is raised to the window's attention. A scorer predicting the
+    floor everywhere leaves the window's scores alone, so the plan is kvzip's over window scores."""
+    import dataclasses
+
+    model = build_tiny_model("llama_gqa")
+    flat = random_predictor(model)
+    flat = dataclasses.replace(flat, weights={**flat.weights, "w": torch.zeros_like(flat.weights["w"]),
+                                              "b": torch.full_like(flat.weights["b"], -50.0)})
+    folder = flat.save(tmp_path / "flat")
+    floored, plain = get_policy("kvzap", path=str(folder), floor="window"), get_policy("kvzap", path=str(folder))
+    stats = capture(model, None, _ids(5), floored.stats_config()).cache.stats
+    assert torch.all(stats.token_scores[PREDICTED_SCORER] == stats.token_scores[PREDICTED_SCORER].flatten()[0])
+    by_window = get_policy("kvzip", scorer="window")
+    for budget in (0.3, 0.5):
+        assert floored.plan(stats, budget).heads == by_window.plan(stats, budget).heads
+        assert plain.plan(stats, budget).heads != by_window.plan(stats, budget).heads
+    with pytest.raises(ValueError, match=r"kvzap floor must be one of \('none', 'window'\), got 'windows'"):
+        get_policy("kvzap", path=str(folder), floor="windows")
