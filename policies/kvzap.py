@@ -53,6 +53,10 @@ class KVzap(KVzip):
         """The layout's statistics plus the predictor, which scores tokens inside the prefill."""
         return dataclasses.replace(super().stats_config(), predictor=self.predictor)
 
+    def weights_digest(self) -> str:
+        """The digest of the scorer it reads: a scorer refitted in the same folder is another policy."""
+        return self.predictor.digest
+
     def plan(self, stats: AttentionStats, budget: float) -> Plan:
         """KVzip's plan over the predicted scores, noting when they are extrapolated."""
         return super().plan(stats, budget).noted(self.predictor.extrapolated(stats.seq_len))

@@ -369,3 +369,22 @@ def test_a_controller_retrained_in_the_same_folder_cannot_resume_the_other_ones_
     _save_tiny_controller(folder, seed=1)  # retrained: its samples would mix with the other's in one row
     with pytest.raises(ValueError, match=re.escape("cannot resume from") + ".*policy_weights was"):
         evaluator(3).run(progress, resume=True)
+
+
+def test_a_scorer_refitted_in_the_same_folder_cannot_resume_kvzaps_run(llama_gqa, tiny_tokenizer, tmp_path):
+    from conftest import random_predictor
+
+    folder, progress = tmp_path / "scorer", tmp_path / "run" / "progress.json"
+    config = _progress_config(policies=(f"kvzap:path={folder}",), tasks=("fidelity",), samples=1)
+
+    def evaluator(samples: int) -> Evaluator:
+        return Evaluator(llama_gqa, tiny_tokenizer, dataclasses.replace(config, samples=samples), catalog=catalog,
+                         model_name="tiny")
+
+    random_predictor(llama_gqa, seed=0).save(folder)
+    evaluator(1).run(progress)
+    random_predictor(llama_gqa, seed=0).save(folder)  # written again, the same weights: the run continues
+    evaluator(2).run(progress, resume=True)
+    random_predictor(llama_gqa, seed=1).save(folder)  # refitted: its samples would mix with the other's in one row
+    with pytest.raises(ValueError, match=re.escape("cannot resume from") + ".*policy_weights was"):
+        evaluator(3).run(progress, resume=True)
