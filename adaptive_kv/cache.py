@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 from adaptive_kv.cache_layer import WORKING_DTYPES, CompressedLayer, DecodeOptions
 from adaptive_kv.kernels import get_backend
 from adaptive_kv.plan import HeadBudget, Plan, window_tokens
-from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER
+from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER, context_positions
 from adaptive_kv.reconstruction import ReconstructionRequest, reconstruction_scores
 from adaptive_kv.stats import AttentionStats, LayerObservation, StatsConfig
 from adaptive_kv.step import CacheStep
@@ -247,8 +247,11 @@ class CompressedCache(Cache):
         if not layer.is_compressed:
             if self.collects_stats:
                 self._attention_inputs[layer_idx] = hidden_states[0]
-        elif layer.scores_new_tokens:
-            self._decode_scores[layer_idx] = self.predictor.scores(layer_idx, hidden_states[0])
+        elif layer.scores_new_tokens:  # a step's tokens come right after the ones the layer has seen
+            hidden = hidden_states[0]
+            seq_len = layer.seen_tokens + hidden.shape[0]
+            positions = context_positions(hidden.shape[0], seq_len, hidden.device)
+            self._decode_scores[layer_idx] = self.predictor.scores(layer_idx, hidden, positions, seq_len)
 
     def observe(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Read one layer's statistics from its prefill queries (1, H_q, T, D); finish after the last."""
@@ -269,8 +272,9 @@ class CompressedCache(Cache):
         if hidden is None:
             raise ValueError(f"layer {layer.layer_idx}'s attention inputs were not seen: the predictor needs a model "
                              "prepared by adaptive_kv.attention.prepare_model (its attention modules' pre-hooks)")
-        held = layer.prefill[0].shape[1]
-        predicted = self.predictor.scores(layer.layer_idx, hidden[hidden.shape[0] - held:])
+        held = layer.prefill[0].shape[1]  # a sliding layer holds only the context's last tokens
+        positions = context_positions(held, layer.seen_tokens, hidden.device)
+        predicted = self.predictor.scores(layer.layer_idx, hidden[hidden.shape[0] - held:], positions, layer.seen_tokens)
         scores = {**layer.observation.token_scores, PREDICTED_SCORER: predicted}
         layer.observation = dataclasses.replace(layer.observation, token_scores=scores)
 

@@ -6,6 +6,12 @@ reads what the prefill computes anyway, the hidden states entering each layer's 
 predicts every (KV head, token)'s log reconstruction score. It runs inside the prefill, one layer
 at a time, so it also works under bounded per-layer prefill.
 
+Besides the hidden state a predictor may read where the token sits in the context
+(`POSITION_FEATURES`): how much a reconstruction query attends to a token depends on its place
+(near the start, near the end, its share of the way through), which the hidden state carries
+poorly; on SmolLM2 these inputs raise the held-out within-head Spearman correlation from 0.69 to
+0.80 (0.64 to 0.84 at 4k tokens).
+
 Files: `scorer.json` (kind, shape, the model it was fitted for, the context lengths it was fitted
 on, fit metrics) and `scorer.safetensors` (the weights), checked against each other and against the
 model before use. A request much longer or shorter than the fitted contexts still gets scores, and
@@ -33,7 +39,15 @@ SCORER_WEIGHTS = "scorer.safetensors"
 MAX_JSON_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 256 << 20
 MAX_WIDTH = 4096
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_FORMATS = (1, 2)  # format 1: hidden states only, no position_features field
+# Where a token sits in a context of T tokens (t = 0..T-1), as the predictor reads it: its share
+# of the way through, logs of its distance from the start and from the end, the share squared,
+# two decays that single out the first and last NEAR_TOKENS tokens, and log T (the scores' scale
+# falls with length; only the global ranking across heads reads it).
+POSITION_FEATURES = ("relative", "log_position", "log_distance", "relative_squared", "near_end", "near_start",
+                     "log_length")
+NEAR_TOKENS = 64.0
 # the exact scores are attention probabilities; below this they all mean "never looked at"
 LOG_FLOOR = math.log(1e-6)
 # How far past the fitted context lengths (each way) predicted scores are taken as they are. The
@@ -85,6 +99,32 @@ class FittedLengths:
                 f" tokens the reconstruction scorer was fitted on")
 
 
+def position_features(positions: torch.Tensor, seq_len: int, names: tuple[str, ...] = POSITION_FEATURES) -> torch.Tensor:
+    """The features (N, len(names)) of tokens at `positions` (N,) of a `seq_len`-token context."""
+    unknown = sorted(set(names) - set(POSITION_FEATURES))
+    if unknown:
+        raise ValueError(f"position_features must be among {POSITION_FEATURES}, got {unknown}")
+    t = positions.float()
+    length = float(max(int(seq_len), 1))
+    columns = {
+        "relative": lambda: t / length,
+        "log_position": lambda: torch.log1p(t),
+        "log_distance": lambda: torch.log1p((length - 1.0 - t).clamp_min(0.0)),
+        "relative_squared": lambda: (t / length) ** 2,
+        "near_end": lambda: torch.exp(-(length - 1.0 - t).clamp_min(0.0) / NEAR_TOKENS),
+        "near_start": lambda: torch.exp(-t / NEAR_TOKENS),
+        "log_length": lambda: torch.full_like(t, math.log(length)),
+    }
+    if not names:
+        return t.new_zeros(t.numel(), 0)
+    return torch.stack([columns[name]() for name in names], dim=-1)
+
+
+def context_positions(count: int, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The positions of the last `count` tokens of a `seq_len`-token context."""
+    return torch.arange(seq_len - count, seq_len, device=device)
+
+
 @dataclass(frozen=True)
 class PredictorShape:
     """The model a predictor reads: its layers, KV heads and hidden size."""
@@ -103,11 +143,13 @@ class PredictorShape:
 
 @dataclass(eq=False)
 class ReconstructionPredictor:
-    """Per-layer models hidden state (hidden_size,) -> log reconstruction score per KV head.
+    """Per-layer models (hidden state, position features) -> log reconstruction score per KV head.
 
-    Inputs are standardised per layer (`mean`, `std`, from the fit's data). `linear`: one matrix
-    (L, hidden, H) and bias (L, H); `mlp`: (L, hidden, width) -> SiLU -> (L, width, H).
-    Compared by identity; `digest` tells two loaded copies of one scorer apart from two scorers.
+    The input of a token is its hidden state (hidden_size,) followed by its `position_features`
+    (P, none for a hidden-only scorer), D = hidden_size + P. Inputs are standardised per layer
+    (`mean`, `std` (L, D), from the fit's data). `linear`: one matrix (L, D, H) and bias (L, H);
+    `mlp`: (L, D, width) -> SiLU -> (L, width, H). Compared by identity; `digest` tells two loaded
+    copies of one scorer apart from two scorers.
     """
 
     kind: str
@@ -118,10 +160,16 @@ class ReconstructionPredictor:
     base_model: ModelIdentity | None = None
     # the context lengths it was fitted on; None in files written before they were recorded (nothing is said)
     fitted_lengths: FittedLengths | None = None
+    position_features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"scorer kind must be one of {KINDS}, got {self.kind!r}")
+        self.position_features = tuple(self.position_features)
+        unknown = sorted(set(self.position_features) - set(POSITION_FEATURES))
+        if unknown or len(set(self.position_features)) != len(self.position_features):
+            raise ValueError(f"scorer position_features must be distinct names among {POSITION_FEATURES}, "
+                             f"got {list(self.position_features)}")
         expected = self.expected_shapes()
         for name, dims in expected.items():
             if name not in self.weights:
@@ -143,7 +191,8 @@ class ReconstructionPredictor:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every weight's shape for this kind and model shape."""
-        L, H, D = self.shape.num_layers, self.shape.num_kv_heads, self.shape.hidden_size
+        L, H = self.shape.num_layers, self.shape.num_kv_heads
+        D = self.shape.hidden_size + len(self.position_features)
         shapes = {"mean": (L, D), "std": (L, D)}
         if self.kind == "linear":
             return {**shapes, "w": (L, D, H), "b": (L, H)}
@@ -161,17 +210,24 @@ class ReconstructionPredictor:
         if theirs != self.shape:
             raise ValueError(f"scorer was fitted for {self.shape}, the model is {theirs}")
 
-    def log_scores(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Predicted log scores (H_kv, T) of one layer's attention inputs hidden (T, hidden_size)."""
+    def log_scores(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Predicted log scores (H_kv, N) of one layer's attention inputs hidden (N, hidden_size): the
+        tokens at `positions` (N,) of a `seq_len`-token context."""
+        if positions.shape != hidden.shape[:1]:
+            raise ValueError(f"positions must have one entry per token ({hidden.shape[0]}), got {tuple(positions.shape)}")
         w, b = self._folded(hidden.device)
-        out = torch.addmm(b[0][layer_idx], hidden.float(), w[0][layer_idx])
+        size = self.shape.hidden_size
+        out = torch.addmm(b[0][layer_idx], hidden.float(), w[0][layer_idx][:size])
+        if self.position_features:
+            features = position_features(positions.to(hidden.device), seq_len, self.position_features)
+            out = out + features @ w[0][layer_idx][size:]
         if self.kind == "mlp":
             out = torch.addmm(b[1][layer_idx], torch.nn.functional.silu(out), w[1][layer_idx])
         return out.T
 
-    def scores(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Predicted scores (H_kv, T), on the exact scores' scale (probabilities), for global rankings."""
-        return self.log_scores(layer_idx, hidden).clamp(LOG_FLOOR, 0.0).exp()
+    def scores(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Predicted scores (H_kv, N), on the exact scores' scale (probabilities), for global rankings."""
+        return self.log_scores(layer_idx, hidden, positions, seq_len).clamp(LOG_FLOOR, 0.0).exp()
 
     def _folded(self, device: torch.device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """The first map with the input standardisation folded in ((x - m) / s) @ W + b = x @ (W / s) + (b - (m / s) @ W),
@@ -195,7 +251,7 @@ class ReconstructionPredictor:
         return {"format": FORMAT_VERSION, "kind": self.kind, "width": self.width,
                 "shape": {"num_layers": self.shape.num_layers, "num_kv_heads": self.shape.num_kv_heads,
                           "hidden_size": self.shape.hidden_size},
-                "metrics": self.metrics,
+                "metrics": self.metrics, "position_features": list(self.position_features),
                 **({"base_model": self.base_model.to_json()} if self.base_model is not None else {}),
                 **({"fitted_lengths": self.fitted_lengths.to_json()} if self.fitted_lengths is not None else {})}
 
@@ -208,6 +264,8 @@ class ReconstructionPredictor:
     def digest(self) -> str:
         """sha256 of the kind and the weights: equal for two files holding the same scorer."""
         sha = hashlib.sha256(self.kind.encode())
+        if self.position_features:  # a hidden-only scorer keeps the digest it had before positions were read
+            sha.update(("positions:" + ",".join(self.position_features)).encode())
         for name in sorted(self.weights):
             data = self.weights[name].detach().cpu().contiguous().reshape(-1)
             sha.update(f"{name}:{data.dtype}:{tuple(self.weights[name].shape)}".encode())
@@ -256,8 +314,12 @@ def _load(folder: str, stamp: tuple) -> ReconstructionPredictor:
         kind = meta["kind"]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{json_path} is not a scorer description (kind, shape): {err}") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{json_path} has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+    if meta.get("format") not in READS_FORMATS:
+        raise ValueError(f"{json_path} has format {meta.get('format')!r}; this version reads formats {READS_FORMATS}")
+    features = meta.get("position_features", [])
+    if not isinstance(features, list) or not all(isinstance(name, str) for name in features):
+        raise ValueError(f"{json_path}: position_features must be a list of names among {POSITION_FEATURES}, "
+                         f"got {features!r}")
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
@@ -267,7 +329,7 @@ def _load(folder: str, stamp: tuple) -> ReconstructionPredictor:
         fitted = FittedLengths.from_json(meta["fitted_lengths"]) if meta.get("fitted_lengths") is not None else None
     except ValueError as err:
         raise ValueError(f"{json_path}: {err}") from None
-    predictor = ReconstructionPredictor(kind, shape, weights, meta.get("metrics", {}), base_model, fitted)
+    predictor = ReconstructionPredictor(kind, shape, weights, meta.get("metrics", {}), base_model, fitted, tuple(features))
     if predictor.width != int(meta.get("width", 0)):
         raise ValueError(f"{json_path} says width {meta.get('width')}, the weights have {predictor.width}")
     return predictor

@@ -63,8 +63,9 @@ def _bucket(tokens: int, lengths: tuple[int, ...]) -> int:
 
 def measure(args: argparse.Namespace) -> dict:
     from adaptive_kv.models import load_model
-    from adaptive_kv.predicted_reconstruction import load_predictor
+    from adaptive_kv.predicted_reconstruction import LOG_FLOOR, load_predictor
     from adaptive_kv.training import example_cache, label_cache
+    from adaptive_kv.training.scorer import predicted_log_scores
     from adaptive_kv.training.scorer_train import ScorerTrainConfig
 
     config = ScorerTrainConfig(context_lengths=args.context_lengths, train_per_task=args.train_per_task,
@@ -87,8 +88,7 @@ def measure(args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             for length, example in examples:
                 exact = example.targets.float().exp()
-                predicted = torch.stack([predictor.scores(layer, example.inputs[layer].float())
-                                         for layer in range(example.inputs.shape[0])])
+                predicted = predicted_log_scores(predictor, example).clamp(LOG_FLOOR, 0.0).exp()
                 for fraction in args.fractions:
                     for name, value in crossed(exact, predicted, fraction).items():
                         sums.setdefault((length, fraction, name), []).append(value)

@@ -174,20 +174,22 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-def random_predictor(model: torch.nn.Module, kind: str = "linear", seed: int = 0, width: int = 8):
-    """A ReconstructionPredictor of random weights for `model`'s shape (what kvzap reads in tests)."""
+def random_predictor(model: torch.nn.Module, kind: str = "linear", seed: int = 0, width: int = 8,
+                     position_features: tuple[str, ...] = ()):
+    """A ReconstructionPredictor of random weights for `model`'s shape (what kvzap reads in tests), reading
+    the hidden states and `position_features`."""
     from adaptive_kv.predicted_reconstruction import PredictorShape, ReconstructionPredictor
 
     shape = PredictorShape.of(model.config)
     gen = torch.Generator().manual_seed(seed)
-    L, H, D = shape.num_layers, shape.num_kv_heads, shape.hidden_size
+    L, H, D = shape.num_layers, shape.num_kv_heads, shape.hidden_size + len(position_features)
     weights = {"mean": torch.randn(L, D, generator=gen) * 0.1, "std": torch.rand(L, D, generator=gen) + 0.5}
     if kind == "linear":
         weights |= {"w": torch.randn(L, D, H, generator=gen) / D**0.5, "b": torch.full((L, H), -3.0)}
     else:
         weights |= {"w1": torch.randn(L, D, width, generator=gen) / D**0.5, "b1": torch.zeros(L, width),
                     "w2": torch.randn(L, width, H, generator=gen) / width**0.5, "b2": torch.full((L, H), -3.0)}
-    return ReconstructionPredictor(kind, shape, weights)
+    return ReconstructionPredictor(kind, shape, weights, position_features=position_features)
 
 
 _SCORER_FOLDERS: dict[int, str] = {}

@@ -107,6 +107,8 @@ def add_train_scorer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="held-out contexts per task and length")
     p.add_argument("--sample-tokens", type=cli_args.positive, default=None, help="tokens per training context (default 512)")
     p.add_argument("--kinds", type=cli_args.csv, default=None, help="kinds to fit and compare: linear, mlp (default both)")
+    p.add_argument("--hidden-only", action="store_true", help="read the hidden states alone, not where each token "
+                                                              "sits in the context")
     _add_cluster_flags(p)
     p.add_argument("--output", default="outputs/scorer", help="folder for the scorer and its summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -115,12 +117,14 @@ def add_train_scorer(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train_scorer(args: argparse.Namespace) -> int:
     """Run `train-scorer` and print where the scorer went."""
+    from adaptive_kv.training.scorer import FitOptions
     from adaptive_kv.training.scorer_train import ScorerTrainConfig, run_train_scorer
 
     given = dict(model=args.model, context_lengths=args.context_lengths, tasks=args.tasks,
                  train_per_task=args.train_per_task, valid_per_task=args.valid_per_task,
                  sample_tokens=args.sample_tokens, kinds=args.kinds, workers=args.workers,
-                 ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, output=args.output)
+                 ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, output=args.output,
+                 fit=FitOptions(position_features=()) if args.hidden_only else None)
     summary = run_train_scorer(ScorerTrainConfig(**{k: v for k, v in given.items() if v is not None}))
     if args.json:
         print(json.dumps(summary, default=str))

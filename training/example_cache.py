@@ -41,14 +41,17 @@ def load(folder: Path, key: str, request_key: str) -> ScorerExample | None:
             if (handle.metadata() or {}).get("fingerprint") != key:
                 return None
             inputs, targets = handle.get_tensor("inputs"), handle.get_tensor("targets")
-    except Exception:  # a truncated or foreign file: safetensors, OS and header errors alike
+            positions, seq_len = handle.get_tensor("positions"), int(handle.metadata()["seq_len"])
+        return ScorerExample(request_key, inputs, targets, positions, seq_len)
+    except Exception:  # a truncated or foreign file (or one without positions): safetensors, OS, header errors alike
         return None
-    return ScorerExample(request_key, inputs, targets)
 
 
 def store(folder: Path, key: str, example: ScorerExample) -> Path:
     """Write one example, all or nothing (a killed run leaves no truncated file under the real name)."""
     from safetensors.torch import save_file
 
-    tensors = {"inputs": example.inputs.contiguous(), "targets": example.targets.contiguous()}
-    return atomic.write_file(path_for(folder, key), lambda tmp: save_file(tensors, str(tmp), {"fingerprint": key}))
+    tensors = {"inputs": example.inputs.contiguous(), "targets": example.targets.contiguous(),
+               "positions": example.positions.contiguous()}
+    metadata = {"fingerprint": key, "seq_len": str(example.seq_len)}
+    return atomic.write_file(path_for(folder, key), lambda tmp: save_file(tensors, str(tmp), metadata))

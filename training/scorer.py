@@ -1,8 +1,9 @@
 """Fitting a reconstruction predictor: exact reconstruction scores as targets, attention inputs as features.
 
 One example is one prefill of a calibration context: the hidden states entering every layer's
-attention (what the predictor will read inside a prefill) and the exact reconstruction scores of
-the same tokens (`adaptive_kv.reconstruction`, the second pass the predictor replaces), as logs.
+attention (what the predictor will read inside a prefill), where the tokens sit in the context, and
+the exact reconstruction scores of the same tokens (`adaptive_kv.reconstruction`, the second pass
+the predictor replaces), as logs.
 Fits are plain torch: ridge regression in closed form (linear) or Adam (a two-layer MLP), every
 layer at once. Held-out metrics per layer: Spearman correlation of predicted and exact scores per
 (request, KV head), and the recall of the exact top 5 / 10 / 25 % of tokens in the predicted top.
@@ -18,7 +19,8 @@ from typing import Iterator, Sequence
 import torch
 
 from adaptive_kv.attention import attention_modules
-from adaptive_kv.predicted_reconstruction import KINDS, LOG_FLOOR, PredictorShape, ReconstructionPredictor
+from adaptive_kv.predicted_reconstruction import (KINDS, LOG_FLOOR, POSITION_FEATURES, PredictorShape,
+                                                  ReconstructionPredictor, position_features)
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import StatsConfig
 
@@ -28,11 +30,19 @@ SKIP_TOKENS = 4  # attention sinks: always kept, and their scores (~1) would dom
 
 @dataclass(frozen=True)
 class ScorerExample:
-    """One request's data: attention inputs (L, N, hidden) in fp16 and log exact scores (L, H_kv, N)."""
+    """One request's data: attention inputs (L, N, hidden) in fp16, the tokens' positions (N,) in the
+    `seq_len`-token context, and log exact scores (L, H_kv, N)."""
 
     key: str
     inputs: torch.Tensor
     targets: torch.Tensor
+    positions: torch.Tensor
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        if self.positions.shape != (self.inputs.shape[1],):
+            raise ValueError(f"example {self.key}: positions must have one entry per token ({self.inputs.shape[1]}), "
+                             f"got {tuple(self.positions.shape)}")
 
     @property
     def tokens(self) -> int:
@@ -75,14 +85,16 @@ def collect_example(model, tokenizer, ids: Sequence[int], key: str, *, sample_to
         positions = positions[pick.sort().values]
     inputs = torch.stack([seen[layer][positions] for layer in range(len(seen))]).half()
     targets = scores[:, :, positions].float().clamp_min(math.exp(LOG_FLOOR)).log()
-    return ScorerExample(key, inputs.cpu(), targets.cpu())
+    return ScorerExample(key, inputs.cpu(), targets.cpu(), positions, seq_len)
 
 
 # ---------------------------------------------------------------------------------------- fitting
 @dataclass(frozen=True)
 class FitOptions:
-    """How a predictor is fitted: `ridge` for the linear kind; width, steps, lr, batch for the MLP."""
+    """How a predictor is fitted: the position features it reads besides the hidden state (none:
+    hidden states only); `ridge` for the linear kind; width, steps, lr, batch for the MLP."""
 
+    position_features: tuple[str, ...] = POSITION_FEATURES
     ridge: float = 1.0
     width: int = 64
     steps: int = 400
@@ -98,13 +110,23 @@ class FitOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        unknown = sorted(set(self.position_features) - set(POSITION_FEATURES))
+        if unknown:
+            raise ValueError(f"position_features must be among {POSITION_FEATURES}, got {unknown}")
 
 
-def _stacked(examples: Sequence[ScorerExample]) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(example: ScorerExample, names: tuple[str, ...]) -> torch.Tensor:
+    """A predictor's inputs (L, N, hidden + len(names)) of one example: hidden states, then position features."""
+    features = position_features(example.positions, example.seq_len, names)
+    layers = example.inputs.shape[0]
+    return torch.cat([example.inputs.float(), features[None].expand(layers, -1, -1)], dim=-1)
+
+
+def _stacked(examples: Sequence[ScorerExample], names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (L, N, D) fp32 and targets (L, N, H) over every example."""
     if not examples:
         raise ValueError("fitting a scorer needs at least one example")
-    x = torch.cat([e.inputs.float() for e in examples], dim=1)
+    x = torch.cat([example_inputs(e, names) for e in examples], dim=1)
     y = torch.cat([e.targets.transpose(1, 2) for e in examples], dim=1)
     return x, y
 
@@ -114,17 +136,19 @@ def fit_predictor(examples: Sequence[ScorerExample], kind: str, shape: Predictor
     """Fit a `kind` predictor (KINDS) for a model of `shape` on `examples`."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    x, y = _stacked(examples)
-    if x.shape[0] != shape.num_layers or y.shape[-1] != shape.num_kv_heads or x.shape[-1] != shape.hidden_size:
-        raise ValueError(f"examples have {x.shape[0]} layers x {y.shape[-1]} heads x {x.shape[-1]} hidden, "
+    names = tuple(options.position_features)
+    hidden = examples[0].inputs.shape[-1] if examples else 0
+    x, y = _stacked(examples, names)
+    if x.shape[0] != shape.num_layers or y.shape[-1] != shape.num_kv_heads or hidden != shape.hidden_size:
+        raise ValueError(f"examples have {x.shape[0]} layers x {y.shape[-1]} heads x {hidden} hidden, "
                          f"the model {shape}")
     mean, std = x.mean(1), x.std(1).clamp_min(1e-4)
     xs = (x - mean[:, None]) / std[:, None]
     w, b = _ridge(xs, y, options.ridge)
     weights = {"mean": mean, "std": std}
     if kind == "linear":
-        return ReconstructionPredictor(kind, shape, {**weights, "w": w, "b": b})
-    return ReconstructionPredictor(kind, shape, {**weights, **_mlp(xs, y, options)})
+        return ReconstructionPredictor(kind, shape, {**weights, "w": w, "b": b}, position_features=names)
+    return ReconstructionPredictor(kind, shape, {**weights, **_mlp(xs, y, options)}, position_features=names)
 
 
 def _ridge(xs: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +210,12 @@ def top_recall(predicted: torch.Tensor, exact: torch.Tensor, fraction: float) ->
     return (want & got).sum(-1).float() / k
 
 
+def predicted_log_scores(predictor: ReconstructionPredictor, example: ScorerExample) -> torch.Tensor:
+    """The predictor's log scores (L, H, N) of an example's tokens."""
+    return torch.stack([predictor.log_scores(layer, example.inputs[layer].float(), example.positions, example.seq_len)
+                        for layer in range(example.inputs.shape[0])])
+
+
 @torch.inference_mode()
 def heldout_metrics(predictor: ReconstructionPredictor, examples: Sequence[ScorerExample]) -> dict[str, list[float]]:
     """Per layer, over every (example, KV head): mean Spearman and top-5/10/25 % recall.
@@ -196,8 +226,7 @@ def heldout_metrics(predictor: ReconstructionPredictor, examples: Sequence[Score
         raise ValueError("held-out metrics need at least one example")
     per: dict[str, list[torch.Tensor]] = {}
     for example in examples:
-        predicted = torch.stack([predictor.log_scores(layer, example.inputs[layer].float())
-                                 for layer in range(example.inputs.shape[0])])  # (L, H, N)
+        predicted = predicted_log_scores(predictor, example)
         per.setdefault("spearman", []).append(spearman(predicted, example.targets))
         for fraction in TOP_FRACTIONS:
             per.setdefault(f"recall_top{round(fraction * 100)}", []).append(top_recall(predicted, example.targets, fraction))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from adaptive_kv import CompressedCache, HeadBudget, Plan
 from adaptive_kv.attention import attention_modules
 from adaptive_kv.decode import RunningBatch, decode
-from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER
+from adaptive_kv.predicted_reconstruction import POSITION_FEATURES, PREDICTED_SCORER
 from adaptive_kv.stats import StatsConfig
 from conftest import build_tiny_model, random_predictor
 
@@ -24,9 +25,14 @@ def _prompt(model, length: int = 120, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _independent_scores(predictor, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
-    """The linear predictor's formula on hidden states (q, hidden): (H_kv, q), written out from its weights."""
+def _independent_scores(predictor, layer_idx: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    """The linear predictor's formula on the hidden state (1, hidden) of the newest token, at `position`
+    (0-based, so the context has position + 1 tokens): (H_kv, 1), written out from its weights."""
     w = predictor.weights
+    if predictor.position_features:  # all of them, in order: (relative, log position, log distance, ...)
+        t, n = position, position + 1
+        where = [t / n, math.log(1 + t), 0.0, (t / n) ** 2, 1.0, math.exp(-t / 64), math.log(n)]
+        hidden = torch.cat([hidden, torch.tensor([where])], dim=-1)
     x = (hidden - w["mean"][layer_idx]) / w["std"][layer_idx]
     return (x @ w["w"][layer_idx] + w["b"][layer_idx]).T.clamp(max=0.0).exp().clamp_min(1e-6)
 
@@ -39,10 +45,11 @@ def _stored_scores(cache: CompressedCache, layer_idx: int, head: int) -> tuple[l
     return buckets, residual
 
 
+@pytest.mark.parametrize("positions", [(), POSITION_FEATURES])
 @pytest.mark.parametrize("assembled", [True, False])
-def test_new_tokens_get_predicted_scores_and_the_lowest_are_evicted(assembled):
+def test_new_tokens_get_predicted_scores_and_the_lowest_are_evicted(assembled, positions):
     model = build_tiny_model("llama_gqa")
-    predictor = random_predictor(model)
+    predictor = random_predictor(model, position_features=positions)
     cache = CompressedCache(model, plan=PLAN, stats_config=StatsConfig(predictor=predictor), eviction_slack=0,
                             assembled=assembled)
     seen: dict[int, torch.Tensor] = {}
@@ -53,12 +60,12 @@ def test_new_tokens_get_predicted_scores_and_the_lowest_are_evicted(assembled):
         with torch.no_grad():
             logits = model(_prompt(model), cache=cache, logits_to_keep=1).logits[:, -1]
             evictions = 0
-            for _ in range(STEPS):
+            for step in range(STEPS):
                 before = {(l, h): _stored_scores(cache, l, h) for l in range(2) for h in range(2)}
                 token = logits.argmax(-1, keepdim=True)
                 logits = model(token, cache=cache, logits_to_keep=1).logits[:, -1]
                 for layer_idx in range(2):
-                    expected = _independent_scores(predictor, layer_idx, seen[layer_idx])[:, 0]
+                    expected = _independent_scores(predictor, layer_idx, seen[layer_idx], 120 + step)[:, 0]
                     for head in range(2):
                         packed, residual = _stored_scores(cache, layer_idx, head)
                         # the new token carries its predicted score

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
 from adaptive_kv import CompressedCache
-from adaptive_kv.predicted_reconstruction import PREDICTED_SCORER, PredictorShape, load_predictor
+from adaptive_kv.predicted_reconstruction import (POSITION_FEATURES, PREDICTED_SCORER, PredictorShape, load_predictor,
+                                                  position_features)
 from adaptive_kv.policies import get_policy
 from adaptive_kv.prefill import capture, needs_of
 from adaptive_kv.stats import PREDICTED_FEATURES, StatsConfig
@@ -24,13 +26,26 @@ def _ids(seed: int, length: int = CONTEXT) -> list[int]:
     return torch.randint(2, 4000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def _hand_positions(seq_len: int) -> torch.Tensor:
+    """Every POSITION_FEATURES column of a seq_len-token context, written out token by token."""
+    rows = []
+    for t in range(seq_len):
+        rest = seq_len - 1 - t
+        rows.append([t / seq_len, math.log(1 + t), math.log(1 + rest), (t / seq_len) ** 2, math.exp(-rest / 64),
+                     math.exp(-t / 64), math.log(seq_len)])
+    return torch.tensor(rows)
+
+
 @torch.no_grad()
 def _direct_scores(model, predictor, ids: list[int]) -> torch.Tensor:
-    """The predictor applied to each layer's normalised residual stream, computed without any hook."""
+    """The predictor applied to each layer's normalised residual stream (and the tokens' positions, by hand),
+    computed without any hook."""
     out = model(torch.tensor([ids]), output_hidden_states=True)
+    columns = [POSITION_FEATURES.index(name) for name in predictor.position_features]
+    where = _hand_positions(len(ids))[:, columns]
     rows = []
     for layer_idx, layer in enumerate(model.model.layers):
-        hidden = layer.input_layernorm(out.hidden_states[layer_idx])[0]
+        hidden = torch.cat([layer.input_layernorm(out.hidden_states[layer_idx])[0], where], dim=-1)
         w = predictor.weights
         x = (hidden - w["mean"][layer_idx]) / w["std"][layer_idx]
         if predictor.kind == "linear":
@@ -41,11 +56,12 @@ def _direct_scores(model, predictor, ids: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("positions", [(), POSITION_FEATURES, ("near_end", "relative")])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("family", ["llama_gqa", "qwen3"])
-def test_prefill_scores_equal_the_predictor_on_each_layers_input(family, kind):
+def test_prefill_scores_equal_the_predictor_on_each_layers_input(family, kind, positions):
     model = build_family_model(family)
-    predictor = random_predictor(model, kind)
+    predictor = random_predictor(model, kind, position_features=positions)
     ids = _ids(0)
     captured = capture(model, None, ids, StatsConfig(predictor=predictor))
     stats = captured.cache.stats
@@ -144,7 +160,8 @@ def test_a_fitted_scorer_ranks_tokens_as_the_exact_pass_does(examples):
     assert min(fitted["recall_top25"]) > 0.4 and min(fitted["spearman"]) > 0.3  # chance: 0.25 and 0
     # the same fit on hidden states shuffled across tokens learns nothing about which token matters
     gen = torch.Generator().manual_seed(0)
-    shuffled = [ScorerExample(e.key, e.inputs[:, torch.randperm(e.tokens, generator=gen)], e.targets) for e in train]
+    perms = [torch.randperm(e.tokens, generator=gen) for e in train]
+    shuffled = [ScorerExample(e.key, e.inputs[:, p], e.targets, e.positions[p], e.seq_len) for e, p in zip(train, perms)]
     blind = heldout_metrics(fit_predictor(shuffled, "mlp", shape, FitOptions(steps=300)), held_out)
     assert max(blind["recall_top25"]) < 0.33 and max(blind["spearman"]) < 0.15
 
@@ -155,6 +172,11 @@ def test_examples_hold_the_exact_scores_of_the_prefill(examples, tiny_tokenizer)
     exact = captured.cache.stats.token_scores["reconstruction"][:, :, 4:]
     torch.testing.assert_close(data[0].targets, exact.clamp_min(1e-6).log())
     assert data[0].inputs.shape == (2, CONTEXT - 4, model.config.hidden_size)
+    assert data[0].positions.tolist() == list(range(4, CONTEXT)) and data[0].seq_len == CONTEXT
+    drawn = collect_example(model, tiny_tokenizer, _ids(10), "r0", sample_tokens=20, seed=3)
+    exact_logs = exact.clamp_min(1e-6).log()  # the drawn tokens' targets are theirs, found by position
+    torch.testing.assert_close(drawn.targets, exact_logs[:, :, drawn.positions - 4])
+    assert drawn.positions.tolist() == sorted(set(drawn.positions.tolist())) and len(drawn.positions) == 20
 
 
 def test_learned_reads_predicted_scores_as_it_reads_exact_ones(tmp_path):
@@ -204,6 +226,22 @@ def test_scorer_flags_are_refused_in_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, features", [([], POSITION_FEATURES), (["--hidden-only"], ())])
+def test_train_scorer_reads_positions_unless_told_hidden_only(flags, features, monkeypatch, capsys):
+    import adaptive_kv.training.scorer_train as scorer_train
+    from adaptive_kv.cli import main
+
+    seen = []
+
+    def run(config, log=print):
+        seen.append(config)
+        return {"by_kind": {}, "kind": "linear", "scorer": "s", "ui": "u"}
+
+    monkeypatch.setattr(scorer_train, "run_train_scorer", run)
+    assert main(["train-scorer", *flags]) == 0
+    assert seen[0].fit.position_features == features
+
+
 def test_heldout_metrics_are_per_layer_over_requests_and_heads():
     model = build_tiny_model("llama_mha")  # 2 layers x 4 KV heads: a per-head average would have 4 entries
     predictor = random_predictor(model)
@@ -211,9 +249,10 @@ def test_heldout_metrics_are_per_layer_over_requests_and_heads():
     examples = []
     for i in range(3):
         inputs = torch.randn(2, 50, model.config.hidden_size, generator=gen).half()
-        own = torch.stack([predictor.log_scores(l, inputs[l].float()) for l in range(2)])  # (L, H, N)
+        positions = torch.arange(50)
+        own = torch.stack([predictor.log_scores(l, inputs[l].float(), positions, 50) for l in range(2)])  # (L, H, N)
         targets = torch.stack([own[0], -own[1]])  # layer 0 ranked as predicted, layer 1 reversed
-        examples.append(ScorerExample(f"r{i}", inputs, targets))
+        examples.append(ScorerExample(f"r{i}", inputs, targets, positions, 50))
     metrics = heldout_metrics(predictor, examples)
     assert metrics["spearman"] == pytest.approx([1.0, -1.0], abs=1e-6)
     assert metrics["recall_top25"] == pytest.approx([1.0, 0.0])
@@ -224,7 +263,7 @@ def test_a_sliding_layer_is_scored_over_the_tokens_it_holds():
     from adaptive_kv.plan import window_tokens
 
     model = build_family_model("gemma3")  # sliding, global, sliding layers
-    predictor = random_predictor(model)
+    predictor = random_predictor(model, position_features=POSITION_FEATURES)  # a window's tokens sit at the end
     ids = _ids(0)
     stats = capture(model, None, ids, StatsConfig(predictor=predictor)).cache.stats
     direct = _direct_scores(model, predictor, ids)
@@ -332,3 +371,61 @@ def test_kvzap_window_floor_keeps_what_the_window_reads_where_the_predictor_says
         assert plain.plan(stats, budget).heads != by_window.plan(stats, budget).heads
     with pytest.raises(ValueError, match=r"kvzap floor must be one of \('none', 'window'\), got 'windows'"):
         get_policy("kvzap", path=str(folder), floor="windows")
+
+
+def test_position_features_are_the_documented_functions_of_place_and_length():
+    torch.testing.assert_close(position_features(torch.arange(300), 300), _hand_positions(300))
+    # a subset, in its own order; tokens given out of order are featured where they sit
+    picked = position_features(torch.tensor([299, 0]), 300, ("near_end", "relative"))
+    torch.testing.assert_close(picked, torch.tensor([[1.0, 299 / 300], [math.exp(-299 / 64), 0.0]]))
+    with pytest.raises(ValueError, match="position_features must be among"):
+        position_features(torch.arange(3), 3, ("middle",))
+
+
+def test_a_fit_reads_where_tokens_sit_when_that_is_what_decides():
+    """Targets that depend only on a token's place: a fit with position features ranks them, one on the hidden
+    states alone cannot (the hidden states here are noise)."""
+    model = build_tiny_model("llama_gqa")
+    shape = PredictorShape.of(model.config)
+    gen = torch.Generator().manual_seed(0)
+
+    def example(i: int, seq_len: int) -> ScorerExample:
+        positions = torch.arange(4, seq_len)
+        inputs = torch.randn(2, positions.numel(), shape.hidden_size, generator=gen).half()
+        rel = positions.float() / seq_len  # head 0 keeps the end, head 1 the start, at every length
+        targets = torch.stack([4.0 * rel - 6.0, -4.0 * rel - 3.0])[None].expand(2, -1, -1)
+        return ScorerExample(f"r{i}", inputs, targets.clone(), positions, seq_len)
+
+    train, held_out = [example(i, 100 + 20 * i) for i in range(6)], [example(9, 260)]
+    placed = heldout_metrics(fit_predictor(train, "linear", shape), held_out)
+    blind = heldout_metrics(fit_predictor(train, "linear", shape, FitOptions(position_features=())), held_out)
+    assert min(placed["spearman"]) > 0.99 and max(blind["spearman"]) < 0.3
+
+
+def test_scorer_files_record_the_position_features_they_read(tmp_path):
+    model = build_tiny_model("llama_gqa")
+    placed = random_predictor(model, position_features=("log_distance", "relative"))
+    folder = placed.save(tmp_path / "placed")
+    meta = json.loads((folder / "scorer.json").read_text())
+    assert meta["position_features"] == ["log_distance", "relative"] and meta["format"] == 2
+    loaded = load_predictor(folder)
+    hidden, positions = torch.randn(30, model.config.hidden_size), torch.arange(70, 100)
+    assert loaded.position_features == placed.position_features and loaded.digest == placed.digest
+    torch.testing.assert_close(loaded.log_scores(1, hidden, positions, 100), placed.log_scores(1, hidden, positions, 100))
+    # the same weights read as other features are another scorer
+    swapped = random_predictor(model, position_features=("relative", "log_distance"))
+    assert swapped.digest != placed.digest
+    # a hidden-only scorer of format 1 (no position_features field) still loads, with its old digest
+    plain = random_predictor(model)
+    old = plain.save(tmp_path / "old")
+    meta = json.loads((old / "scorer.json").read_text())
+    del meta["position_features"]
+    (old / "scorer.json").write_text(json.dumps({**meta, "format": 1}))
+    assert load_predictor(old).position_features == () and load_predictor(old).digest == plain.digest
+    meta = json.loads((folder / "scorer.json").read_text())
+    (folder / "scorer.json").write_text(json.dumps({**meta, "position_features": ["relative", "middle"]}))
+    with pytest.raises(ValueError, match=r"scorer position_features must be distinct names among .*'middle'"):
+        load_predictor(folder)
+    (folder / "scorer.json").write_text(json.dumps({**meta, "position_features": "relative"}))
+    with pytest.raises(ValueError, match="position_features must be a list of names"):
+        load_predictor(folder)

@@ -353,6 +353,7 @@ def test_scorer_examples_are_kept_and_a_grown_run_computes_only_what_it_lacks(ti
     from adaptive_kv.training.label_cache import model_digest
     from adaptive_kv.training.scorer import collect_example
     from adaptive_kv.training.scorer_train import ScorerTrainConfig, run_train_scorer
+    from adaptive_kv.predicted_reconstruction import POSITION_FEATURES
 
     common = dict(model=str(tiny_model_dir), tasks=("passkey", "fidelity"), train_per_task=1, valid_per_task=1,
                   sample_tokens=48, valid_tokens=64, kinds=("linear",), fractions=(1.0,), workers=2,
@@ -368,6 +369,14 @@ def test_scorer_examples_are_kept_and_a_grown_run_computes_only_what_it_lacks(ti
     direct = collect_example(model, tokenizer, train[1].context_ids, train[1].key, sample_tokens=48, seed=1)
     cached = example_cache.load(folder, key, train[1].key)
     assert torch.equal(cached.inputs, direct.inputs) and torch.equal(cached.targets, direct.targets)
+    assert torch.equal(cached.positions, direct.positions) and cached.seq_len == direct.seq_len == len(train[1].context_ids)
+    # a file without the tokens' positions (fits read them) is made again, not read as position-free
+    from safetensors.torch import save_file
+
+    (tmp_path / "old").mkdir()
+    save_file({"inputs": direct.inputs, "targets": direct.targets}, str(example_cache.path_for(tmp_path / "old", key)),
+              {"fingerprint": key})
+    assert example_cache.load(tmp_path / "old", key, train[1].key) is None
     damaged = sorted(made)[0]
     damaged.write_bytes(damaged.read_bytes()[:100])
     grown = run_train_scorer(ScorerTrainConfig(**common, context_lengths=(160, 240)), log=lambda *a: None)
@@ -380,6 +389,8 @@ def test_scorer_examples_are_kept_and_a_grown_run_computes_only_what_it_lacks(ti
         AutoTokenizer.from_pretrained(tiny_model_dir)) for r in split]
     fitted = json.loads((tmp_path / "scorer" / "scorer" / "scorer.json").read_text())["fitted_lengths"]
     assert fitted == {"min_length": min(lengths), "max_length": max(lengths)} and max(lengths) > 200
+    saved = json.loads((tmp_path / "scorer" / "scorer" / "scorer.json").read_text())["position_features"]
+    assert tuple(saved) == POSITION_FEATURES  # where tokens sit is read unless --hidden-only says otherwise
 
 
 def test_interrupted_study_resumes_without_losing_or_repeating_trials(tiny_model_dir, tmp_path, ray_local):
