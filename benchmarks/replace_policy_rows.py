@@ -37,8 +37,8 @@ def replace_rows(committed: dict, fresh: dict, policy: str, label: str) -> dict:
     if not new_rows:
         raise ValueError(f"the fresh run has no {policy!r} rows")
     out = dict(committed)
-    out["previous_rows"] = {**committed.get("previous_rows", {}),
-                            label: [r for r in committed["records"] if mine(r)]}
+    kept = committed.get("previous_rows", {})  # one label may cover several policies' replacements
+    out["previous_rows"] = {**kept, label: kept.get(label, []) + [r for r in committed["records"] if mine(r)]}
     out["records"] = [r for r in committed["records"] if not mine(r)] + new_rows
     out.setdefault("reruns", []).append({"policy": policy, "label": label, "wall_time_s": fresh["wall_time_s"]})
     return out

@@ -42,3 +42,13 @@ def test_every_policy_is_replaced_with_star():
     scores = {(r["policy"], r["budget"]): r["score"] for r in out["records"]}
     assert scores == {("full", 1.0): 60.0, ("kvzip", 0.125): 40.0, ("learned", 0.125): 50.0}
     assert sorted(r["score"] for r in out["previous_rows"]["old_cache"]) == [20.0, 30.0]
+
+
+def test_two_policies_replaced_under_one_label_keep_both_old_rows():
+    committed, fresh = _results(20.0), _results(50.0)
+    fresh["records"][1] = {**fresh["records"][1], "score": 40.0}
+    once = replace_policy_rows.replace_rows(committed, fresh, "learned", "new scorer")
+    twice = replace_policy_rows.replace_rows(once, fresh, "kvzip", "new scorer")
+    kept = {(r["policy"], r["score"]) for r in twice["previous_rows"]["new scorer"]}
+    assert kept == {("learned", 20.0), ("kvzip", 30.0)}
+    assert {(r["policy"], r["score"]) for r in twice["records"]} == {("full", 60.0), ("kvzip", 40.0), ("learned", 50.0)}
