@@ -13,9 +13,10 @@ poorly; on SmolLM2 they raise the held-out within-head Spearman correlation of a
 1k-4k contexts from 0.70 / 0.70 / 0.62 to 0.82 / 0.82 / 0.88 at 1k / 2k / 4k tokens.
 
 Files: `scorer.json` (kind, shape, the position features it reads, the model it was fitted for,
-the context lengths it was fitted on, fit metrics) and `scorer.safetensors` (the weights), checked against each other and against the
-model before use. A request much longer or shorter than the fitted contexts still gets scores, and
-the plans made from them say they are extrapolated (`FittedLengths.outside`).
+the context lengths it was fitted on, fit metrics) and `scorer.safetensors` (the weights), checked
+against each other and against the model before use. A request much longer or shorter than the
+fitted contexts still gets scores, and the plans made from them say they are extrapolated
+(`FittedLengths.outside`).
 """
 
 from __future__ import annotations
