@@ -99,11 +99,17 @@ class FittedLengths:
                 f" tokens the reconstruction scorer was fitted on")
 
 
+def checked_position_features(names, field: str = "position_features") -> tuple[str, ...]:
+    """`names` as a tuple, or a ValueError naming `field` unless they are distinct names of `POSITION_FEATURES`."""
+    names = tuple(names)
+    if len(set(names)) != len(names) or not set(names) <= set(POSITION_FEATURES):
+        raise ValueError(f"{field} must be distinct names among {POSITION_FEATURES}, got {list(names)}")
+    return names
+
+
 def position_features(positions: torch.Tensor, seq_len: int, names: tuple[str, ...] = POSITION_FEATURES) -> torch.Tensor:
     """The features (N, len(names)) of tokens at `positions` (N,) of a `seq_len`-token context."""
-    unknown = sorted(set(names) - set(POSITION_FEATURES))
-    if unknown:
-        raise ValueError(f"position_features must be among {POSITION_FEATURES}, got {unknown}")
+    checked_position_features(names)
     t = positions.float()
     length = float(max(int(seq_len), 1))
     columns = {
@@ -165,11 +171,7 @@ class ReconstructionPredictor:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"scorer kind must be one of {KINDS}, got {self.kind!r}")
-        self.position_features = tuple(self.position_features)
-        unknown = sorted(set(self.position_features) - set(POSITION_FEATURES))
-        if unknown or len(set(self.position_features)) != len(self.position_features):
-            raise ValueError(f"scorer position_features must be distinct names among {POSITION_FEATURES}, "
-                             f"got {list(self.position_features)}")
+        self.position_features = checked_position_features(self.position_features, "scorer position_features")
         expected = self.expected_shapes()
         for name, dims in expected.items():
             if name not in self.weights:

@@ -20,7 +20,8 @@ import torch
 
 from adaptive_kv.attention import attention_modules
 from adaptive_kv.predicted_reconstruction import (KINDS, LOG_FLOOR, POSITION_FEATURES, PredictorShape,
-                                                  ReconstructionPredictor, position_features)
+                                                  ReconstructionPredictor, checked_position_features,
+                                                  position_features)
 from adaptive_kv.prefill import capture
 from adaptive_kv.stats import StatsConfig
 
@@ -110,9 +111,7 @@ class FitOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        unknown = sorted(set(self.position_features) - set(POSITION_FEATURES))
-        if unknown:
-            raise ValueError(f"position_features must be among {POSITION_FEATURES}, got {unknown}")
+        checked_position_features(self.position_features)
 
 
 def example_inputs(example: ScorerExample, names: tuple[str, ...]) -> torch.Tensor:

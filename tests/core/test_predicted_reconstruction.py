@@ -378,8 +378,14 @@ def test_position_features_are_the_documented_functions_of_place_and_length():
     # a subset, in its own order; tokens given out of order are featured where they sit
     picked = position_features(torch.tensor([299, 0]), 300, ("near_end", "relative"))
     torch.testing.assert_close(picked, torch.tensor([[1.0, 299 / 300], [math.exp(-299 / 64), 0.0]]))
-    with pytest.raises(ValueError, match="position_features must be among"):
+    with pytest.raises(ValueError, match="position_features must be distinct names among .*'middle'"):
         position_features(torch.arange(3), 3, ("middle",))
+    # the fit's options and the predictor check names by the same rule, each naming its field
+    for build in (lambda names: FitOptions(position_features=names),
+                  lambda names: random_predictor(build_tiny_model("llama_gqa"), position_features=names)):
+        for names in (("relative", "relative"), ("relative", "middle")):
+            with pytest.raises(ValueError, match=r"position_features must be distinct names among"):
+                build(names)
 
 
 def test_a_fit_reads_where_tokens_sit_when_that_is_what_decides():
