@@ -103,7 +103,8 @@ def add_train_scorer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-lengths", type=cli_args.csv_ints, default=None,
                    help="calibration context lengths in tokens (default 1024,2048)")
     p.add_argument("--tasks", type=cli_args.csv, default=None, help="calibration task mix (comma-separated)")
-    p.add_argument("--train-per-task", type=cli_args.positive, default=None, help="training contexts per task and length")
+    p.add_argument("--train-per-task", type=cli_args.csv_ints, default=None,
+                   help="training contexts per task and length: one count, or one per context length (e.g. 6,6,6,2)")
     p.add_argument("--valid-per-task", type=cli_args.positive, default=None, help="held-out contexts per task and length")
     p.add_argument("--sample-tokens", type=cli_args.positive, default=None, help="tokens per training context (default 512)")
     p.add_argument("--kinds", type=cli_args.csv, default=None, help="kinds to fit and compare: linear, mlp (default both)")
@@ -115,13 +116,18 @@ def add_train_scorer(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train_scorer)
 
 
+def _one_or_many(counts: tuple[int, ...] | None) -> int | tuple[int, ...] | None:
+    """A single count as an int (the same at every length), several as a tuple (one per length)."""
+    return counts[0] if counts is not None and len(counts) == 1 else counts
+
+
 def cmd_train_scorer(args: argparse.Namespace) -> int:
     """Run `train-scorer` and print where the scorer went."""
     from adaptive_kv.training.scorer import FitOptions
     from adaptive_kv.training.scorer_train import ScorerTrainConfig, run_train_scorer
 
     given = dict(model=args.model, context_lengths=args.context_lengths, tasks=args.tasks,
-                 train_per_task=args.train_per_task, valid_per_task=args.valid_per_task,
+                 train_per_task=_one_or_many(args.train_per_task), valid_per_task=args.valid_per_task,
                  sample_tokens=args.sample_tokens, kinds=args.kinds, workers=args.workers,
                  ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, output=args.output,
                  fit=FitOptions(position_features=()) if args.hidden_only else None)

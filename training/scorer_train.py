@@ -35,7 +35,8 @@ class ScorerTrainConfig:
     model: str = "smollm2-135m"
     tasks: tuple[str, ...] = DEFAULT_MIX
     context_lengths: tuple[int, ...] = (1024, 2048)
-    train_per_task: int = 2
+    # one count for every length, or one per length (long contexts cost the most exact-pass time)
+    train_per_task: int | tuple[int, ...] = 2
     valid_per_task: int = 1
     sample_tokens: int = 512  # tokens per training context and layer
     valid_tokens: int = 1024  # tokens per held-out context and layer
@@ -48,22 +49,39 @@ class ScorerTrainConfig:
     fit: FitOptions = field(default_factory=FitOptions)
 
     def __post_init__(self) -> None:
-        for name in ("train_per_task", "valid_per_task", "sample_tokens", "valid_tokens", "workers"):
+        for name in ("valid_per_task", "sample_tokens", "valid_tokens", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not self.context_lengths or any(not MIN_CONTEXT <= n <= MAX_CONTEXT for n in self.context_lengths):
             raise ValueError(f"context_lengths must be in [{MIN_CONTEXT}, {MAX_CONTEXT}], got {self.context_lengths}")
+        counts = self.train_counts()
+        if len(counts) != len(self.context_lengths) or any(not isinstance(n, int) or n < 1 for n in counts):
+            raise ValueError(f"train_per_task must be an integer >= 1 or one per context length "
+                             f"({len(self.context_lengths)}), got {self.train_per_task!r}")
         unknown = sorted(set(self.kinds) - set(KINDS))
         if not self.kinds or unknown:
             raise ValueError(f"kinds must be among {KINDS}, got {self.kinds}")
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions) or 1.0 not in self.fractions:
             raise ValueError(f"fractions must be in (0, 1] and include 1.0, got {self.fractions}")
 
+    def train_counts(self) -> tuple[int, ...]:
+        """Training contexts per task at each of `context_lengths`."""
+        if isinstance(self.train_per_task, tuple):
+            return self.train_per_task
+        return (self.train_per_task,) * len(self.context_lengths)
+
     def requests(self, tokenizer) -> tuple[list, list]:
-        """Training and held-out calibration requests (query-agnostic contexts) at every length."""
-        return make_split(tokenizer, tasks=self.tasks, context_lengths=self.context_lengths,
-                          train_per_task=self.train_per_task, valid_per_task=self.valid_per_task,
-                          protocols=("query_agnostic",))
+        """Training and held-out calibration requests (query-agnostic contexts) at every length, in the
+        order of `context_lengths` (a request's place in its list seeds its token draw)."""
+        train: list = []
+        valid: list = []
+        for length, count in zip(self.context_lengths, self.train_counts()):
+            more_train, more_valid = make_split(tokenizer, tasks=self.tasks, context_lengths=(length,),
+                                                train_per_task=count, valid_per_task=self.valid_per_task,
+                                                protocols=("query_agnostic",))
+            train += more_train
+            valid += more_valid
+        return train, valid
 
 
 def run_train_scorer(config: ScorerTrainConfig, log=print) -> dict[str, Any]:

@@ -215,6 +215,8 @@ def test_learned_reads_predicted_scores_as_it_reads_exact_ones(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["train-scorer", "--context-lengths", "1024,32"], "context_lengths must be in [64, 16384], got (1024, 32)"),
     (["train-scorer", "--kinds", "linear,forest"], "kinds must be among ('linear', 'mlp'), got ('linear', 'forest')"),
+    (["train-scorer", "--context-lengths", "1024,2048", "--train-per-task", "6,6,2"],
+     "train_per_task must be an integer >= 1 or one per context length (2), got (6, 6, 2)"),
     (["train", "--scorer", "/nonexistent/scorer"], "scorer folder /nonexistent/scorer lacks scorer.json"),
     (["train", "--scorer", "/nonexistent/scorer", "--fit-scorer"], "give scorer (a fitted scorer's folder) or fit_scorer"),
 ])
@@ -240,6 +242,36 @@ def test_train_scorer_reads_positions_unless_told_hidden_only(flags, features, m
     monkeypatch.setattr(scorer_train, "run_train_scorer", run)
     assert main(["train-scorer", *flags]) == 0
     assert seen[0].fit.position_features == features
+
+
+@pytest.mark.parametrize("flag, counts", [("6", 6), ("6,2", (6, 2))])
+def test_train_scorer_takes_one_count_or_one_per_length(flag, counts, monkeypatch):
+    import adaptive_kv.training.scorer_train as scorer_train
+    from adaptive_kv.cli import main
+
+    seen = []
+    monkeypatch.setattr(scorer_train, "run_train_scorer",
+                        lambda config, log=print: seen.append(config) or {"by_kind": {}, "kind": "mlp", "scorer": "s", "ui": "u"})
+    assert main(["train-scorer", "--context-lengths", "1024,8192", "--train-per-task", flag]) == 0
+    assert seen[0].train_per_task == counts
+
+
+def test_counts_per_length_draw_each_length_as_a_single_count_would(tiny_tokenizer):
+    """Fewer long contexts than short ones: each length's requests are those a run with that length's
+    count alone draws, in the order of the lengths (a request's place seeds its token draw)."""
+    from adaptive_kv.training.calibration import make_split
+    from adaptive_kv.training.scorer_train import ScorerTrainConfig
+
+    config = ScorerTrainConfig(tasks=("passkey", "fidelity"), context_lengths=(128, 256), train_per_task=(3, 1))
+    train, valid = config.requests(tiny_tokenizer)
+    short_train, short_valid = make_split(tiny_tokenizer, tasks=("passkey", "fidelity"), context_lengths=(128,),
+                                          train_per_task=3, valid_per_task=1, protocols=("query_agnostic",))
+    long_train, long_valid = make_split(tiny_tokenizer, tasks=("passkey", "fidelity"), context_lengths=(256,),
+                                        train_per_task=1, valid_per_task=1, protocols=("query_agnostic",))
+    assert [r.key for r in train] == [r.key for r in short_train + long_train] and len(train) == 6 + 2
+    assert [list(r.context_ids) for r in train] == [list(r.context_ids) for r in short_train + long_train]
+    assert [r.key for r in valid] == [r.key for r in short_valid + long_valid]
+    assert config.train_counts() == (3, 1) and ScorerTrainConfig(context_lengths=(128, 256)).train_counts() == (2, 2)
 
 
 def test_heldout_metrics_are_per_layer_over_requests_and_heads():
