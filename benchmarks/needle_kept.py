@@ -10,7 +10,7 @@ mean percentile within its heads under each score. It tells whether an answer a 
 evicted or lost with the needle still held.
 
     python benchmarks/needle_kept.py --task passkey --context-length 8192 --budget 0.0625 \\
-        --samples 20 --indices 2,7,18,1 --policies kvzip,kvzap --output benchmarks/results/needle_kept/ctx8192_passkey
+        --samples 20 --indices 2,7,18,1 --policies kvzip,kvzap [--around 8] --output benchmarks/results/needle_kept/ctx8192_passkey
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def percentile_within_heads(scores: torch.Tensor, needle: list[int], sinks: int,
     return rank[..., inside].mean().item()
 
 
-def digit_positions(tokenizer, ids: list[int]) -> list[int]:
-    """Positions of tokens that spell a digit (the needle of passkey and NIAH contexts)."""
-    return [i for i, token in enumerate(ids) if any(c.isdigit() for c in tokenizer.decode([token]))]
+def digit_positions(tokenizer, ids: list[int], around: int = 0) -> list[int]:
+    """Positions of tokens that spell a digit (the needle of passkey and NIAH contexts), with `around`
+    tokens either side of each (the sentence that says what the number is)."""
+    digits = [i for i, token in enumerate(ids) if any(c.isdigit() for c in tokenizer.decode([token]))]
+    return sorted({p for i in digits for p in range(max(0, i - around), min(len(ids), i + around + 1))})
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -74,7 +76,7 @@ def measure(args: argparse.Namespace) -> dict:
     for index in args.indices:
         sample = samples[index]
         ids = list(sample.prompt_ids if args.protocol == "query_aware" else sample.context_ids)
-        needle = digit_positions(tokenizer, list(sample.context_ids))
+        needle = digit_positions(tokenizer, list(sample.context_ids), args.around)
         if not needle:
             raise SystemExit(f"sample {index} of {args.task} has no digit tokens to follow")
         with torch.inference_mode():
@@ -95,7 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
         print(f"sample {index}: " + "; ".join(f"{r['policy']} {r['mean_share']:.3f} ({r['heads_all']} heads all)"
                                              for r in rows if r["sample"] == index), flush=True)
     return {"model": args.model, "task": args.task, "context_length": args.context_length, "seed": args.seed,
-            "protocol": args.protocol, "budget": args.budget, "rows": rows}
+            "protocol": args.protocol, "budget": args.budget, "around": args.around, "rows": rows}
 
 
 def _union_needs(policies: list):
@@ -108,7 +110,7 @@ def _union_needs(policies: list):
 def markdown(result: dict, command: str) -> str:
     lines = [f"Made by `{command}`. {result['task']} ({result['protocol']}), {result['context_length']} tokens, "
              f"seed {result['seed']}, budget {result['budget']:g}. Cells: mean share of the needle (digit "
-             "tokens) kept over (layer, head) pairs; heads keeping all of it / none of it; the needle's mean "
+             f"tokens, with {result['around']} either side) kept over (layer, head) pairs; heads keeping all of it / none of it; the needle's mean "
              "percentile within its heads under the score the policy ranks by.", "",
              "| sample | policy | needle share | heads all / none (of) | percentile |", "|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -137,11 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", choices=("query_agnostic", "query_aware"), default="query_agnostic")
     parser.add_argument("--indices", type=_ints, required=True, help="which samples, e.g. 2,7,18")
     parser.add_argument("--budget", type=float, default=0.0625)
+    parser.add_argument("--around", type=int, default=0, help="also follow this many tokens either side of each digit")
     parser.add_argument("--policies", type=lambda t: tuple(t.split(",")), default=("kvzip", "kvzap"))
     parser.add_argument("--output", type=Path, required=True, help="path without suffix; .json and .md are written")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
         parser.error(f"--budget must lie in (0, 1], got {args.budget}")
+    if args.around < 0:
+        parser.error(f"--around must be >= 0, got {args.around}")
     if any(not 0 <= i < args.samples for i in args.indices):
         parser.error(f"--indices must lie in [0, {args.samples}), got {args.indices}")
     result = measure(args)

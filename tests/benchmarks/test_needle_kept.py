@@ -52,3 +52,14 @@ def test_sliding_layers_are_refused():
     plan = _plan([None, None]).with_windows((4,))
     with pytest.raises(ValueError, match="sliding-window layer"):
         needle_kept.kept_positions(plan, torch.zeros(2, 20), 0, 20)
+
+
+class _DigitTokenizer:
+    def decode(self, ids):
+        return "".join(str(i) if i < 10 else "x" for i in ids)
+
+
+def test_the_needle_is_the_digit_tokens_and_optionally_their_neighbours():
+    ids = [11, 12, 3, 4, 13, 14, 15, 7, 16]
+    assert needle_kept.digit_positions(_DigitTokenizer(), ids) == [2, 3, 7]
+    assert needle_kept.digit_positions(_DigitTokenizer(), ids, around=1) == [1, 2, 3, 4, 6, 7, 8]
