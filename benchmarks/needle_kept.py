@@ -119,13 +119,6 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> None:
     import shlex
     import sys
@@ -137,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=20, help="as the eval row was made (samples are drawn together)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", choices=("query_agnostic", "query_aware"), default="query_agnostic")
-    parser.add_argument("--indices", type=_ints, required=True, help="which samples, e.g. 2,7,18")
+    parser.add_argument("--indices", type=lambda text: tuple(int(v) for v in text.split(",")), required=True,
+                        help="which samples, comma-separated, e.g. 2,7,18")
     parser.add_argument("--budget", type=float, default=0.0625)
     parser.add_argument("--around", type=int, default=0, help="also follow this many tokens either side of each digit")
     parser.add_argument("--policies", type=lambda t: tuple(t.split(",")), default=("kvzip", "kvzap"))
