@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from adaptive_kv.cli_args import csv
 from adaptive_kv.selection import kept_middle, layer_ranking
 
 
@@ -119,6 +120,13 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sample_indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated sample indices, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     import shlex
     import sys
@@ -130,11 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=20, help="as the eval row was made (samples are drawn together)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", choices=("query_agnostic", "query_aware"), default="query_agnostic")
-    parser.add_argument("--indices", type=lambda text: tuple(int(v) for v in text.split(",")), required=True,
-                        help="which samples, comma-separated, e.g. 2,7,18")
+    parser.add_argument("--indices", type=_sample_indices, required=True, help="which samples, comma-separated, e.g. 2,7,18")
     parser.add_argument("--budget", type=float, default=0.0625)
     parser.add_argument("--around", type=int, default=0, help="also follow this many tokens either side of each digit")
-    parser.add_argument("--policies", type=lambda t: tuple(t.split(",")), default=("kvzip", "kvzap"))
+    parser.add_argument("--policies", type=csv, default=("kvzip", "kvzap"))
     parser.add_argument("--output", type=Path, required=True, help="path without suffix; .json and .md are written")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:

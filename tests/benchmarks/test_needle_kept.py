@@ -63,3 +63,9 @@ def test_the_needle_is_the_digit_tokens_and_optionally_their_neighbours():
     ids = [11, 12, 3, 4, 13, 14, 15, 7, 16]
     assert needle_kept.digit_positions(_DigitTokenizer(), ids) == [2, 3, 7]
     assert needle_kept.digit_positions(_DigitTokenizer(), ids, around=1) == [1, 2, 3, 4, 6, 7, 8]
+
+
+def test_bad_indices_are_refused_naming_the_field(capsys):
+    with pytest.raises(SystemExit):
+        needle_kept.main(["--indices", "2,x", "--output", "unused"])
+    assert "--indices: must be comma-separated sample indices, got '2,x'" in capsys.readouterr().err
