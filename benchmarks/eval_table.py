@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("--output", default="README.md", help="file written under ROOT")
-    parser.add_argument("--made-by", default=None, help="the command that made the rows, quoted at the top")
+    parser.add_argument("--made-by", default=None,
+                        help="how the rows were made, quoted at the top: one command (set as code) or Markdown "
+                             "prose that carries its own `code spans`")
     parser.add_argument("--paired-against", default=None, metavar="POLICY",
                         help="also each policy minus POLICY on the same samples, with intervals")
     args = parser.parse_args(argv)
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Held-out rows under `{args.root}` (seed 0). Cells: score [95 % bootstrap interval]; "
              f"samples per row: {sorted({len(s) for r in rows.values() for s in r.values()})}.", ""]
     if args.made_by:
-        lines[0] = f"Made by `{args.made_by}`; table by `python benchmarks/eval_table.py {args.root}`. " + lines[0]
+        made_by = args.made_by if "`" in args.made_by else f"`{args.made_by}`"
+        lines[0] = f"Made by {made_by}; table by `python benchmarks/eval_table.py {args.root}`. " + lines[0]
     lines += ["| row | full | " + " | ".join(f"{p} @ {b:g}" for b in budgets for p in policies) + " |",
               "|---|---|" + "---|" * len(budgets) * len(policies)]
     for name, row in rows.items():

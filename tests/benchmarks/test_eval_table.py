@@ -48,3 +48,12 @@ def test_an_unknown_reference_is_refused_naming_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_table.main([str(tmp_path), "--paired-against", "kvzap"])
     assert "--paired-against 'kvzap' is not a policy of these rows (kvzip, learned)" in capsys.readouterr().err
+
+
+def test_made_by_sets_one_command_as_code_and_keeps_prose_as_written(tmp_path):
+    _write(tmp_path, "passkey", {("kvzip", 0.125): [100.0], ("learned", 0.125): [0.0]})
+    eval_table.main([str(tmp_path), "--made-by", "bash benchmarks/range_figures.sh 20 8192"])
+    assert (tmp_path / "README.md").read_text().startswith("Made by `bash benchmarks/range_figures.sh 20 8192`; table by")
+    prose = "`bash a.sh` for the rows, `bash b.sh` for the reruns"
+    eval_table.main([str(tmp_path), "--made-by", prose])
+    assert (tmp_path / "README.md").read_text().startswith(f"Made by {prose}; table by")
