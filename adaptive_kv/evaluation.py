@@ -144,6 +144,15 @@ class _Tally:
         return cls(**{**data, "extra": defaultdict(list, data["extra"])})
 
 
+def _copy_outcome(source: _Tally, target: _Tally) -> None:
+    """The latest sample's bytes, score and per-sample metrics of `source`, appended to `target`."""
+    for name in ("kv_bytes", "full_bytes", "scores"):
+        getattr(target, name).append(getattr(source, name)[-1])
+    for key, values in source.extra.items():
+        if key != "prefill_s":  # what the policy itself pays, recorded for each policy
+            target.extra[key].append(values[-1])
+
+
 class PolicyCatalog(Protocol):
     """Where policies come from by name (the `adaptive_kv.policies` package is one)."""
 
@@ -219,25 +228,33 @@ class Evaluator:
         """(tally, cache) for every feasible (policy, budget) fork of one prefill; infeasible ones are recorded.
 
         Each tally also records the prefill seconds its policy pays: the reconstruction pass only
-        for the policies that read it.
+        for the policies that read it. A plan equal to one already run on this prefill is not run
+        again: the cache executes only the plan and decoding is greedy, so its outcome is copied.
         """
         captured, seconds = prefill.cache, prefill.seconds
         plain = seconds - captured.reconstruction_seconds
+        run: dict[Plan, _Tally] = {}
         for policy, budget in self.combos():
             tally = tallies[(policy, budget, task)]
             tally.extra["prefill_s"].append(seconds if self.policies[policy].stats_config().reconstruction else plain)
             try:
                 plan = self._plan(policy, budget, captured)
-                cache = captured.fork(plan)
             except InfeasibleBudget as exc:  # recorded, not fatal: the other budgets still run
                 tally.errors.append(str(exc))
                 self.progress()
                 continue
             if plan.note:  # e.g. `learned` outside its trained range: the row is another rule's
                 tally.notes.append(plan.note)
+            executed = dataclasses.replace(plan, note=None)
+            if executed in run:
+                _copy_outcome(run[executed], tally)
+                self.progress()
+                continue
+            cache = captured.fork(plan)
             tally.kv_bytes.append(cache.nbytes())
             tally.full_bytes.append(cache.full_nbytes())
             yield tally, cache
+            run[executed] = tally
             self.progress()
 
     def _run_sample(self, sample: TaskSample, tallies: dict) -> None:

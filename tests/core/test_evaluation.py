@@ -185,6 +185,29 @@ def test_per_layer_planning_spec(llama_gqa, tiny_tokenizer):
         EvalConfig(policies=("snapkv:planning=later",), budgets=(0.5,), tasks=("fidelity",)).validate(None, ("snapkv",))
 
 
+def test_a_plan_equal_to_one_already_run_is_copied_not_run_again(tiny_tokenizer, monkeypatch):
+    # snapkv plans the same per layer as across layers (see above): its second spec forks nothing,
+    # and both rows equal those of a run that has only the first spec
+    from conftest import build_tiny_model
+    from adaptive_kv.cache import CompressedCache
+
+    model = build_tiny_model("llama_gqa")
+    base = dict(budgets=(0.5,), tasks=("passkey", "fidelity"), context_length=256, samples=2, max_new_tokens=3)
+    alone = Evaluator(model, tiny_tokenizer, EvalConfig(policies=("snapkv",), **base), catalog=catalog,
+                      model_name="tiny").run()["records"]
+    forks, fork = [], CompressedCache.fork
+    monkeypatch.setattr(CompressedCache, "fork", lambda self, plan: forks.append(plan) or fork(self, plan))
+    twins = Evaluator(model, tiny_tokenizer, EvalConfig(policies=("snapkv", "snapkv:planning=per_layer"), **base),
+                      catalog=catalog, model_name="tiny").run()["records"]
+    assert len(forks) == 2 * 2 * 2  # (full, snapkv) x 2 tasks x 2 samples
+    outcome = lambda r: {k: v for k, v in r.items() if k not in ("policy", "prefill_s")}  # noqa: E731 (timed)
+    by_key = {(r["policy"], r["task"]): outcome(r) for r in twins}
+    for record in alone:
+        if record["policy"] == "snapkv":
+            assert by_key[("snapkv:planning=per_layer", record["task"])] == outcome(record)
+            assert by_key[("snapkv", record["task"])] == outcome(record)
+
+
 def test_bootstrap_interval_matches_the_exact_resampling_distribution():
     import itertools
 
